@@ -1,0 +1,71 @@
+"""The ``align`` command: ``align train | eval | prep ...``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+PREP_TOOLS = {
+    "demo": ("data_prep.demo", "build the embedded demo catalogue (deterministic, cached)"),
+    "shards": ("data_prep.shards", "catalogue manifest -> webdataset shards + stats.json"),
+    "mine-negatives": ("data_prep.mine_negatives", "mine hard negatives with a checkpoint and FAISS"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="align",
+        description="Align text, image and audio encoders in one embedding space.",
+        epilog="Any config key can be overridden as key.sub=value, e.g. optim.lr=3e-4 train.epochs=2",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    train = verbs.add_parser("train", help="train a model from a YAML config",
+                             description="Train with Accelerate (CPU, one GPU or many; use `accelerate launch`).")
+    train.add_argument("--config", "-c", help="YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+
+    evaluate = verbs.add_parser("eval", help="zero-shot retrieval evaluation of a checkpoint",
+                                description="Embed a held-out split and report R@1/5/10, median rank and mAP "
+                                            "for every ordered pair of modalities.")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint or export folder (model.safetensors)")
+    evaluate.add_argument("--split", help="manifest or shards to evaluate (default: the config's eval split)")
+    evaluate.add_argument("--output", help="where to write the JSON (default: <checkpoint>/eval.json)")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.batch_size=512")
+
+    prep = verbs.add_parser("prep", help="make training data", description="Data preparation tools.")
+    prep.add_argument("tool", choices=sorted(PREP_TOOLS), help="; ".join(f"{k}: {v[1]}" for k, v in PREP_TOOLS.items()))
+    prep.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own arguments (see align prep TOOL --help)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    if args.verb == "prep":
+        import importlib
+
+        return int(importlib.import_module(PREP_TOOLS[args.tool][0]).main(args.args) or 0)
+
+    from align.config import ConfigError, load_config
+
+    try:
+        if args.verb == "train":
+            config = load_config(args.config, args.overrides)  # refused here, before anything is built
+            from align.train.recipe import train
+
+            train(config)
+            return 0
+        from align.eval.runner import evaluate_checkpoint
+
+        evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.output, args.device)
+        return 0
+    except ConfigError as error:
+        print(f"align {args.verb}: config error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

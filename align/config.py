@@ -1,0 +1,384 @@
+"""Typed run configuration: dataclasses are the schema, YAML files and dotted overrides set values.
+
+Loading is strict: an unknown key, a wrong type or a value outside a ``Literal`` is refused with
+an error naming the dotted key, before any model or data is built::
+
+    cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "model.towers.text.freeze=true"])
+
+A YAML file may start from another with ``base: other.yaml`` (a variant is an override, not a
+copied file). Each tower's keys are checked against its registered class's ``Config`` dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the dotted key."""
+
+
+# ---------------------------------------------------------------- schema
+
+
+@dataclass
+class TowerConfig:
+    """One modality tower: ``type`` picks a registered tower; ``params`` are its Config fields.
+
+    In YAML the tower's own keys sit beside ``type`` (they are moved into ``params`` and checked
+    against that tower's ``Config`` dataclass).
+    """
+
+    type: str = ""
+    freeze: bool = False  # lock the trunk (LiT); the projection stays trainable
+    unfreeze_last: int = 0  # with freeze: leave this many final trunk blocks trainable
+    lr_scale: float = 1.0  # multiplies optim.lr for this tower's parameters
+    params: Any = None  # the tower's Config dataclass, filled during validation
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 512
+    towers: Dict[str, TowerConfig] = field(default_factory=dict)
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
+    learn_temperature: bool = True
+
+
+@dataclass
+class PairLossConfig:
+    """Loss for one modality pair, e.g. ``loss.pairs.text-image``."""
+
+    weight: float = 1.0
+    name: Optional[str] = None  # a registered loss; None = loss.name
+    params: Dict[str, Any] = field(default_factory=dict)  # None = loss.params
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"
+    params: Dict[str, Any] = field(default_factory=dict)
+    # Pairs are "a-b" modality names. Pairs present in a batch but not listed use weight 1.
+    pairs: Dict[str, PairLossConfig] = field(default_factory=dict)
+
+
+@dataclass
+class ColumnsConfig:
+    id: str = "id"
+    text: List[str] = field(default_factory=lambda: ["title", "description"])
+    text_separator: str = ". "
+    image: str = "image"
+    audio: str = "audio"
+    group: str = "group"
+    category: str = "category"
+    negatives: str = "negatives"
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # manifest (.csv/.jsonl/.parquet) or shard spec (tars, {a..b}, pipe:, '::' joined)
+    val: str = ""  # held-out split used for evaluation
+    root: Optional[str] = None  # base of relative media paths; default: the manifest's folder
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    batch_size: int = 64  # per process; the global batch (the number of negatives) is this x world
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # shards: sample shards with replacement (multi-node pretraining)
+    epoch_samples: int = 0  # resampled mode: samples per epoch (global)
+    weights: List[float] = field(default_factory=list)  # per '::' source, resampled mode
+    max_bad_fraction: float = 0.05
+    max_negatives: int = 0  # explicit hard-negative texts per sample (0 = off)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: Tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs x steps per epoch
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    accum_steps: int = 1  # exact large-batch accumulation (feature caching), see objective.py
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0 = at the end of each epoch
+    save_every: int = 0  # steps; 0 = at the end of each epoch
+    keep_checkpoints: int = 2
+    resume: str = ""  # "" = fresh, "latest" = newest checkpoint in output_dir, or a path
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "align"
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    split: str = ""  # default: data.val
+    batch_size: int = 256
+    ks: List[int] = field(default_factory=lambda: [1, 5, 10])
+    output: str = ""  # default: <output_dir>/eval.json
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------- strict conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build dataclasses; errors name ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _to_dataclass(tp, value, key)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)) or (args and len(args) != len(value) and args[-1] is not Ellipsis):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        item_types = [args[0]] * len(value) if args[-1:] == (Ellipsis,) else list(args)
+        return tuple(_convert(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1] if args else Any, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _to_dataclass(cls: Any, data: Any, prefix: str) -> Any:
+    if dataclasses.is_dataclass(data):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    if cls is TowerConfig:
+        return _tower_config(data, prefix)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; known keys here: {', '.join(sorted(names))}")
+    values = {name: _convert(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in data.items()}
+    return cls(**values)
+
+
+def _tower_config(data: Dict[str, Any], key: str) -> TowerConfig:
+    from align.registry import TOWERS
+    import align.towers  # noqa: F401  (registers the built-in towers)
+
+    if "type" not in data:
+        raise ConfigError(f"{key}.type is required; registered towers: {', '.join(TOWERS.names())}")
+    if data["type"] not in TOWERS:
+        raise ConfigError(f"{key}.type: unknown tower {data['type']!r}; registered: {', '.join(TOWERS.names())}")
+    generic = {f.name for f in dataclasses.fields(TowerConfig)} - {"params"}
+    own = {k: v for k, v in data.items() if k not in generic}
+    if isinstance(data.get("params"), dict):
+        own = {**data["params"], **{k: v for k, v in own.items() if k != "params"}}
+    tower_cls = TOWERS.get(data["type"])
+    hints = typing.get_type_hints(TowerConfig)
+    tower = TowerConfig(**{k: _convert(v, hints[k], f"{key}.{k}") for k, v in data.items() if k in generic})
+    tower.params = _to_dataclass(tower_cls.Config, own, key)
+    return tower
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_yaml(path: str, seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            data = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = os.path.join(os.path.dirname(path), base)
+    if os.path.abspath(base_path) in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
+    return _merge(_read_yaml(base_path, seen + (os.path.abspath(path),)), data)
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_override(data: Dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` in the raw mapping; the value is parsed as YAML (``3e-4``, ``[1,2]``)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: Dict[str, Any]) -> Config:
+    config = _to_dataclass(Config, data, "")
+    validate(config)
+    return config
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Read YAML (with its ``base`` chain), apply dotted overrides, validate strictly."""
+    data = _read_yaml(path) if path else {}
+    for override in overrides or []:
+        apply_override(data, override)
+    return config_from_dict(data)
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    from align.data.sample import MODALITIES
+
+    if not config.model.towers:
+        raise ConfigError("model.towers: at least one tower is required")
+    for modality, tower in config.model.towers.items():
+        if modality not in MODALITIES:
+            raise ConfigError(f"model.towers.{modality}: unknown modality; use one of {', '.join(MODALITIES)}")
+        if tower.unfreeze_last and not tower.freeze:
+            raise ConfigError(f"model.towers.{modality}.unfreeze_last needs freeze: true")
+        if tower.unfreeze_last < 0:
+            raise ConfigError(f"model.towers.{modality}.unfreeze_last must be >= 0")
+    if config.model.embed_dim <= 0:
+        raise ConfigError("model.embed_dim must be positive")
+    if not 0 < config.model.init_temperature < 1:
+        raise ConfigError("model.init_temperature must lie in (0, 1)")
+    from align.registry import LOSSES
+    import align.losses  # noqa: F401  (registers the built-in losses)
+
+    for key, name in [("loss.name", config.loss.name)] + [
+        (f"loss.pairs.{p}.name", c.name) for p, c in config.loss.pairs.items() if c.name
+    ]:
+        if name not in LOSSES:
+            raise ConfigError(f"{key}: unknown loss {name!r}; registered: {', '.join(LOSSES.names())}")
+    for pair in config.loss.pairs:
+        parts = pair.split("-")
+        if len(parts) != 2 or any(p not in config.model.towers for p in parts) or parts[0] == parts[1]:
+            raise ConfigError(f"loss.pairs.{pair}: expected '<a>-<b>' with two of the model's towers "
+                              f"({', '.join(config.model.towers)})")
+    for key in ("batch_size", "num_workers", "max_negatives", "epoch_samples"):
+        if getattr(config.data, key) < 0 or (key == "batch_size" and config.data.batch_size == 0):
+            raise ConfigError(f"data.{key} must be {'positive' if key == 'batch_size' else '>= 0'}")
+    if not 0 <= config.data.max_bad_fraction <= 1:
+        raise ConfigError("data.max_bad_fraction must lie in [0, 1]")
+    if config.optim.lr <= 0:
+        raise ConfigError("optim.lr must be positive")
+    if config.train.accum_steps < 1:
+        raise ConfigError("train.accum_steps must be >= 1")
+    if config.train.epochs < 1 and config.train.max_steps < 1:
+        raise ConfigError("train.epochs or train.max_steps must be positive")
+    if any(k < 1 for k in config.eval.ks):
+        raise ConfigError("eval.ks must be positive integers")
+
+
+def to_dict(config: Any) -> Dict[str, Any]:
+    """Plain nested dict (tower params flattened beside ``type``, as written in YAML)."""
+    if isinstance(config, TowerConfig):
+        generic = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "params"}
+        return {**generic, **to_dict(config.params)}
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def save_config(config: Config, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(to_dict(config), handle, sort_keys=False)
+    os.replace(tmp, path)

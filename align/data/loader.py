@@ -1,0 +1,184 @@
+# TEMPORARY (remove before commit): two helper sessions share this brief, read /work/main/NOTE-TO-DATA-HELPER.md
+"""One entry point for training and evaluation data: ``build_loader(spec, processor, ...)``.
+
+``spec`` is a manifest (.csv/.jsonl/.parquet, read by align/data/manifest.py) or a shard spec
+(.tar paths, ``{000..099}`` brace patterns, ``pipe:`` commands, sources joined by ``::``; read
+by align/data/shards.py). Either way the result is a loader object with
+
+* ``len(loader)``: batches per epoch on this rank, the same on every rank (so DDP steps match);
+* ``loader.iterate(epoch, skip_batches=0)``: collated batches (align.data.sample.collate),
+  a function of (seed, epoch, rank) only; ``skip_batches=k`` yields exactly what an
+  uninterrupted pass would yield after its first k batches (resume mid-epoch);
+* ``loader.bad``: a ``BadSampleTally`` of skipped samples (``counts``, ``total``, ``seen``,
+  ``examples``); above ``max_bad_fraction`` it raises ``TooManyBadSamples``.
+
+The loader is *not* passed through ``accelerator.prepare``: each rank reads its own rows or
+shards (no dispatch from rank 0, see FIELD_NOTES.md).
+
+Manifest mode, design: epoch ``e`` orders the rows by a permutation drawn from (seed, e)
+(identity order for evaluation); global step ``j`` takes the next ``world_size * batch_size``
+rows of that order and rank ``r`` takes its ``r``-th slice. With ``drop_last`` the tail that
+does not fill a global step is left out for that epoch (a different tail each epoch); without
+it the last step is split evenly across ranks (smaller batches). Resuming skips whole steps in
+the index order without decoding anything. Workers decode and process; a bad sample is dropped
+inside ``collate`` and its record travels in ``batch["bad"]``, which the loader removes and adds
+to ``loader.bad``. A batch whose every sample is bad is still yielded, as an *empty batch*
+(``ids == []``, zero-row masks, no inputs; see ``empty_batch``), so that every rank makes the
+same number of steps and no collective op hangs; the training step should skip its loss but
+still take part in the gathers. Batches can therefore be smaller than ``batch_size`` and differ
+in size across ranks at the same step: gathers must allow unequal sizes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from align.data.bad_samples import BadSampleTally, Skipped, split_bad
+from align.data.manifest import ColumnMap, ManifestDataset, is_manifest
+from align.data.sample import MODALITIES, collate
+
+
+class SkippingCollate:
+    """Picklable collate: drop ``Skipped`` markers, collate the rest, carry the skip records.
+
+    Returns the usual batch plus ``batch["bad"] = {"seen": n, "skipped": [Skipped, ...]}``; when
+    every sample was bad the batch is only ``{"bad": ...}``.
+    """
+
+    def __call__(self, items: List[Any]) -> Dict[str, Any]:
+        good, bad = split_bad(items)
+        batch = collate(good) if good else {}
+        batch["bad"] = {"seen": len(items), "skipped": bad}
+        return batch
+
+
+def empty_batch() -> Dict[str, Any]:
+    """A batch with no rows (every sample of it was bad), shaped like ``collate``'s output."""
+    return {"ids": [], "groups": torch.zeros(0, dtype=torch.long), "inputs": {},
+            "masks": {m: torch.zeros(0, dtype=torch.bool) for m in MODALITIES}}
+
+
+def take_bad_report(batch: Dict[str, Any], tally: BadSampleTally) -> Dict[str, Any]:
+    """Move ``batch["bad"]`` into ``tally``; return the batch (an empty one if all were bad)."""
+    report = batch.pop("bad", None)
+    if report is not None:
+        tally.update(report["seen"], report["skipped"])
+    return batch if "ids" in batch else empty_batch()
+
+
+def step_slices(order: np.ndarray, batch_size: int, rank: int, world_size: int, drop_last: bool) -> List[np.ndarray]:
+    """This rank's batches (index arrays) when global steps take ``world_size * batch_size`` rows of ``order``.
+
+    The last, partial step (without ``drop_last``) is split into ``world_size`` near-equal parts,
+    so every rank makes the same number of steps.
+    """
+    per_step = batch_size * world_size
+    steps = len(order) // per_step if drop_last else -(-len(order) // per_step)
+    batches = []
+    for step in range(steps):
+        rows = order[step * per_step:(step + 1) * per_step]
+        batches.append(np.array_split(rows, world_size)[rank])
+    return batches
+
+
+class _IndexBatches(torch.utils.data.Sampler):
+    """Batch sampler over precomputed index batches; items are (row index, epoch) keys."""
+
+    def __init__(self, batches: Sequence[np.ndarray], epoch: int) -> None:
+        self.batches, self.epoch = batches, epoch
+
+    def __iter__(self):
+        for rows in self.batches:
+            yield [(int(i), self.epoch) for i in rows]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ManifestLoader:
+    """Manifest rows -> batches for one rank (design in the module docstring)."""
+
+    def __init__(self, dataset: ManifestDataset, *, batch_size: int, num_workers: int, train: bool, seed: int,
+                 rank: int = 0, world_size: int = 1, max_bad_fraction: float = 0.05, drop_last: bool = True) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.bad = BadSampleTally(max_bad_fraction, source=dataset.path)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Row order of an epoch: a permutation from (seed, epoch) when training, else file order."""
+        if not self.train:
+            return np.arange(len(self.dataset))
+        generator = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, 0x5EED])
+        return generator.permutation(len(self.dataset))
+
+    def batches(self, epoch: int) -> List[np.ndarray]:
+        return step_slices(self.order(epoch), self.batch_size, self.rank, self.world_size, self.drop_last)
+
+    def __len__(self) -> int:
+        per_step = self.batch_size * self.world_size
+        n = len(self.dataset)
+        return n // per_step if self.drop_last else -(-n // per_step)
+
+    def iterate(self, epoch: int, skip_batches: int = 0) -> Iterator[Dict[str, Any]]:
+        batches = self.batches(epoch)[skip_batches:]
+        if not batches:
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_IndexBatches(batches, epoch), num_workers=self.num_workers,
+            collate_fn=SkippingCollate(), persistent_workers=False,
+            pin_memory=False, prefetch_factor=4 if self.num_workers else None)
+        for batch in loader:
+            yield take_bad_report(batch, self.bad)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch ``iter(loader)`` runs next (orders and augmentations follow seed + epoch)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        return self.iterate(self.epoch)
+
+
+def build_loader(spec: str, processor: Any, *, batch_size: int, num_workers: int, train: bool, seed: int,
+                 rank: int = 0, world_size: int = 1, columns: ColumnMap = ColumnMap(), root: Optional[str] = None,
+                 shuffle_buffer: int = 1000, resampled: bool = False, epoch_samples: Optional[int] = None,
+                 weights: Optional[Sequence[float]] = None, max_bad_fraction: float = 0.05,
+                 drop_last: bool = True):
+    """A manifest or shard loader for one rank (see the module docstring).
+
+    Args:
+        spec: manifest path, or shard spec (tars, brace patterns, ``pipe:``, ``::``-joined sources).
+        processor: picklable ``SampleProcessor`` applied in the workers.
+        batch_size: per rank. num_workers: dataloader worker processes (0: in the caller).
+        train: shuffle (and, for shards, follow ``resampled``); False: file order, every sample once.
+        seed: with the epoch, fixes the order and the random augmentations.
+        rank, world_size: this process among the data-parallel ones.
+        columns, root: manifest columns and the base of relative media paths.
+        shuffle_buffer: shards only, samples held for shuffling in each worker.
+        resampled, epoch_samples, weights: shards only, sampling with replacement (see shards.py).
+        max_bad_fraction: error once more than this fraction of the samples seen was skipped.
+        drop_last: drop the tail that does not fill a step on every rank (training).
+    """
+    spec = os.fspath(spec)
+    if is_manifest(spec):
+        if resampled:
+            raise ValueError(f"data.resampled is for shard specs, not for the manifest {spec}")
+        dataset = ManifestDataset(spec, processor, columns, root, seed=seed)
+        return ManifestLoader(dataset, batch_size=batch_size, num_workers=num_workers, train=train, seed=seed,
+                              rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction,
+                              drop_last=drop_last)
+    from align.data.shards import ShardLoader
+
+    return ShardLoader(spec, processor, batch_size=batch_size, num_workers=num_workers, train=train, seed=seed,
+                       rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer, resampled=resampled,
+                       epoch_samples=epoch_samples, weights=weights, max_bad_fraction=max_bad_fraction,
+                       drop_last=drop_last)

@@ -1,0 +1,331 @@
+"""Catalogue manifests (CSV, JSONL, Parquet) read into raw samples.
+
+A manifest has one row per item; ``ColumnMap`` says which columns hold what::
+
+    id,title,description,image,audio,group
+    sku-1,Red shoe,Leather upper,img/1.jpg,,shoes
+
+Media paths are relative to ``root`` (by default the manifest's folder); an empty cell is a
+missing modality. ``ManifestDataset`` opens the media inside dataloader workers, applies the
+``SampleProcessor`` and, when a row cannot be used, returns a ``Skipped`` marker instead of raising,
+so one broken file never stops training (see align/data/bad_samples.py).
+Skip reasons: ``missing_file``, ``bad_image``, ``bad_audio`` (here), ``empty_text``,
+``no_modality``, ``bad_<modality>`` (from ``SampleProcessor``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from align.data.bad_samples import Skipped
+from align.data.sample import BadSample
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+TEXT_SEPARATOR = ". "
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which manifest column holds which field. ``None`` turns a field off.
+
+    ``id`` is required. ``text`` lists columns joined into one text (empty ones left out).
+    ``group``, ``category`` and ``negatives`` may be absent from the file. A modality column
+    (text/image/audio) absent from the file turns that modality off with a warning; a file
+    with none of them is an error.
+    """
+
+    id: str = "id"
+    text: Tuple[str, ...] = ("title", "description")
+    image: Optional[str] = "image"
+    audio: Optional[str] = "audio"
+    group: Optional[str] = "group"
+    category: Optional[str] = "category"
+    negatives: Optional[str] = "negatives"
+    text_separator: str = TEXT_SEPARATOR
+
+
+def is_manifest(spec: Union[str, os.PathLike]) -> bool:
+    """True when ``spec`` names a manifest file (by suffix) rather than shards."""
+    return os.fspath(spec).lower().endswith(MANIFEST_SUFFIXES)
+
+
+def join_text(parts: Sequence[Optional[str]], separator: str = TEXT_SEPARATOR) -> Optional[str]:
+    """Join non-empty text fields; ``None`` when all are empty.
+
+    A part already ending in punctuation is joined with a space, so "Shoe." + "Red" gives
+    "Shoe. Red", not "Shoe.. Red".
+    """
+    kept = [str(p).strip() for p in parts if _present(p) and str(p).strip()]
+    if not kept:
+        return None
+    out = kept[0]
+    for part in kept[1:]:
+        out += (" " if out[-1] in ".!?;:" else separator) + part
+    return out
+
+
+def parse_negatives(value: Any) -> List[str]:
+    """A JSON list, a ``|``-separated string, or a list -> list of non-empty strings."""
+    if not _present(value):
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"negatives look like JSON but do not parse: {text[:80]!r} ({error})") from None
+        else:
+            value = text.split("|")
+    if not isinstance(value, (list, tuple)):
+        value = list(value)  # numpy arrays from Parquet list columns
+    return [str(v).strip() for v in value if _present(v) and str(v).strip()]
+
+
+def _present(value: Any) -> bool:
+    """False for None, NaN and empty strings (how CSV/Parquet/pandas spell a missing cell)."""
+    if value is None:
+        return False
+    if isinstance(value, float) and math.isnan(value):
+        return False
+    if isinstance(value, str) and value.strip() == "":
+        return False
+    return True
+
+
+def _read_rows(path: Path) -> Tuple[List[str], List[Tuple[int, Dict[str, Any]]]]:
+    """(columns, [(line_or_row_number, row dict)]) for CSV / JSONL / Parquet."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            # line numbers as a user sees them in an editor: header is line 1
+            rows = [(reader.line_num, dict(row)) for row in reader]
+        return columns, rows
+    if suffix == ".jsonl":
+        rows, columns, seen = [], [], set()
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+                for key in row:
+                    if key not in seen:
+                        seen.add(key)
+                        columns.append(key)
+                rows.append((line_number, row))
+        return columns, rows
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError("reading Parquet manifests needs pyarrow: pip install 'align[parquet]'") from None
+        table = pq.read_table(path)
+        return list(table.column_names), list(enumerate(table.to_pylist(), start=1))
+    raise ValueError(f"{path}: unknown manifest format {suffix!r}; use one of {MANIFEST_SUFFIXES}")
+
+
+def read_manifest(path: Union[str, os.PathLike], columns: ColumnMap = ColumnMap()) -> List[Dict[str, Any]]:
+    """Read a manifest into row dicts.
+
+    Each row: ``{"id": str, "text": str | None, "image": str | None (path as written),
+    "audio": str | None, "group": str | None, "category": str | None,
+    "negatives": list[str], "_where": "file:row"}``. Negatives that name another row's id are
+    replaced by that row's text.
+
+    Raises:
+        ValueError naming the file and column when a required column is missing, and the file
+        and row (CSV/JSONL: line number, header = line 1; Parquet: 1-based row) when a row has
+        no id or its id repeats an earlier row's.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    header, rows = _read_rows(path)
+    present = set(header)
+    unit = "line" if path.suffix.lower() in (".csv", ".jsonl") else "row"
+    if columns.id not in present:
+        raise ValueError(
+            f"{path}: required id column {columns.id!r} is missing; columns are {header}. "
+            f"Rename it or pass ColumnMap(id=...) / --col-id."
+        )
+    text_cols = [c for c in columns.text if c in present]
+    image_col = columns.image if columns.image in present else None
+    audio_col = columns.audio if columns.audio in present else None
+    missing = [c for c in columns.text if c not in present]
+    missing += [c for c in (columns.image, columns.audio) if c is not None and c not in present]
+    if not text_cols and image_col is None and audio_col is None:
+        raise ValueError(
+            f"{path}: none of the modality columns {list(columns.text) + [columns.image, columns.audio]} "
+            f"is present; columns are {header}. Pass a ColumnMap naming your columns."
+        )
+    if missing:
+        log.warning("%s: columns %s are absent; those fields are treated as missing", path, missing)
+
+    def cell(row: Dict[str, Any], column: Optional[str]) -> Optional[str]:
+        if column is None or column not in row or not _present(row[column]):
+            return None
+        return str(row[column]).strip()
+
+    out: List[Dict[str, Any]] = []
+    seen_ids: Dict[str, str] = {}
+    for number, row in rows:
+        where = f"{path}:{number}"
+        sample_id = cell(row, columns.id)
+        if sample_id is None:
+            raise ValueError(f"{where}: empty {unit} id (column {columns.id!r}); every row needs an id")
+        if sample_id in seen_ids:
+            raise ValueError(f"duplicate id {sample_id!r} at {seen_ids[sample_id]} and {where}; ids must be unique")
+        seen_ids[sample_id] = where
+        try:
+            negatives = parse_negatives(row.get(columns.negatives)) if columns.negatives else []
+        except ValueError as error:
+            raise ValueError(f"{where}: column {columns.negatives!r}: {error}") from None
+        out.append(
+            {
+                "id": sample_id,
+                "text": join_text([row.get(c) for c in text_cols], columns.text_separator),
+                "image": cell(row, image_col),
+                "audio": cell(row, audio_col),
+                "group": cell(row, columns.group),
+                "category": cell(row, columns.category),
+                "negatives": negatives,
+                "_where": where,
+            }
+        )
+    text_by_id = {r["id"]: r["text"] for r in out if r["text"]}
+    for r in out:
+        if r["negatives"]:
+            r["negatives"] = [text_by_id.get(n, n) for n in r["negatives"]]
+    return out
+
+
+def open_image(source: Union[str, os.PathLike, bytes], sample_id: str, where: str):
+    """PIL RGB image from a path or encoded bytes.
+
+    Raises BadSample ``missing_file`` (path absent) or ``bad_image`` (does not decode).
+    """
+    import io
+
+    from PIL import Image
+
+    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        raise BadSample(sample_id, "missing_file", where, f"image file not found: {source}")
+    try:
+        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        with Image.open(handle) as image:
+            return image.convert("RGB")  # forces a full decode: truncated files fail here
+    except Exception as error:
+        raise BadSample(sample_id, "bad_image", where, repr(error)) from error
+
+
+def open_audio(source: Union[str, os.PathLike, bytes], sample_id: str, where: str):
+    """(waveform float32 (T,), sample_rate) from a path or encoded bytes.
+
+    Raises BadSample ``missing_file`` or ``bad_audio``.
+    """
+    from align.data.audio_io import load_audio  # lazy: soundfile only where audio is read
+
+    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        raise BadSample(sample_id, "missing_file", where, f"audio file not found: {source}")
+    try:
+        return load_audio(source)
+    except Exception as error:
+        raise BadSample(sample_id, "bad_audio", where, repr(error)) from error
+
+
+def load_raw(row: Dict[str, Any], root: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Manifest row -> raw sample (align/data/sample.py) with its media opened; raises BadSample."""
+    sample_id, where = row["id"], row["_where"]
+    image = open_image(os.path.join(root, row["image"]), sample_id, where) if row["image"] else None
+    audio = open_audio(os.path.join(root, row["audio"]), sample_id, where) if row["audio"] else None
+    return {"id": sample_id, "group": row["group"], "text": row["text"], "image": image, "audio": audio,
+            "negatives": list(row["negatives"]), "_where": where}
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one sample's random augmentations: a function of (seed, epoch, index) only, so the
+    same batch comes out whatever the worker count and after a mid-epoch resume."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1)[0])
+
+
+def seed_augmentations(processor: Any, seed: int) -> None:
+    """Seed torch/numpy/random and the processor's own generators for one sample.
+
+    Preprocessors with a ``reseed(seed)`` method are reseeded through it; ``AudioPreprocessor``
+    (own numpy generator, per worker) gets a fresh generator for this sample.
+    """
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    for index, pre in enumerate(getattr(processor, "preprocessors", {}).values()):
+        if hasattr(pre, "reseed"):
+            pre.reseed(seed + index)
+        elif hasattr(pre, "_rng") and hasattr(pre, "_rng_pid"):
+            pre._rng = np.random.default_rng([seed, index])
+            pre._rng_pid = os.getpid()
+
+
+class ManifestDataset(Dataset):
+    """Map-style dataset over a manifest; item ``i`` is the processed sample of row ``i``.
+
+    A row that cannot be used (missing or corrupt file, empty text, processor failure) comes
+    back as a ``Skipped`` marker (align/data/bad_samples.py) that the loader's collate drops and
+    counts, so the dataloader never crashes on data. Indexing with ``(row, epoch)`` seeds the
+    row's random augmentations from (seed, epoch, row) (see ``item_seed``).
+
+    Args:
+        path: .csv, .jsonl or .parquet manifest.
+        processor: raw sample -> processed sample (``SampleProcessor``); ``None`` returns raw.
+        columns: column names (``ColumnMap``).
+        root: folder media paths are relative to; defaults to the manifest's folder.
+        seed: base seed of the augmentations.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], processor: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]],
+                 columns: ColumnMap = ColumnMap(), root: Optional[Union[str, os.PathLike]] = None,
+                 seed: int = 0) -> None:
+        self.path = str(path)
+        self.processor = processor
+        self.columns = columns
+        self.root = str(root) if root is not None else os.path.dirname(os.path.abspath(self.path))
+        self.seed = seed
+        self.rows = read_manifest(self.path, columns)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def raw(self, index: int) -> Dict[str, Any]:
+        """The raw sample of row ``index`` (media opened, not processed); raises BadSample."""
+        return load_raw(self.rows[index], self.root)
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Union[Dict[str, Any], Skipped]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        row = self.rows[index]
+        try:
+            raw = self.raw(index)
+            if self.processor is None:
+                return raw
+            seed_augmentations(self.processor, item_seed(self.seed, epoch, index))
+            return self.processor(raw)
+        except Exception as error:  # BadSample, or a processor bug on one sample: skip, do not crash
+            return Skipped.from_error(error, row["id"], row["_where"])

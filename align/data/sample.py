@@ -1,0 +1,101 @@
+"""The one sample dict every reader yields, and the one collate every loader uses.
+
+A *raw* sample is what a reader produces (manifest rows and webdataset shards alike)::
+
+    {"id": str,                       # unique item id
+     "group": str | None,             # items sharing a group are never each other's negatives
+     "text": str | None,              # text fields already joined
+     "image": PIL.Image.Image | None,
+     "audio": (np.ndarray float32 (T,), sample_rate int) | None,   # mono waveform
+     "negatives": list[str]}          # texts of explicit hard negatives (may be empty)
+
+A missing modality is ``None`` (never an empty placeholder). ``SampleProcessor``
+(align/data/transforms.py) turns the raw sample into a *processed* one inside the dataloader
+workers: ``text`` becomes token tensors, ``image`` a (3, H, W) float tensor, ``audio`` a (T,)
+float tensor at the audio tower's rate and clip length, ``negatives`` a (K, L) token tensor
+plus a (K,) mask.
+
+``collate`` stacks only the rows where a modality is present::
+
+    {"ids": list[str],                                   # (B,)
+     "texts": list[str | None],                          # raw texts (evaluation positives)
+     "groups": LongTensor (B,),                          # stable hash of group id, -1 = none
+     "inputs": {modality: Tensor (n_m, ...) or dict of Tensors (n_m, ...)},
+     "masks": {modality: BoolTensor (B,)},               # which rows have that modality
+     "negatives": {"text": tokens (B, K, L), "mask": BoolTensor (B, K)}   # only when K > 0
+    }
+
+so towers never encode placeholders, and ``inputs[m][j]`` belongs to row
+``masks[m].nonzero()[j]``.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+MODALITIES = ("text", "image", "audio")
+NO_GROUP = -1
+
+
+def group_hash(group: Optional[str]) -> int:
+    """Stable 63-bit id for a group string (Python's ``hash`` differs per process)."""
+    if group is None or group == "":
+        return NO_GROUP
+    digest = hashlib.blake2b(str(group).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _stack(values: Sequence[Any]) -> Any:
+    first = values[0]
+    if isinstance(first, dict):
+        return {key: _stack([v[key] for v in values]) for key in first}
+    return torch.stack(list(values))
+
+
+def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Stack processed samples into a batch with per-modality masks (see module docstring)."""
+    if not samples:
+        raise ValueError("collate got an empty list of samples")
+    batch: Dict[str, Any] = {
+        "ids": [s["id"] for s in samples],
+        "texts": [s.get("text_raw") for s in samples],
+        "groups": torch.tensor([group_hash(s.get("group")) for s in samples], dtype=torch.long),
+        "inputs": {},
+        "masks": {},
+    }
+    for modality in MODALITIES:
+        present = [s.get(modality) is not None for s in samples]
+        batch["masks"][modality] = torch.tensor(present, dtype=torch.bool)
+        if any(present):
+            batch["inputs"][modality] = _stack([s[modality] for s in samples if s.get(modality) is not None])
+    negatives = [s.get("negatives") for s in samples]
+    if all(isinstance(n, dict) for n in negatives) and negatives and negatives[0]["mask"].numel() > 0:
+        batch["negatives"] = {
+            "text": _stack([n["text"] for n in negatives]),
+            "mask": torch.stack([n["mask"] for n in negatives]),
+        }
+    return batch
+
+
+def scatter_rows(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(n_m, D) embeddings of present rows -> (B, D) with zeros where the modality is missing."""
+    full = embeddings.new_zeros(mask.shape[0], embeddings.shape[-1])  # (B, D)
+    return full.index_put((mask.nonzero(as_tuple=True)[0],), embeddings)
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used: readers and processors raise it, loaders count and skip it.
+
+    ``reason`` is a short stable key for the tallies (``corrupt_image``, ``empty_text`` ...);
+    ``where`` names the file, shard or manifest row so the user can find it.
+    """
+
+    def __init__(self, sample_id: str, reason: str, where: str = "", detail: str = "") -> None:
+        self.sample_id = sample_id
+        self.reason = reason
+        self.where = where
+        self.detail = detail
+        location = f" in {where}" if where else ""
+        super().__init__(f"sample {sample_id!r}{location}: {reason}" + (f" ({detail})" if detail else ""))

@@ -1,0 +1,2 @@
+"""Contrastive losses; importing this package registers them."""
+from align.losses import infonce  # noqa: F401

@@ -1,0 +1,73 @@
+"""``AlignModel``: one tower per modality, all projecting into one shared space, plus the
+learnable temperature of the contrastive losses.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Mapping
+
+import torch
+from torch import nn
+
+from align.config import ModelConfig, TowerConfig
+from align.registry import TOWERS
+from align.towers.base import Tower, freeze_tower
+
+
+class AlignModel(nn.Module):
+    """Towers keyed by modality (``"text"``, ``"image"``, ``"audio"``) and a shared temperature.
+
+    ``encode(modality, inputs)`` returns L2-normalised (B, D) embeddings; ``logit_scale()`` is
+    exp(learned log-scale) clamped at ``max_logit_scale`` (CLIP: 100), as every loss expects.
+    """
+
+    def __init__(self, towers: Mapping[str, Tower], init_temperature: float = 0.07,
+                 max_logit_scale: float = 100.0, learn_temperature: bool = True) -> None:
+        super().__init__()
+        for modality, tower in towers.items():
+            if tower.modality != modality:
+                raise ValueError(f"a {tower.modality} tower ({type(tower).__name__}) was given for {modality!r}")
+        self.towers = nn.ModuleDict(dict(towers))
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)),
+                                            requires_grad=learn_temperature)
+        self.max_logit_scale = max_logit_scale
+
+    @property
+    def modalities(self) -> list:
+        return list(self.towers.keys())
+
+    def encode(self, modality: str, inputs: Any) -> torch.Tensor:
+        if modality not in self.towers:
+            raise KeyError(f"this model has no {modality!r} tower; it has {self.modalities}")
+        return self.towers[modality](inputs)  # (B, D)
+
+    def forward(self, inputs: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+        """Encode every modality present in ``inputs`` -> {modality: (n_m, D)}."""
+        return {m: self.encode(m, x) for m, x in inputs.items() if m in self.towers}
+
+    def logit_scale(self) -> torch.Tensor:
+        # Clamp in log space so the gradient still reaches the parameter below the cap.
+        return self.log_logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+
+    def preprocessors(self, train: bool) -> Dict[str, Callable]:
+        return {m: tower.preprocessor(train) for m, tower in self.towers.items()}
+
+
+def build_tower(modality: str, config: TowerConfig, embed_dim: int) -> Tower:
+    tower_cls = TOWERS.get(config.type)
+    if tower_cls.modality != modality:
+        raise ValueError(f"model.towers.{modality}: {config.type!r} is a {tower_cls.modality} tower")
+    tower = tower_cls(config.params, embed_dim)
+    freeze_tower(tower, config.freeze, config.unfreeze_last)
+    return tower
+
+
+def build_model(config: ModelConfig) -> AlignModel:
+    """Assemble the towers named in ``model.towers`` (see align/config.py)."""
+    from align.towers.open_clip import load_clip_halves
+
+    try:
+        towers = {m: build_tower(m, tc, config.embed_dim) for m, tc in config.towers.items()}
+    finally:
+        load_clip_halves.cache_clear()  # the cache only lets image and text share one CLIP
+    return AlignModel(towers, config.init_temperature, config.max_logit_scale, config.learn_temperature)

