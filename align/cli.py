@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for chatty in ("accelerate", "open_clip", "root"):  # per-file checkpoint notices drown the progress bar
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     if args.verb == "prep":
         import importlib

@@ -25,6 +25,7 @@ from torch import nn
 from align.config import ConfigError, LossConfig
 from align.data.sample import MODALITIES, scatter_rows
 from align.model import AlignModel
+import align.losses  # noqa: F401  (registers the built-in losses)
 from align.registry import LOSSES
 
 Pair = Tuple[str, str]

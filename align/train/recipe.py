@@ -36,6 +36,8 @@ def make_accelerator(config: Config):
     # The cached step runs passes that use only some parameters (loss-only, encode-only).
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.train.accum_steps > 1)
     return Accelerator(
+        # Without CUDA, Accelerate only forms a (gloo) process group when told it runs on CPU.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
         log_with=None if config.train.wandb == "disabled" else "wandb",
         project_config=ProjectConfiguration(project_dir=config.train.output_dir),
