@@ -4,7 +4,7 @@ learnable temperature of the contrastive losses.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -22,8 +22,10 @@ class AlignModel(nn.Module):
     """
 
     def __init__(self, towers: Mapping[str, Tower], init_temperature: float = 0.07,
-                 max_logit_scale: float = 100.0, learn_temperature: bool = True) -> None:
+                 max_logit_scale: float = 100.0, learn_temperature: bool = True,
+                 embed_dim: Optional[int] = None) -> None:
         super().__init__()
+        self.embed_dim = embed_dim
         for modality, tower in towers.items():
             if tower.modality != modality:
                 raise ValueError(f"a {tower.modality} tower ({type(tower).__name__}) was given for {modality!r}")
@@ -70,4 +72,5 @@ def build_model(config: ModelConfig) -> AlignModel:
         towers = {m: build_tower(m, tc, config.embed_dim) for m, tc in config.towers.items()}
     finally:
         load_clip_halves.cache_clear()  # the cache only lets image and text share one CLIP
-    return AlignModel(towers, config.init_temperature, config.max_logit_scale, config.learn_temperature)
+    return AlignModel(towers, config.init_temperature, config.max_logit_scale, config.learn_temperature,
+                      embed_dim=config.embed_dim)

@@ -89,13 +89,21 @@ class ContrastiveObjective(nn.Module):
         masks = batch["masks"]
         out = {m: scatter_rows(self.model.encode(m, x), masks[m]) for m, x in batch["inputs"].items()
                if m in self.model.towers}
+        # A modality absent from this batch (or an empty batch, which an exactly-once epoch can
+        # hand a rank) still gets zero rows: every rank must call every pair's loss, which
+        # gathers across ranks, whatever its own batch holds.
+        size = len(batch["ids"])
+        for modality in self.model.towers:
+            if modality not in out:
+                dim = self.model.embed_dim or next((e.shape[-1] for e in out.values()), 1)
+                out[modality] = self.model.logit_scale().detach().new_zeros(size, dim)
         negatives = batch.get("negatives")
         if negatives is not None and "text" in self.model.towers:
             mask = negatives["mask"]  # (B, K)
             tokens = negatives["text"]
             flat = {k: v[mask] for k, v in tokens.items()} if isinstance(tokens, dict) else tokens[mask]
             encoded = self.model.encode("text", flat) if mask.any() else None  # (n_neg, D)
-            reference = next(iter(out.values()))  # (B, D)
+            reference = out["text"]  # (B, D)
             full = reference.new_zeros(*mask.shape, reference.shape[-1])  # (B, K, D)
             if encoded is not None:
                 full = full.index_put(tuple(mask.nonzero(as_tuple=True)), encoded)
@@ -110,8 +118,6 @@ class ContrastiveObjective(nn.Module):
         total = None
         for name, loss in self.losses.items():
             a, b = name.split("-")
-            if a not in embeddings or b not in embeddings:
-                continue
             valid = masks[a] & masks[b]  # (B,) rows that have both modalities
             kwargs = {}
             if "neg_text" in embeddings and "text" in (a, b):
@@ -123,7 +129,7 @@ class ContrastiveObjective(nn.Module):
             weighted = self.weights[name] * out["loss"]
             total = weighted if total is None else total + weighted
         if total is None:
-            raise ValueError("no modality pair is present in this batch; nothing to contrast")
+            raise ValueError(f"no loss to compute: the model's towers {self.model.modalities} form no pair")
         terms["loss"] = total
         terms["logit_scale"] = scale.detach()
         return terms

@@ -118,3 +118,19 @@ def test_cached_step_equals_full_batch_gradient_with_dropout():
         (objective(b)["loss"] / len(micro)).backward()
     plain = grads_of(objective)
     assert any(not torch.allclose(plain[n], reference[n], rtol=1e-3, atol=1e-6) for n in reference)
+
+
+def test_empty_batch_and_missing_modality_still_give_a_differentiable_loss():
+    from align.data.loader import empty_batch
+
+    model = tiny_model()
+    objective = ContrastiveObjective(model, build_pair_losses(model.modalities, LossConfig()))
+    terms = objective(empty_batch())  # a rank whose exactly-once share ran out
+    assert set(terms) >= {f"{a}-{b}" for a, b in build_pair_losses(model.modalities, LossConfig())}
+    assert terms["loss"].item() == 0.0
+    terms["loss"].backward()
+    no_audio = make_batch(model, 4, missing_audio=(0, 1, 2, 3))
+    assert "audio" not in no_audio["inputs"]
+    terms = objective(no_audio)
+    assert terms["text-image"].item() > 0
+    terms["loss"].backward()

@@ -35,7 +35,7 @@ def embed_split(model, loader, device: torch.device) -> Dict[str, Any]:
             dim = embedded.shape[-1] if embedded.numel() else None
             chunks[modality].append(scatter_rows(embedded, mask) if dim else None)
         ids.extend(batch["ids"])
-        texts.extend(batch["texts"])
+        texts.extend(batch.get("texts") or [None] * len(batch["ids"]))
         groups.append(batch["groups"])
     dim = next(c.shape[-1] for cs in chunks.values() for c in cs if c is not None)
     embeddings = {m: torch.cat([c if c is not None else torch.zeros(len(k), dim) for c, k in zip(cs, masks[m])])

@@ -33,8 +33,9 @@ def make_accelerator(config: Config):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    # The cached step runs passes that use only some parameters (loss-only, encode-only).
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.train.accum_steps > 1)
+    # Some steps leave parameters unused on a rank: a batch with no audio, an empty tail batch
+    # of an exactly-once epoch, the loss-only and encode-only passes of the cached step.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(
         # Without CUDA, Accelerate only forms a (gloo) process group when told it runs on CPU.
         cpu=not torch.cuda.is_available(),
