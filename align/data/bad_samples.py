@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional
 
 logger = logging.getLogger("align.data")
@@ -108,7 +108,7 @@ class BadSampleTally:
 
     def as_dict(self) -> Dict[str, object]:
         return {"total": self.total, "seen": self.seen, "counts": dict(self.counts),
-                "examples": [e.__dict__ if hasattr(e, "__dict__") else e for e in self.examples]}
+                "examples": [asdict(e) for e in self.examples]}
 
     def __repr__(self) -> str:
         return f"BadSampleTally(total={self.total}, seen={self.seen}, counts={dict(self.counts)})"

@@ -57,7 +57,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1  # bump when the rendering changes, so stale caches are rebuilt
+FORMAT_VERSION = 2  # bump when the rendering changes, so stale caches are rebuilt
 
 ATTRIBUTES: Dict[str, List[str]] = {
     "kind": ["circle", "square", "triangle", "star", "ring", "cross"],
@@ -178,9 +178,13 @@ def _pattern_mask(pattern: str, size_px: int, centre: Tuple[float, float], angle
     if pattern == "dots":  # a disc in every cell, ~30% of the fill
         return (fu - 0.5) ** 2 + (fv - 0.5) ** 2 < 0.31 ** 2
     if pattern == "checks":  # every other cell, inset so the shade covers < 50% and the colour dominates
-        cells = (np.floor(u / period) + np.floor(v / period)) % 2 == 0
-        inset = 1.0 / period  # a 1 px rim of the main colour round each dark cell
-        return cells & (fu > inset) & (fu < 1 - inset) & (fv > inset) & (fv < 1 - inset)
+        # Cells 1.5 periods wide: big dark squares on a diagonal lattice, which a small model
+        # tells apart from the small round dots (same-size cells made both read as "dark blobs").
+        cell = period * 1.5
+        gu, gv = np.mod(u, cell) / cell, np.mod(v, cell) / cell
+        cells = (np.floor(u / cell) + np.floor(v / cell)) % 2 == 0
+        inset = 1.0 / cell  # a 1 px rim of the main colour round each dark cell
+        return cells & (gu > inset) & (gu < 1 - inset) & (gv > inset) & (gv < 1 - inset)
     raise ValueError(f"unknown pattern {pattern!r}; expected one of {ATTRIBUTES['pattern']}")
 
 

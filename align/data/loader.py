@@ -1,4 +1,3 @@
-# TEMPORARY (remove before commit): two helper sessions share this brief, read /work/main/NOTE-TO-DATA-HELPER.md
 """One entry point for training and evaluation data: ``build_loader(spec, processor, ...)``.
 
 ``spec`` is a manifest (.csv/.jsonl/.parquet, read by align/data/manifest.py) or a shard spec
@@ -136,7 +135,10 @@ class ManifestLoader:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_IndexBatches(batches, epoch), num_workers=self.num_workers,
             collate_fn=SkippingCollate(), persistent_workers=False,
-            pin_memory=False, prefetch_factor=4 if self.num_workers else None)
+            pin_memory=False, prefetch_factor=4 if self.num_workers else None,
+            # its own generator: otherwise DataLoader draws a base seed from the global one,
+            # shifting the trainer's random stream (dropout, ...) on every epoch
+            generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             yield take_bad_report(batch, self.bad)
 

@@ -14,6 +14,7 @@ Skip reasons: ``missing_file``, ``bad_image``, ``bad_audio`` (here), ``empty_tex
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -22,7 +23,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -253,36 +254,53 @@ def open_audio(source: Union[str, os.PathLike, bytes], sample_id: str, where: st
         raise BadSample(sample_id, "bad_audio", where, repr(error)) from error
 
 
-def load_raw(row: Dict[str, Any], root: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Manifest row -> raw sample (align/data/sample.py) with its media opened; raises BadSample."""
+def load_raw(row: Dict[str, Any], root: Union[str, os.PathLike],
+             modalities: Sequence[str] = ("text", "image", "audio")) -> Dict[str, Any]:
+    """Manifest row -> raw sample (align/data/sample.py) with its media opened; raises BadSample.
+
+    Only ``modalities`` are opened (the others are None): an image-text model neither pays for
+    nor trips over a catalogue's audio files.
+    """
     sample_id, where = row["id"], row["_where"]
-    image = open_image(os.path.join(root, row["image"]), sample_id, where) if row["image"] else None
-    audio = open_audio(os.path.join(root, row["audio"]), sample_id, where) if row["audio"] else None
+    image = (open_image(os.path.join(root, row["image"]), sample_id, where)
+             if row["image"] and "image" in modalities else None)
+    audio = (open_audio(os.path.join(root, row["audio"]), sample_id, where)
+             if row["audio"] and "audio" in modalities else None)
     return {"id": sample_id, "group": row["group"], "text": row["text"], "image": image, "audio": audio,
             "negatives": list(row["negatives"]), "_where": where}
 
 
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """Seed of one sample's random augmentations: a function of (seed, epoch, index) only, so the
-    same batch comes out whatever the worker count and after a mid-epoch resume."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1)[0])
+@contextlib.contextmanager
+def seeded_sample(key: Sequence[int], processor: Any) -> Iterator[None]:
+    """Seed Python, NumPy, torch (CPU) and the processor's own generators from ``key`` for one
+    sample, and restore the global streams afterwards.
 
-
-def seed_augmentations(processor: Any, seed: int) -> None:
-    """Seed torch/numpy/random and the processor's own generators for one sample.
-
-    Preprocessors with a ``reseed(seed)`` method are reseeded through it; ``AudioPreprocessor``
-    (own numpy generator, per worker) gets a fresh generator for this sample.
+    Random augmentations (crops, audio windows) then depend on ``key`` = (seed, epoch, sample)
+    only, not on which worker ran them or what came before, so a resumed run redoes them
+    exactly; restoring leaves the trainer's random streams alone when ``num_workers=0``. Only
+    torch's CPU generator is seeded: ``torch.manual_seed`` would also queue CUDA seeding, which
+    records a stack trace per call (~2 ms a sample). Preprocessors with a ``reseed(seed)``
+    method are reseeded through it; ``AudioPreprocessor`` (its own per-worker numpy generator,
+    ``_rng``) gets a fresh one.
     """
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2)
+    generator = torch.default_generator
+    saved = random.getstate(), np.random.get_state(), generator.get_state()
+    random.seed(int(state[0]))
+    np.random.seed(int(state[0]))
+    generator.manual_seed(int(state[0]) << 32 | int(state[1]))
     for index, pre in enumerate(getattr(processor, "preprocessors", {}).values()):
         if hasattr(pre, "reseed"):
-            pre.reseed(seed + index)
+            pre.reseed(int(state[0]) + index)
         elif hasattr(pre, "_rng") and hasattr(pre, "_rng_pid"):
-            pre._rng = np.random.default_rng([seed, index])
+            pre._rng = np.random.default_rng([int(state[0]), int(state[1]), index])
             pre._rng_pid = os.getpid()
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        generator.set_state(saved[2])
 
 
 class ManifestDataset(Dataset):
@@ -291,7 +309,7 @@ class ManifestDataset(Dataset):
     A row that cannot be used (missing or corrupt file, empty text, processor failure) comes
     back as a ``Skipped`` marker (align/data/bad_samples.py) that the loader's collate drops and
     counts, so the dataloader never crashes on data. Indexing with ``(row, epoch)`` seeds the
-    row's random augmentations from (seed, epoch, row) (see ``item_seed``).
+    row's random augmentations from (seed, epoch, row) (see ``seeded_sample``).
 
     Args:
         path: .csv, .jsonl or .parquet manifest.
@@ -316,7 +334,8 @@ class ManifestDataset(Dataset):
 
     def raw(self, index: int) -> Dict[str, Any]:
         """The raw sample of row ``index`` (media opened, not processed); raises BadSample."""
-        return load_raw(self.rows[index], self.root)
+        modalities = tuple(getattr(self.processor, "preprocessors", None) or ("text", "image", "audio"))
+        return load_raw(self.rows[index], self.root, modalities)
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Union[Dict[str, Any], Skipped]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -325,7 +344,7 @@ class ManifestDataset(Dataset):
             raw = self.raw(index)
             if self.processor is None:
                 return raw
-            seed_augmentations(self.processor, item_seed(self.seed, epoch, index))
-            return self.processor(raw)
+            with seeded_sample((self.seed, epoch, index), self.processor):
+                return self.processor(raw)
         except Exception as error:  # BadSample, or a processor bug on one sample: skip, do not crash
             return Skipped.from_error(error, row["id"], row["_where"])
