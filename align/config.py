@@ -168,6 +168,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans
+            spelled = [a for a in args if str(a).lower() in (("yes", "on", "true") if value else ("no", "off", "false"))]
+            value = spelled[0] if spelled else value
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value

@@ -41,6 +41,12 @@ def test_mistakes_name_the_key(override, key):
         load_config(None, TOWERS + override)
 
 
+def test_yaml_booleans_spelled_as_choices_are_read_as_the_choice(tmp_path):
+    path = write(tmp_path, "p.yaml", "train:\n  mixed_precision: no\n")
+    assert load_config(path, TOWERS).train.mixed_precision == "no"
+    assert load_config(None, TOWERS + ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
 def test_unknown_top_level_key_in_yaml(tmp_path):
     path = write(tmp_path, "bad.yaml", "trian:\n  epochs: 1\n")
     with pytest.raises(ConfigError, match="trian"):
