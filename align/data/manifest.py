@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -270,37 +269,44 @@ def load_raw(row: Dict[str, Any], root: Union[str, os.PathLike],
             "negatives": list(row["negatives"]), "_where": where}
 
 
+def _mix64(key: Sequence[int]) -> int:
+    """A 64-bit seed from integers (splitmix64 steps): cheap, and far apart for nearby keys."""
+    value = 0x9E3779B97F4A7C15
+    for k in key:
+        value = (value ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        value = (value ^ (value >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 29)
+
+
 @contextlib.contextmanager
 def seeded_sample(key: Sequence[int], processor: Any) -> Iterator[None]:
-    """Seed Python, NumPy, torch (CPU) and the processor's own generators from ``key`` for one
-    sample, and restore the global streams afterwards.
+    """Seed torch's CPU generator and the processor's own generators from ``key`` for one
+    sample, and restore torch's stream afterwards.
 
     Random augmentations (crops, audio windows) then depend on ``key`` = (seed, epoch, sample)
     only, not on which worker ran them or what came before, so a resumed run redoes them
-    exactly; restoring leaves the trainer's random streams alone when ``num_workers=0``. Only
-    torch's CPU generator is seeded: ``torch.manual_seed`` would also queue CUDA seeding, which
-    records a stack trace per call (~2 ms a sample). Preprocessors with a ``reseed(seed)``
-    method are reseeded through it; ``AudioPreprocessor`` (its own per-worker numpy generator,
-    ``_rng``) gets a fresh one.
+    exactly; restoring leaves the trainer's random stream alone when ``num_workers=0``.
+    torchvision transforms draw from torch's generator; ``AudioPreprocessor`` has its own numpy
+    generator (``_rng``), which is replaced. Python's and NumPy's global streams are left alone:
+    no preprocessor of ours draws from them, and seeding them costs more than the crop itself.
+    Only torch's CPU generator is seeded: ``torch.manual_seed`` would also queue CUDA seeding,
+    which records a stack trace per call (~2 ms a sample). Preprocessors with a ``reseed(seed)``
+    method are reseeded through it.
     """
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2)
+    seed = _mix64(key)
     generator = torch.default_generator
-    saved = random.getstate(), np.random.get_state(), generator.get_state()
-    random.seed(int(state[0]))
-    np.random.seed(int(state[0]))
-    generator.manual_seed(int(state[0]) << 32 | int(state[1]))
+    saved = generator.get_state()
+    generator.manual_seed(seed)
     for index, pre in enumerate(getattr(processor, "preprocessors", {}).values()):
         if hasattr(pre, "reseed"):
-            pre.reseed(int(state[0]) + index)
+            pre.reseed((seed + index) & 0xFFFFFFFF)
         elif hasattr(pre, "_rng") and hasattr(pre, "_rng_pid"):
-            pre._rng = np.random.default_rng([int(state[0]), int(state[1]), index])
+            pre._rng = np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32, index])
             pre._rng_pid = os.getpid()
     try:
         yield
     finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        generator.set_state(saved[2])
+        generator.set_state(saved)
 
 
 class ManifestDataset(Dataset):
