@@ -1,2 +1,25 @@
-"""Contrastive losses; importing this package registers them."""
-from align.losses import infonce  # noqa: F401
+"""Contrastive losses: one module per loss, each registered in ``align.registry.LOSSES``.
+
+Every pairwise loss is called as ``loss(a, b, *, logit_scale, valid=None, groups=None,
+negatives=None, negatives_mask=None) -> {"loss": scalar, ...named terms}`` and gathers its
+candidates across ranks itself (``gather.py``, ``pairs.py``).
+
+=================  ======================================================  ================
+``infonce``        symmetric InfoNCE / CLIP                                infonce.py
+``infonce_tiled``  the same, tiled (Inf-CL): O(tile^2) logit memory        infonce_tiled.py
+``siglip``         sigmoid loss with learnable bias                        siglip.py
+``siglip_tiled``   the same, tiled                                         siglip_tiled.py
+``hcl``            hard-negative re-weighted, debiased InfoNCE             hcl.py
+``vsepp``          VSE++ max-violation hinge (+ optional InfoNCE term)     vsepp.py
+=================  ======================================================  ================
+
+The tiled kernels (custom autograd Functions) live in ``tiled.py``.
+"""
+from align.losses.hcl import HardNegativeInfoNCE
+from align.losses.infonce import InfoNCE
+from align.losses.infonce_tiled import InfoNCETiled
+from align.losses.siglip import SigLIP
+from align.losses.siglip_tiled import SigLIPTiled
+from align.losses.vsepp import MaxViolation
+
+__all__ = ["InfoNCE", "InfoNCETiled", "SigLIP", "SigLIPTiled", "HardNegativeInfoNCE", "MaxViolation"]

@@ -138,12 +138,15 @@ def pair_up(
             raise ValueError(f"negatives must be ({rows}, K, {a.shape[1]}), got {tuple(negatives.shape)}")
         if negatives_mask is None:
             negatives_mask = torch.ones(negatives.shape[:2], dtype=torch.bool, device=device)
-        negatives, negatives_mask = negatives[local], negatives_mask[local].to(torch.bool)
-    return PairedBatch(
-        a_rows=a[local],
-        b_rows=b[local],
-        a_cols=a_all[cols] if a_all is not None else None,
-        b_cols=b_all[cols],
+        negatives_mask = negatives_mask.to(torch.bool)
+        if local.numel() != rows:
+            negatives, negatives_mask = negatives[local], negatives_mask[local]
+    every_row, every_col = local.numel() == rows, cols.numel() == valid_all.numel()
+    return PairedBatch(  # no copies (and no index backward) when every row is valid
+        a_rows=a if every_row else a[local],
+        b_rows=b if every_row else b[local],
+        a_cols=None if a_all is None else (a_all if every_col else a_all[cols]),
+        b_cols=b_all if every_col else b_all[cols],
         row_index=row_index,
         row_groups=groups[local] if has_groups else None,
         col_groups=groups_all[cols] if has_groups else None,
