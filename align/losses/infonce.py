@@ -25,7 +25,7 @@ Returns: {"loss", "a2b", "b2a"}, scalars. Under ``gather`` with several ranks ea
 rank's share: its mean over ranks is the global value.
 
 Related: ``infonce_tiled`` (same value, O(tile^2) memory), ``hcl`` (re-weighted negatives),
-``infonce_max_violation`` (plus a VSE++ margin term), ``siglip``.
+``vsepp`` with ``infonce_weight`` (InfoNCE plus a VSE++ margin term), ``siglip``.
 
 Example::
 
