@@ -29,9 +29,10 @@ import math
 from typing import Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from align.losses.pairs import MASKED_LOGIT, PairedBatch, check_same_group, negative_logits, pair_up
+from align.losses.infonce import InfoNCE
+from align.losses.pairs import MASKED_LOGIT, PairedBatch, negative_logits
 from align.registry import LOSSES
 
 
@@ -40,16 +41,14 @@ def _masked_logsumexp(values: Tensor, mask: Tensor) -> Tensor:
 
 
 @LOSSES.register("hcl")
-class HardNegativeInfoNCE(nn.Module):
+class HardNegativeInfoNCE(InfoNCE):
     """InfoNCE with hard-negative importance weighting and positive-unlabelled debiasing."""
 
     def __init__(self, *, gather: bool = True, same_group: str = "ignore", beta: float = 1.0,
                  tau_plus: float = 0.1) -> None:
-        super().__init__()
+        super().__init__(gather=gather, same_group=same_group)
         if not 0.0 <= tau_plus < 1.0:
             raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus}")
-        self.gather = gather
-        self.same_group = check_same_group(same_group)
         self.beta = float(beta)
         self.tau_plus = float(tau_plus)
 
@@ -96,14 +95,3 @@ class HardNegativeInfoNCE(nn.Module):
                                negative_logits(pairs, logit_scale)).sum() * pairs.scale
         b2a = self._row_losses(pairs.b_rows, pairs.a_cols, pairs, logit_scale).sum() * pairs.scale
         return {"loss": (a2b + b2a) / 2, "a2b": a2b, "b2a": b2a}
-
-    def forward(
-        self, a: Tensor, b: Tensor, *, logit_scale: Tensor, valid: Optional[Tensor] = None,
-        groups: Optional[Tensor] = None, negatives: Optional[Tensor] = None,
-        negatives_mask: Optional[Tensor] = None,
-    ) -> Dict[str, Tensor]:
-        pairs = pair_up(a, b, valid=valid, groups=groups, negatives=negatives,
-                        negatives_mask=negatives_mask, gather=self.gather)
-        out = self.terms(pairs, logit_scale)
-        out["loss"] = pairs.finish(out["loss"])
-        return out

@@ -31,8 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.losses.pairs import check_same_group, pair_up
+from align.losses.pairs import PairedBatch, check_same_group, pair_up
 from align.registry import LOSSES
+
+
+def explicit_negatives_term(pairs: PairedBatch, logit_scale: Tensor, bias: Tensor) -> Tensor:
+    """Sum of -log sigmoid(-z) over each anchor's explicit negatives (0 when there are none)."""
+    if pairs.negatives is None or pairs.negatives.shape[1] == 0:
+        return pairs.a_rows.new_zeros(())
+    neg_logits = logit_scale * torch.einsum("nd,nkd->nk", pairs.a_rows.float(),
+                                            pairs.negatives.float()) + bias  # (n, K)
+    return (-F.logsigmoid(-neg_logits) * pairs.negatives_mask).sum()
 
 
 @LOSSES.register("siglip")
@@ -66,9 +75,6 @@ class SigLIP(nn.Module):
         pair_losses = -F.logsigmoid(signs * logits) * counted  # (n, N)
         positive = (pair_losses * positives).sum()
         negative = (pair_losses * ~positives).sum()
-        if pairs.negatives is not None and pairs.negatives.shape[1] > 0:
-            neg_logits = logit_scale * torch.einsum(
-                "nd,nkd->nk", pairs.a_rows.float(), pairs.negatives.float()) + bias  # (n, K)
-            negative = negative + (-F.logsigmoid(-neg_logits) * pairs.negatives_mask).sum()
+        negative = negative + explicit_negatives_term(pairs, logit_scale, bias)
         positive, negative = positive * pairs.scale, negative * pairs.scale
         return {"loss": pairs.finish(positive + negative), "positive": positive, "negative": negative}

@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from align.losses.pairs import check_same_group, pair_up
+from align.losses.siglip import explicit_negatives_term
 from align.losses.tiled import DEFAULT_TILE, tiled_sigmoid_pairs
 from align.registry import LOSSES
 
@@ -52,9 +52,6 @@ class SigLIPTiled(nn.Module):
             pairs.a_rows, pairs.b_cols, scale, self.logit_bias, pairs.row_index,
             pairs.row_groups, pairs.col_groups, groups_positive=self.same_group == "positive",
             tile=self.tile_size)
-        if pairs.negatives is not None and pairs.negatives.shape[1] > 0:
-            neg_logits = scale * torch.einsum("nd,nkd->nk", pairs.a_rows.float(),
-                                              pairs.negatives.float()) + self.logit_bias  # (n, K)
-            negative = negative + (-F.logsigmoid(-neg_logits) * pairs.negatives_mask).sum()
+        negative = negative + explicit_negatives_term(pairs, scale, self.logit_bias)
         positive, negative = positive * pairs.scale, negative * pairs.scale
         return {"loss": pairs.finish(positive + negative), "positive": positive, "negative": negative}
