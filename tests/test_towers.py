@@ -63,6 +63,23 @@ def test_image_and_text_of_one_clip_share_its_weights():
     assert torch.allclose(model.encode("text", tokens), reference.encode_text(tokens, normalize=True), atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_uint8_pixels_normalised_on_device_match_open_clips_own_preprocess(mode):
+    tower = OpenClipImageTower(OpenClipConfig(model=TINY_CLIP), 32).eval()
+    load_clip_halves.cache_clear()
+    _, _, reference_preprocess = open_clip.create_model_and_transforms(open_clip_name())
+    pixels = (np.random.default_rng(0).random((45, 37, 4)) * 255).astype("uint8")
+    image = Image.fromarray(pixels[..., :len(mode)].squeeze(-1) if mode == "L" else pixels[..., :len(mode)], mode)
+    ours = tower.preprocessor(train=False)(image)
+    assert ours.dtype == torch.uint8 and ours.shape == (3, 32, 32)
+    theirs = reference_preprocess(image)  # normalised float, as open_clip feeds its model
+    with torch.no_grad():
+        assert torch.allclose(tower(ours[None]), tower(theirs[None]), atol=1e-5)
+        normalised = torch.addcmul(tower.pixel_shift, ours[None].float(), tower.pixel_scale)
+    assert torch.allclose(normalised, theirs[None], atol=1e-5)
+    assert "pixel_scale" not in tower.state_dict()  # follows from the config, not saved
+
+
 def test_local_open_clip_checkpoint_is_loaded(tmp_path):
     source = open_clip.create_model(open_clip_name())
     path = tmp_path / "clip.pt"
@@ -116,3 +133,56 @@ def test_freeze_keeps_only_last_blocks_tail_and_projection_trainable():
 def test_temperature_is_clamped():
     model = AlignModel({}, init_temperature=0.001, max_logit_scale=100.0)
     assert model.logit_scale().item() == pytest.approx(100.0)
+
+
+def test_token_cache_is_bounded_and_hands_out_copies():
+    from align.towers.base import TokenCache
+
+    calls = []
+
+    def tokenize(text):
+        calls.append(text)
+        return torch.tensor([len(text), 7])
+
+    cache = TokenCache(tokenize, size=2)
+    first = cache("red star")
+    first[0] = -1  # a caller scribbling on its tokens must not reach the cache
+    assert cache("red star").tolist() == [8, 7] and calls == ["red star"]
+    cache("blue ring"), cache("green cube")  # the third text evicts the oldest
+    assert len(cache._store) == 2 and "red star" not in cache._store
+    assert cache("red star").tolist() == [8, 7] and calls.count("red star") == 2
+
+
+def test_text_padding_after_the_longest_text_is_not_encoded_and_changes_nothing():
+    tower = OpenClipTextTower(OpenClipConfig(model=TINY_CLIP), 32).eval()
+    load_clip_halves.cache_clear()
+    tokenize = tower.preprocessor(train=False)
+    tokens = torch.stack([tokenize(t) for t in ["red star", "a large blue striped ring with dots"]])
+    seen = []
+    tower.trunk.transformer.resblocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        cut = tower.features(tokens)
+        full = tower.trunk.encode_text(tokens)  # open_clip's own forward, whole context
+    longest = int((tokens != 0).sum(1).max())
+    assert seen == [longest, tokens.shape[1]] and longest < tokens.shape[1]
+    assert torch.allclose(cut, full, atol=1e-5)
+    # A text that fills the context is encoded whole.
+    long_tokens = tokenize(" ".join(["stripe"] * 200))[None]
+    with torch.no_grad():
+        assert torch.allclose(tower.features(long_tokens), tower.trunk.encode_text(long_tokens), atol=1e-5)
+    assert seen[-2] == tokens.shape[1]
+
+
+def test_hf_text_padding_columns_are_cut_without_changing_embeddings():
+    tower = HFTextTower(HFTextConfig(path=MINILM, max_length=32), 16).eval()
+    tokenize = tower.preprocessor(train=False)
+    tokens = {k: torch.stack([tokenize(t)[k] for t in ["red star", "a large blue ring"]]) for k in ("input_ids", "attention_mask")}
+    seen = []
+    tower.trunk.embeddings.register_forward_hook(lambda _, args, out: seen.append(out.shape[1]))
+    with torch.no_grad():
+        cut = tower.features(tokens)
+        hidden = tower.trunk(**tokens).last_hidden_state  # every column
+        weights = tokens["attention_mask"].unsqueeze(-1).float()
+        full = (hidden * weights).sum(1) / weights.sum(1)
+    assert torch.allclose(cut, full, atol=1e-5)
+    assert seen == [int(tokens["attention_mask"].sum(1).max()), 32]

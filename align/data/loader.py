@@ -101,7 +101,8 @@ class ManifestLoader:
     """Manifest rows -> batches for one rank (design in the module docstring)."""
 
     def __init__(self, dataset: ManifestDataset, *, batch_size: int, num_workers: int, train: bool, seed: int,
-                 rank: int = 0, world_size: int = 1, max_bad_fraction: float = 0.05, drop_last: bool = True) -> None:
+                 rank: int = 0, world_size: int = 1, max_bad_fraction: float = 0.05, drop_last: bool = True,
+                 pin_memory: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if batch_size < 1:
@@ -109,7 +110,7 @@ class ManifestLoader:
         self.dataset = dataset
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
-        self.drop_last = drop_last
+        self.drop_last, self.pin_memory = drop_last, pin_memory
         self.epoch = 0
         self.bad = BadSampleTally(max_bad_fraction, source=dataset.path)
 
@@ -135,7 +136,7 @@ class ManifestLoader:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_IndexBatches(batches, epoch), num_workers=self.num_workers,
             collate_fn=SkippingCollate(), persistent_workers=False,
-            pin_memory=False, prefetch_factor=4 if self.num_workers else None,
+            pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
             # its own generator: otherwise DataLoader draws a base seed from the global one,
             # shifting the trainer's random stream (dropout, ...) on every epoch
             generator=torch.Generator().manual_seed(self.seed))
@@ -154,7 +155,7 @@ def build_loader(spec: str, processor: Any, *, batch_size: int, num_workers: int
                  rank: int = 0, world_size: int = 1, columns: ColumnMap = ColumnMap(), root: Optional[str] = None,
                  shuffle_buffer: int = 1000, resampled: bool = False, epoch_samples: Optional[int] = None,
                  weights: Optional[Sequence[float]] = None, max_bad_fraction: float = 0.05,
-                 drop_last: bool = True):
+                 drop_last: bool = True, pin_memory: bool = False):
     """A manifest or shard loader for one rank (see the module docstring).
 
     Args:
@@ -169,6 +170,7 @@ def build_loader(spec: str, processor: Any, *, batch_size: int, num_workers: int
         resampled, epoch_samples, weights: shards only, sampling with replacement (see shards.py).
         max_bad_fraction: error once more than this fraction of the samples seen was skipped.
         drop_last: drop the tail that does not fill a step on every rank (training).
+        pin_memory: hand out batches in page-locked memory (for fast, asynchronous copies to CUDA).
     """
     spec = os.fspath(spec)
     if is_manifest(spec):
@@ -177,10 +179,10 @@ def build_loader(spec: str, processor: Any, *, batch_size: int, num_workers: int
         dataset = ManifestDataset(spec, processor, columns, root, seed=seed)
         return ManifestLoader(dataset, batch_size=batch_size, num_workers=num_workers, train=train, seed=seed,
                               rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction,
-                              drop_last=drop_last)
+                              drop_last=drop_last, pin_memory=pin_memory)
     from align.data.shards import ShardLoader
 
     return ShardLoader(spec, processor, batch_size=batch_size, num_workers=num_workers, train=train, seed=seed,
                        rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer, resampled=resampled,
                        epoch_samples=epoch_samples, weights=weights, max_bad_fraction=max_bad_fraction,
-                       drop_last=drop_last)
+                       drop_last=drop_last, pin_memory=pin_memory)

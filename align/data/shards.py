@@ -452,7 +452,7 @@ class ShardLoader:
     def __init__(self, spec: str, processor: Any, *, batch_size: int, num_workers: int, train: bool, seed: int,
                  rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000, resampled: bool = False,
                  epoch_samples: Optional[int] = None, weights: Optional[Sequence[float]] = None,
-                 max_bad_fraction: float = 0.05, drop_last: bool = True) -> None:
+                 max_bad_fraction: float = 0.05, drop_last: bool = True, pin_memory: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if batch_size < 1:
@@ -461,6 +461,7 @@ class ShardLoader:
         self.batch_size, self.num_workers, self.train, self.seed = batch_size, num_workers, train, seed
         self.rank, self.world_size, self.roles = rank, world_size, max(1, num_workers)
         self.shuffle_buffer, self.resampled, self.drop_last = shuffle_buffer, resampled, drop_last
+        self.pin_memory = pin_memory
         self.sources = expand_spec(spec)
         self.urls = [url for source in self.sources for url in source]
         self.sizes = read_sizes(self.urls)
@@ -508,6 +509,7 @@ class ShardLoader:
         stream = _ShardStream(self, epoch, skip_batches)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                              collate_fn=_identity, prefetch_factor=4 if self.num_workers else None,
+                                             pin_memory=self.pin_memory,
                                              # its own generator: DataLoader draws a base seed from the
                                              # global one otherwise, shifting the trainer's random stream
                                              generator=torch.Generator().manual_seed(self.seed))

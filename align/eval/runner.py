@@ -28,7 +28,8 @@ def embed_split(model, loader, device: torch.device) -> Dict[str, Any]:
             masks[modality].append(mask)
             if modality in batch["inputs"]:
                 inputs = batch["inputs"][modality]
-                inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
+                inputs = ({k: v.to(device, non_blocking=True) for k, v in inputs.items()} if isinstance(inputs, dict)
+                          else inputs.to(device, non_blocking=True))
                 embedded = model.encode(modality, inputs).float().cpu()  # (n_m, D)
             else:
                 embedded = torch.zeros(0, 1)
@@ -48,7 +49,8 @@ def evaluate_model(model, config: Config, split: str, device: torch.device) -> D
     from align.train.recipe import build_train_loader
 
     processor = SampleProcessor(model.preprocessors(train=False))
-    loader = build_train_loader(config, processor, rank=0, world_size=1, train=False, spec=split)
+    loader = build_train_loader(config, processor, rank=0, world_size=1, train=False, spec=split,
+                                pin_memory=torch.device(device).type == "cuda")
     embedded = embed_split(model, loader, device)
     evaluator = RetrievalEvaluator(ks=tuple(config.eval.ks))
     results = evaluator(embedded["embeddings"], embedded["masks"], embedded["ids"], embedded["groups"],

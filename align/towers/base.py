@@ -10,11 +10,49 @@ A registered tower is a class with a nested ``Config`` dataclass and the constru
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Union
+from typing import Any, Callable, Dict, List, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def used_length(keep: torch.Tensor) -> int:
+    """Columns of a (B, L) token batch up to and including the last one any row uses (``keep``
+    marks real tokens); at least 1. Padding beyond it can be cut when the encoder's output does
+    not depend on it (causal or padding-masked attention, pooling at a real token).
+
+    Catalogue texts are short (a title: 10-20 tokens) while towers pad to their context (CLIP:
+    77), so cutting saves most of the text tower's work. Reading the length syncs with the
+    device once per text batch.
+    """
+    columns = keep.any(dim=0).nonzero()
+    return int(columns.max()) + 1 if columns.numel() else 1
+
+
+class TokenCache:
+    """Bounded memo ``text -> tokens`` for the picklable text preprocessors (one per worker).
+
+    Catalogue texts repeat: the variants of one product share a title, and mined negatives are
+    other items' texts, tokenised again for every sample that lists them. Tokenising is the
+    dearest text step in a worker (open_clip's cleans and BPE-encodes in Python). The oldest
+    entry goes first when full; callers get a copy, so mutating it leaves the cache intact.
+    """
+
+    def __init__(self, tokenize: Callable[[str], Any], size: int = 8192) -> None:
+        self.tokenize, self.size = tokenize, size
+        self._store: Dict[str, Any] = {}
+
+    def __call__(self, text: str) -> Any:
+        tokens = self._store.get(text)
+        if tokens is None:
+            tokens = self.tokenize(text)
+            if len(self._store) >= self.size:
+                del self._store[next(iter(self._store))]
+            self._store[text] = tokens
+        if isinstance(tokens, dict):
+            return {k: v.clone() for k, v in tokens.items()}
+        return tokens.clone()
 
 
 class Tower(nn.Module):

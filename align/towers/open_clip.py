@@ -14,11 +14,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from align.registry import TOWERS
-from align.towers.base import Tower, projection_head
+from align.towers.base import TokenCache, Tower, projection_head, used_length
 
 
 @dataclass
@@ -65,14 +66,54 @@ def load_clip_halves(model: str, pretrained: str, image_size: Optional[int], con
     return visual, clip
 
 
+class PilToUint8:
+    """Picklable: PIL image -> (3, H, W) uint8 tensor of its RGB pixels, not normalised."""
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
 class OpenClipImageTokens:
-    """Picklable image preprocessor: PIL image -> (3, H, W) tensor with open_clip's transform."""
+    """Picklable image preprocessor: PIL image -> (3, H, W) tensor with open_clip's transform.
+
+    The transform's geometric and colour steps run as open_clip defines them; its closing
+    ToTensor + Normalize is replaced by ``PilToUint8``, so images leave the dataloader workers
+    as uint8 and the tower normalises whole batches on the model's device (a quarter of the
+    bytes between processes and to the GPU, and the float work done once per batch, vectorised).
+    A transform of another shape (timm's) is kept whole and yields normalised floats.
+    """
 
     def __init__(self, transform: Callable) -> None:
+        steps = list(getattr(transform, "transforms", []))
+        if len(steps) >= 2 and _is_to_tensor(steps[-2]) and isinstance(steps[-1], _normalize_type()):
+            from torchvision.transforms import Compose
+
+            transform = Compose([*steps[:-2], PilToUint8()])
         self.transform = transform
 
     def __call__(self, image: Any) -> torch.Tensor:
         return self.transform(image)
+
+
+def _normalize_type() -> type:
+    from torchvision.transforms import Normalize
+
+    return Normalize
+
+
+def _is_to_tensor(step: Any) -> bool:
+    return type(step).__name__ in ("ToTensor", "MaybeToTensor")
+
+
+def pixel_normalisation(transform: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, 3, 1, 1), with ``uint8 * scale + shift`` equal to the
+    transform's ``Normalize(ToTensor(image))``."""
+    normalize = next(step for step in getattr(transform, "transforms", []) if isinstance(step, _normalize_type()))
+    mean = torch.tensor(normalize.mean, dtype=torch.float32).expand(3).reshape(1, 3, 1, 1)
+    std = torch.tensor(normalize.std, dtype=torch.float32).expand(3).reshape(1, 3, 1, 1)
+    return 1.0 / (255.0 * std), -mean / std
 
 
 class OpenClipTokenize:
@@ -80,9 +121,42 @@ class OpenClipTokenize:
 
     def __init__(self, tokenizer: Callable) -> None:
         self.tokenizer = tokenizer
+        self.cache = TokenCache(self._tokenize)
+
+    def _tokenize(self, text: str) -> torch.Tensor:
+        return self.tokenizer([text])[0]
 
     def __call__(self, text: str) -> torch.Tensor:
-        return self.tokenizer([text])[0]
+        return self.cache(text)
+
+
+def _encodes_prefixes(text: nn.Module) -> bool:
+    """True when open_clip's text module gives the same pooled output for the tokens cut after
+    the last real one: causal attention (no position sees a later one), pooling at the
+    end-of-text token, no padding mask and no class token appended after the padding (CoCa).
+    Built-in CLIP text and ``TextTransformer`` qualify; SigLIP's (``last`` pooling) and HF
+    text encoders do not."""
+    pool = getattr(text, "text_pool_type", getattr(text, "pool_type", None))
+    return (pool in ("argmax", "eos") and getattr(text, "attn_mask", None) is not None
+            and getattr(text, "cls_emb", None) is None and not getattr(text, "use_pad_mask", False)
+            and hasattr(text, "token_embedding") and hasattr(text, "positional_embedding"))
+
+
+def _encode_prefix(text: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's text forward on (B, L') tokens, L' <= context, with the position table and
+    causal mask cut to L' (its own forward only takes the full context)."""
+    from open_clip.transformer import text_global_pool
+
+    length = tokens.shape[1]
+    cast = text.transformer.get_cast_dtype()
+    x = text.token_embedding(tokens).to(cast) + text.positional_embedding[:length].to(cast)
+    x = text.ln_final(text.transformer(x, attn_mask=text.attn_mask[:length, :length]))
+    pooled = text_global_pool(x, tokens, getattr(text, "text_pool_type", getattr(text, "pool_type", None)),
+                              eos_token_id=getattr(text, "text_eos_id", getattr(text, "eos_id", None)))
+    projection = text.text_projection
+    if projection is None:
+        return pooled
+    return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
 
 def _params(config: OpenClipConfig) -> tuple:
@@ -104,19 +178,31 @@ class OpenClipImageTower(Tower):
         self.projection = projection_head(visual.output_dim, embed_dim, config.projection)
         self.preprocess_cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
         self.image_size = visual.image_size
+        scale, shift = pixel_normalisation(self.transform(train=False))
+        # Not in the state dict: they follow from the model config, like the transform itself.
+        self.register_buffer("pixel_scale", scale, persistent=False)
+        self.register_buffer("pixel_shift", shift, persistent=False)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.trunk(images)  # (B, 3, H, W) -> (B, clip_dim)
+        """(B, 3, H, W) -> (B, clip_dim). uint8 images are raw pixels (what ``preprocessor``
+        gives) and are normalised here; float images are taken as already normalised (the
+        output of open_clip's own preprocess)."""
+        if images.dtype == torch.uint8:
+            images = torch.addcmul(self.pixel_shift, images.to(self.pixel_scale.dtype), self.pixel_scale)
+        return self.trunk(images)
 
-    def preprocessor(self, train: bool) -> Callable:
+    def transform(self, train: bool) -> Callable:
+        """open_clip's image transform for this model (ending in ToTensor + Normalize)."""
         import open_clip
 
         cfg = self.preprocess_cfg
-        transform = open_clip.image_transform(
+        return open_clip.image_transform(
             self.image_size, is_train=train, mean=cfg.get("mean"), std=cfg.get("std"),
             interpolation=cfg.get("interpolation"), resize_mode=cfg.get("resize_mode"),
         )
-        return OpenClipImageTokens(transform)
+
+    def preprocessor(self, train: bool) -> Callable:
+        return OpenClipImageTokens(self.transform(train))
 
     def trunk_blocks(self) -> List[nn.Module]:
         if hasattr(self.trunk, "transformer"):  # VisionTransformer
@@ -162,7 +248,15 @@ class OpenClipTextTower(Tower):
                                                  context_length=self.trunk.context_length)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.trunk.encode_text(tokens)  # (B, L) -> (B, clip_dim)
+        """(B, L) token ids -> (B, clip_dim). A causal text transformer pooled at the
+        end-of-text token gives the same embedding from the columns up to the batch's longest
+        text, so the padding after it is not encoded."""
+        text = self._text()
+        if _encodes_prefixes(text):
+            length = used_length(tokens != getattr(text, "pad_id", 0))
+            if length < tokens.shape[1]:
+                return _encode_prefix(text, tokens[:, :length])
+        return self.trunk.encode_text(tokens)
 
     def preprocessor(self, train: bool) -> Callable:
         return OpenClipTokenize(self.tokenizer)

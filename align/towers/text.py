@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from align.registry import TOWERS
-from align.towers.base import Tower, projection_head
+from align.towers.base import TokenCache, Tower, projection_head, used_length
 
 
 def resolve_path(path: str) -> str:
@@ -47,11 +47,15 @@ class HFTokenize:
     def __init__(self, tokenizer, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.cache = TokenCache(self._tokenize)
 
-    def __call__(self, text: str) -> Dict[str, torch.Tensor]:
+    def _tokenize(self, text: str) -> Dict[str, torch.Tensor]:
         encoded = self.tokenizer(text, max_length=self.max_length, padding="max_length", truncation=True,
                                  return_tensors="pt")
         return {"input_ids": encoded["input_ids"][0], "attention_mask": encoded["attention_mask"][0]}
+
+    def __call__(self, text: str) -> Dict[str, torch.Tensor]:
+        return self.cache(text)
 
 
 @TOWERS.register("hf_text")
@@ -75,8 +79,10 @@ class HFTextTower(Tower):
         self.projection = projection_head(self.trunk.config.hidden_size, embed_dim, config.projection)
 
     def features(self, tokens: Dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = tokens["attention_mask"]  # (B, L)
-        hidden = self.trunk(input_ids=tokens["input_ids"], attention_mask=mask).last_hidden_state  # (B, L, H)
+        # Columns that are padding in every row only ever meet a masked attention: cut them.
+        length = used_length(tokens["attention_mask"].bool())
+        mask = tokens["attention_mask"][:, :length]  # (B, L')
+        hidden = self.trunk(input_ids=tokens["input_ids"][:, :length], attention_mask=mask).last_hidden_state
         if self.config.pooling == "cls":
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)

@@ -39,12 +39,21 @@ def param_groups(objective: nn.Module, config: OptimConfig, tower_lr_scale: Dict
 
 
 def build_optimizer(objective: nn.Module, config: OptimConfig, tower_lr_scale: Dict[str, float]) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; build it after the model is on its training device, so that
+    ``implementation="auto"`` picks the fused kernel only where that device has one."""
     groups = param_groups(objective, config, tower_lr_scale)
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
     for group in groups:
         group.pop("names")
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    kwargs = dict(lr=config.lr, betas=config.betas, eps=config.eps)
+    if config.implementation == "auto":
+        try:  # build on the training device: fused kernels exist for CPU and CUDA, not everywhere
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError):
+            return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+    return torch.optim.AdamW(groups, **flags[config.implementation], **kwargs)
 
 
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:

@@ -47,7 +47,7 @@ def make_accelerator(config: Config):
 
 
 def build_train_loader(config: Config, processor: SampleProcessor, rank: int, world_size: int, train: bool = True,
-                       spec: Optional[str] = None):
+                       spec: Optional[str] = None, pin_memory: bool = False):
     from align.data.loader import build_loader
     from align.data.manifest import ColumnMap
 
@@ -60,7 +60,7 @@ def build_train_loader(config: Config, processor: SampleProcessor, rank: int, wo
         num_workers=data.num_workers, train=train, seed=config.train.seed, rank=rank, world_size=world_size,
         columns=columns, root=data.root, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled and train,
         epoch_samples=data.epoch_samples or None, weights=data.weights or None,
-        max_bad_fraction=data.max_bad_fraction, drop_last=train,
+        max_bad_fraction=data.max_bad_fraction, drop_last=train, pin_memory=pin_memory,
     )
 
 
@@ -79,7 +79,8 @@ def train(config: Config) -> Dict[str, Any]:
     model = build_model(config.model)
     objective = ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss))
     processor = SampleProcessor(model.preprocessors(train=True), max_negatives=config.data.max_negatives)
-    loader = build_train_loader(config, processor, accelerator.process_index, accelerator.num_processes)
+    loader = build_train_loader(config, processor, accelerator.process_index, accelerator.num_processes,
+                                pin_memory=accelerator.device.type == "cuda")
     accum = config.train.accum_steps
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
@@ -88,6 +89,7 @@ def train(config: Config) -> Dict[str, Any]:
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
 
     tower_scale = {m: t.lr_scale for m, t in config.model.towers.items()}
+    objective.to(accelerator.device)  # before the optimiser, whose kernel choice follows the device
     optimizer = build_optimizer(objective, config.optim, tower_scale)
     scheduler = build_scheduler(optimizer, total_steps, config.optim)
     # The scheduler is not prepared: Accelerate would step it once per process per call.
@@ -111,6 +113,16 @@ def train(config: Config) -> Dict[str, Any]:
     eval_model = accelerator.unwrap_model(objective).model
     history: List[Dict[str, float]] = []
     started, window_samples, window_start = time.time(), 0, time.time()
+
+    def off_the_clock(work, *args):
+        """Run evaluation or checkpointing without charging it to samples/s (which, as in
+        open_clip's log, measures training: data wait + step)."""
+        nonlocal window_start
+        paused = time.time()
+        result = work(*args)
+        window_start += time.time() - paused
+        return result
+
     while state["step"] < total_steps:
         micro: List[dict] = []
         for batch in loader.iterate(state["epoch"], skip_batches=state["batch_in_epoch"]):
@@ -137,18 +149,20 @@ def train(config: Config) -> Dict[str, Any]:
             if progress is not None:
                 progress.update(1)
             if config.train.eval_every and state["step"] % config.train.eval_every == 0:
-                _evaluate(accelerator, eval_model, config, state["step"])
+                off_the_clock(_evaluate, accelerator, eval_model, config, state["step"])
             if config.train.save_every and state["step"] % config.train.save_every == 0:
-                checkpoint.save_checkpoint(accelerator, objective, config, out_dir, state, config.train.keep_checkpoints)
+                off_the_clock(checkpoint.save_checkpoint, accelerator, objective, config, out_dir, state,
+                              config.train.keep_checkpoints)
             if state["step"] >= total_steps:
                 break
         else:  # the epoch ran out
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
             if not config.train.eval_every and state["step"] < total_steps:
-                _evaluate(accelerator, eval_model, config, state["step"])
+                off_the_clock(_evaluate, accelerator, eval_model, config, state["step"])
             if not config.train.save_every:
-                checkpoint.save_checkpoint(accelerator, objective, config, out_dir, state, config.train.keep_checkpoints)
+                off_the_clock(checkpoint.save_checkpoint, accelerator, objective, config, out_dir, state,
+                              config.train.keep_checkpoints)
     if progress is not None:
         progress.close()
     final = checkpoint.save_checkpoint(accelerator, objective, config, out_dir, state, config.train.keep_checkpoints)

@@ -1,0 +1,65 @@
+"""AdamW groups, kernel choice and the warmup + cosine schedule."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from align.config import OptimConfig
+from align.train.optim import build_optimizer, build_scheduler, param_groups
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.towers = nn.ModuleDict({"text": nn.Sequential(nn.Embedding(50, 8), nn.LayerNorm(8)),
+                                     "image": nn.Linear(12, 8)})
+        self.log_logit_scale = nn.Parameter(torch.tensor(2.0))
+
+
+def run_steps(implementation: str, steps: int = 5) -> nn.Module:
+    torch.manual_seed(0)
+    model = Toy()
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1, implementation=implementation),
+                                {"image": 0.5})
+    for _ in range(steps):
+        tokens, pixels = torch.randint(0, 50, (6,)), torch.randn(6, 12)
+        loss = (model.towers["text"](tokens) * model.towers["image"](pixels)).sum() * model.log_logit_scale.exp()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+def test_auto_picks_the_fused_kernel_on_cpu():
+    optimizer = build_optimizer(Toy(), OptimConfig(), {})
+    assert optimizer.defaults["fused"] is True
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach", "auto"])
+def test_every_kernel_gives_the_python_loops_update(implementation):
+    reference, other = run_steps("loop"), run_steps(implementation)
+    for (name, a), (_, b) in zip(reference.named_parameters(), other.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+
+
+def test_groups_split_decay_and_tower_scale():
+    groups = param_groups(Toy(), OptimConfig(lr=1.0, weight_decay=0.3), {"image": 0.5})
+    by_key = {(g["weight_decay"], g["lr"]): sorted(g["names"]) for g in groups}
+    assert by_key[(0.3, 0.5)] == ["towers.image.weight"]
+    assert by_key[(0.0, 0.5)] == ["towers.image.bias"]
+    assert by_key[(0.3, 1.0)] == ["towers.text.0.weight"]
+    assert by_key[(0.0, 1.0)] == ["log_logit_scale", "towers.text.1.bias", "towers.text.1.weight"]
+
+
+def test_warmup_then_cosine_to_the_floor():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, 10, OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1))
+    lrs = []
+    for _ in range(10):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:2] == [0.5, 1.0]
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
