@@ -8,7 +8,10 @@ Held-out R@1 (text->image, identical captions are shared positives) is computed 
 evaluator for both final models on the demo catalogue's test split, whose attribute combinations
 never occur in training.
 
-    python benchmarks/peer_openclip.py [--epochs 3] [--batch-size 128] [--device cuda --precision bf16]
+Each trainer runs ``--repeats`` times, alternating which goes first, and the figures are the
+medians: on a shared machine one run of either can be 20% off its typical speed.
+
+    python benchmarks/peer_openclip.py [--epochs 3] [--batch-size 128] [--repeats 3] [--device cuda --precision bf16]
 
 The last line is JSON: {"ours_sps", "openclip_sps", "ratio", "ours_r1", "openclip_r1"}.
 """
@@ -19,6 +22,7 @@ import csv
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +63,7 @@ def steady_sps(per_step_sps, batch: int, skip: int) -> float:
 
 
 def run_openclip(args, train_csv: str, work: str) -> dict:
+    work = os.path.join(work, "openclip-runs", str(time.time_ns()))
     argv = [
         "--train-data", train_csv, "--dataset-type", "csv", "--csv-separator", "\t",
         "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", MODEL_NAME,
@@ -84,7 +89,7 @@ def run_openclip(args, train_csv: str, work: str) -> dict:
 
 
 def run_ours(args, manifest: str, work: str) -> dict:
-    out = os.path.join(work, "ours")
+    out = os.path.join(work, "ours", str(time.time_ns()))
     overrides = [
         "model.embed_dim=128", "model.towers.image.type=open_clip_image", f"model.towers.image.model={MODEL_JSON}",
         "model.towers.text.type=open_clip_text", f"model.towers.text.model={MODEL_JSON}",
@@ -169,6 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("--wd", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--skip-steps", type=int, default=5, help="warm-up steps left out of samples/s")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each trainer; medians are reported")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args(argv)
@@ -186,15 +192,23 @@ def main(argv=None) -> int:
     print(f"{n_train} training pairs, {args.epochs} epochs, batch {args.batch_size}, {args.workers} workers, "
           f"{args.device} {args.precision}", flush=True)
 
-    ours = run_ours(args, manifest, work)
-    print(f"ours:      {ours['sps']:.1f} samples/s ({ours['steps']} steps, {ours['wall_s']:.0f} s wall)", flush=True)
-    peer = run_openclip(args, train_csv, work)
-    print(f"open_clip: {peer['sps']:.1f} samples/s ({peer['steps']} steps, {peer['wall_s']:.0f} s wall)", flush=True)
-    ours_r1 = evaluate_ours(ours["checkpoint"], test_csv, args.device)
-    peer_r1 = evaluate_openclip(peer["checkpoint"], test_csv, args.device)
+    runs = {"ours": [], "open_clip": []}
+    trainers = {"ours": lambda: run_ours(args, manifest, work), "open_clip": lambda: run_openclip(args, train_csv, work)}
+    for repeat in range(args.repeats):
+        for name in (("ours", "open_clip") if repeat % 2 == 0 else ("open_clip", "ours")):
+            result = trainers[name]()
+            runs[name].append(result)
+            print(f"run {repeat + 1}/{args.repeats} {name + ':':<10} {result['sps']:.1f} samples/s "
+                  f"({result['steps']} steps, {result['wall_s']:.0f} s wall)", flush=True)
+    ours_sps = statistics.median(r["sps"] for r in runs["ours"])
+    peer_sps = statistics.median(r["sps"] for r in runs["open_clip"])
+    print(f"median samples/s: ours {ours_sps:.1f}, open_clip {peer_sps:.1f}")
+    # Both trainers are seeded, so every repeat ends in the same model; the first is evaluated.
+    ours_r1 = evaluate_ours(runs["ours"][0]["checkpoint"], test_csv, args.device)
+    peer_r1 = evaluate_openclip(runs["open_clip"][0]["checkpoint"], test_csv, args.device)
     print(f"held-out text->image R@1: ours {ours_r1:.3f}, open_clip {peer_r1:.3f}")
-    print(json.dumps({"ours_sps": round(ours["sps"], 2), "openclip_sps": round(peer["sps"], 2),
-                      "ratio": round(ours["sps"] / peer["sps"], 3), "ours_r1": round(ours_r1, 4),
+    print(json.dumps({"ours_sps": round(ours_sps, 2), "openclip_sps": round(peer_sps, 2),
+                      "ratio": round(ours_sps / peer_sps, 3), "ours_r1": round(ours_r1, 4),
                       "openclip_r1": round(peer_r1, 4)}))
     return 0
 
