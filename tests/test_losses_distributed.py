@@ -6,10 +6,6 @@ Groups span both ranks and rows carry explicit negatives (which stay local).
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ import torch.nn.functional as F
 
 import align.losses  # noqa: F401
 from align.registry import LOSSES
+from tests.conftest import launch_two_processes
 from tests.dist_loss_worker import scalar_grads
 
 WORKER = Path(__file__).with_name("dist_loss_worker.py")
@@ -33,12 +30,6 @@ LOSS_CASES = [
     ("infonce_tiled_positive", "infonce_tiled", {"tile_size": 4, "same_group": "positive"}),
     ("siglip_tiled", "siglip_tiled", {"tile_size": 4}),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scenario(gen, batch, dim, k, invalid, split):
@@ -89,20 +80,7 @@ def two_process_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist_losses")
     data = fixed_batch()
     torch.save(data, tmp / "inputs.pt")
-    accelerate = Path(sys.executable).with_name("accelerate")
-    # accelerate 1.15 runs `launch --cpu --num_processes 2` as ONE process; `--multi_gpu` starts
-    # two through torchrun, and Accelerator(cpu=True) in the worker makes the group gloo.
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(WORKER), str(tmp / "inputs.pt"), str(tmp / "results.pt")]
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    for attempt in range(2):  # the free port can be taken by another process before torchrun binds it
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-        if done.returncode == 0 or "EADDRINUSE" not in done.stderr + done.stdout:
-            break
-        command[command.index("--main_process_port") + 1] = str(free_port())
+    done = launch_two_processes(str(WORKER), str(tmp / "inputs.pt"), str(tmp / "results.pt"), timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     return data, torch.load(tmp / "results.pt")
 

@@ -140,7 +140,7 @@ def train(config: Config) -> Dict[str, Any]:
             if state["step"] % config.train.log_every == 0 or state["step"] == total_steps:
                 sps = window_samples / max(time.time() - window_start, 1e-9)
                 window_samples, window_start = 0, time.time()
-                record = {k: float(v) for k, v in terms.items()}
+                record = mean_over_processes(accelerator, terms)
                 record.update(lr=scheduler.get_last_lr()[0], samples_per_s=sps, bad_samples=loader.bad.total)
                 history.append({"step": state["step"], **record})
                 accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state["step"])
@@ -192,6 +192,18 @@ def _step(accelerator, objective, optimizer, micro: List[dict], config: Config) 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {k: v.detach() for k, v in terms.items()}
+
+
+def mean_over_processes(accelerator, terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """The step's loss terms as one process on the whole global batch would report them.
+
+    Under gathering each rank's loss is its share, scaled so that the mean over ranks is the
+    global value (align/losses/pairs.py); rank 0's own number alone would be a partial loss.
+    One all-reduce of the stacked scalars; every rank must call this at the same step.
+    """
+    names = list(terms)
+    values = accelerator.reduce(torch.stack([terms[k].float() for k in names]), reduction="mean")  # (n_terms,)
+    return dict(zip(names, values.tolist()))
 
 
 def _evaluate(accelerator, model, config: Config, step: int, final: bool = False) -> Optional[Dict[str, Any]]:
