@@ -10,7 +10,7 @@ import functools
 import io
 import math
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -185,6 +185,12 @@ class AudioPreprocessor:
         state = dict(self.__dict__)
         state["_rng"] = state["_rng_pid"] = None  # each process (worker) starts its own stream
         return state
+
+    def reseed(self, seed: Union[int, Sequence[int]]) -> None:
+        """Draw the next random crops from ``seed`` in this process (the loaders call this per
+        sample, so a crop depends on the sample's key, not on the worker that made it)."""
+        self._rng = np.random.default_rng(seed)
+        self._rng_pid = os.getpid()
 
     def _generator(self) -> np.random.Generator:
         if self._rng is None or self._rng_pid != os.getpid():

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -286,12 +285,12 @@ def seeded_sample(key: Sequence[int], processor: Any) -> Iterator[None]:
     Random augmentations (crops, audio windows) then depend on ``key`` = (seed, epoch, sample)
     only, not on which worker ran them or what came before, so a resumed run redoes them
     exactly; restoring leaves the trainer's random stream alone when ``num_workers=0``.
-    torchvision transforms draw from torch's generator; ``AudioPreprocessor`` has its own numpy
-    generator (``_rng``), which is replaced. Python's and NumPy's global streams are left alone:
-    no preprocessor of ours draws from them, and seeding them costs more than the crop itself.
+    torchvision transforms draw from torch's generator; preprocessors with generators of their
+    own (``AudioPreprocessor``) are reseeded through their ``reseed(key)``. Python's and NumPy's
+    global streams are left alone: no preprocessor of ours draws from them, and seeding them
+    costs more than the crop itself.
     Only torch's CPU generator is seeded: ``torch.manual_seed`` would also queue CUDA seeding,
-    which records a stack trace per call (~2 ms a sample). Preprocessors with a ``reseed(seed)``
-    method are reseeded through it.
+    which records a stack trace per call (~2 ms a sample).
     """
     seed = _mix64(key)
     generator = torch.default_generator
@@ -299,10 +298,7 @@ def seeded_sample(key: Sequence[int], processor: Any) -> Iterator[None]:
     generator.manual_seed(seed)
     for index, pre in enumerate(getattr(processor, "preprocessors", {}).values()):
         if hasattr(pre, "reseed"):
-            pre.reseed((seed + index) & 0xFFFFFFFF)
-        elif hasattr(pre, "_rng") and hasattr(pre, "_rng_pid"):
-            pre._rng = np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32, index])
-            pre._rng_pid = os.getpid()
+            pre.reseed([seed & 0xFFFFFFFF, seed >> 32, index])
     try:
         yield
     finally:
