@@ -84,7 +84,8 @@ def expand_spec(spec: str) -> List[List[str]]:
     return sources
 
 
-def _local_path(url: str) -> Optional[str]:
+def local_path(url: str) -> Optional[str]:
+    """The file behind a shard URL (``file:`` or a plain path); None for ``pipe:`` and remote URLs."""
     if url.startswith("file:"):
         return url[len("file:"):]
     return None if ":" in url.split("/")[0] else url
@@ -95,7 +96,7 @@ def read_sizes(urls: Sequence[str]) -> Dict[str, Optional[int]]:
     cache: Dict[str, Dict[str, int]] = {}
     sizes: Dict[str, Optional[int]] = {}
     for url in urls:
-        path = _local_path(url)
+        path = local_path(url)
         if path is None:
             sizes[url] = None
             continue
@@ -121,7 +122,7 @@ class _Item:
 
 
 def _open(url: str):
-    local = _local_path(url)
+    local = local_path(url)
     if local is not None:
         return open(local, "rb")
     from webdataset.gopen import gopen  # pipe:, http(s):, s3 via commands ...

@@ -72,15 +72,20 @@ def write_results(results: Dict[str, Any], path: str) -> None:
 def evaluate_checkpoint(checkpoint: str, split: Optional[str] = None, overrides: Optional[List[str]] = None,
                         output: Optional[str] = None, device: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Load ``checkpoint`` (a folder with model.safetensors + config.yaml) and evaluate ``split``."""
-    from align.config import load_config
+    from align.config import ConfigError, load_config
     from align.loading import load_model
+    from align.preflight import check_data_spec
 
+    if not os.path.isdir(checkpoint):
+        raise ConfigError(f"--checkpoint {checkpoint}: no such folder")
     config = load_config(os.path.join(checkpoint, "config.yaml"), overrides)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(checkpoint, device=target)
+    key = "--split" if split else "eval.split" if config.eval.split else "data.val"
     split = split or config.eval.split or config.data.val
     if not split:
-        raise ValueError("no split to evaluate: pass --split or set eval.split / data.val")
+        raise ConfigError("no split to evaluate: pass --split or set eval.split / data.val")
+    check_data_spec(key, split)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(checkpoint, device=target)
     results = evaluate_model(model, config, split, target)
     write_results(results, output or os.path.join(checkpoint, "eval.json"))
     return results

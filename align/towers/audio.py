@@ -179,6 +179,12 @@ class HFAudioTower(Tower):
     modality = "audio"
     Config = HFAudioConfig
 
+    @classmethod
+    def check_sources(cls, config: HFAudioConfig, key: str) -> None:
+        from align.towers.text import check_model_path
+
+        check_model_path(config.path, config.local_files_only, f"{key}.path")
+
     def __init__(self, config: HFAudioConfig, embed_dim: int) -> None:
         super().__init__()
         self.config = config

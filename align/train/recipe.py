@@ -68,8 +68,9 @@ def train(config: Config) -> Dict[str, Any]:
     """Train as configured; returns the final evaluation (and the run's figures)."""
     from accelerate.utils import set_seed
 
-    from align.eval.runner import evaluate_model, write_results
+    from align.preflight import check_run_inputs
 
+    check_run_inputs(config)  # a wrong path or model name is refused before anything is built or written
     accelerator = make_accelerator(config)
     out_dir = config.train.output_dir
     set_seed(config.train.seed)

@@ -1,0 +1,55 @@
+"""Before a run builds or writes anything: does what its config names exist?
+
+Loading a config checks keys, types and ranges (align/config.py) and stays free of the
+filesystem, so a checkpoint's config loads on a machine without its training data. What needs
+the filesystem is checked here, when ``align train`` or ``align eval`` starts: manifests, local
+shards, the media root, model folders, open_clip model names and pretrained weights. A typo is
+refused in a second with the key that holds it, instead of surfacing as a traceback from a model
+factory or a dataloader worker after the model was built and the run folder written.
+"""
+from __future__ import annotations
+
+import os
+
+from align.config import Config, ConfigError
+
+
+def check_data_spec(key: str, spec: str) -> None:
+    """A manifest must exist; every local shard a spec expands to must exist (``pipe:`` and
+    remote URLs are left to the reader, which counts what it cannot read)."""
+    from align.data.manifest import is_manifest
+    from align.data.shards import expand_spec, local_path
+
+    if is_manifest(spec):
+        if not os.path.isfile(spec):
+            raise ConfigError(f"{key}: manifest {spec} does not exist")
+        return
+    try:
+        sources = expand_spec(spec)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}") from None
+    local = [path for urls in sources for path in map(local_path, urls) if path is not None]
+    missing = [path for path in local if not os.path.isfile(path)]
+    if missing:
+        raise ConfigError(f"{key}: {len(missing)} of the {len(local)} local shards in {spec!r} do not exist, "
+                          f"e.g. {missing[0]}")
+
+
+def check_towers(config: Config) -> None:
+    from align.registry import TOWERS
+
+    for modality, tower in config.model.towers.items():
+        TOWERS.get(tower.type).check_sources(tower.params, f"model.towers.{modality}")
+
+
+def check_run_inputs(config: Config) -> None:
+    """Everything a training run reads: its data, its media root and its towers' sources."""
+    if not config.data.train:
+        raise ConfigError("data.train is required: a manifest (.csv/.jsonl/.parquet) or a shard spec")
+    for key, spec in (("data.train", config.data.train), ("data.val", config.data.val),
+                      ("eval.split", config.eval.split)):
+        if spec:
+            check_data_spec(key, spec)
+    if config.data.root and not os.path.isdir(config.data.root):
+        raise ConfigError(f"data.root: no such folder {config.data.root}")
+    check_towers(config)
