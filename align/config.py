@@ -19,9 +19,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the dotted key."""
+from align.errors import MODALITIES, ConfigError, atomic_open
 
 
 # ---------------------------------------------------------------- schema
@@ -325,8 +323,6 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
 
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express."""
-    from align.data.sample import MODALITIES
-
     if not config.model.towers:
         raise ConfigError("model.towers: at least one tower is required")
     for modality, tower in config.model.towers.items():
@@ -383,8 +379,5 @@ def to_dict(config: Any) -> Dict[str, Any]:
 
 
 def save_config(config: Config, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_open(path) as handle:
         yaml.safe_dump(to_dict(config), handle, sort_keys=False)
-    os.replace(tmp, path)

@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from align.config import ConfigError, LossConfig
+from align.config import LossConfig
+from align.errors import ConfigError
 from align.data.sample import MODALITIES, scatter_rows
 from align.model import AlignModel
 import align.losses  # noqa: F401  (registers the built-in losses)

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-MODALITIES = ("text", "image", "audio")
+from align.errors import MODALITIES  # noqa: F401  (re-exported)
 NO_GROUP = -1
 
 

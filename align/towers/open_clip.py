@@ -51,7 +51,7 @@ def check_open_clip_sources(config: OpenClipConfig, key: str) -> None:
     of open_clip's tags for that model (compared as open_clip does: case and -/_ ignored)."""
     import open_clip
 
-    from align.config import ConfigError
+    from align.errors import ConfigError
 
     try:
         name = resolve_model_name(config.model)

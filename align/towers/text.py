@@ -35,7 +35,7 @@ def resolve_path(path: str) -> str:
 def check_model_path(path: str, local_files_only: bool, key: str) -> None:
     """``path`` is a folder or file (``pkg://`` resolved), or, when downloads are off, a hub name
     already in the local Hugging Face cache; else ``ConfigError`` naming ``key``."""
-    from align.config import ConfigError
+    from align.errors import ConfigError
 
     if not path:
         raise ConfigError(f"{key} is required: a model folder, a config.json or pkg://package/folder")

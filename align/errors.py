@@ -1,0 +1,59 @@
+"""The leaf every other module may import: error types, modality names, atomic file writes.
+
+It imports nothing of ours, so config, towers, data, losses and train can all share these
+names without tying each other into an import circle.
+
+Two kinds of error end a command with a message and a non-zero exit instead of a traceback
+(``align/cli.py``):
+
+* ``ConfigError``: a config value or a path it names cannot be used (exit 2, before any work);
+* ``RunError``: an expected failure during a run: too many bad samples, a media root gone
+  mid-run, a disk full while writing a checkpoint, an unsafe checkpoint file (exit 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator, TextIO
+
+MODALITIES = ("text", "image", "audio")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the dotted key (or the file)."""
+
+
+class RunError(RuntimeError):
+    """An expected failure during a run; the message names the file, row or key and what to do."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", encoding: str = "utf-8", newline: Any = None) -> Iterator[TextIO]:
+    """Write ``path`` through a temporary file in the same folder, renamed over it when the
+    ``with`` block ends without error: readers see the old file or the whole new one, never half.
+    A failed write (a full disk) leaves the old file as it was and removes the temporary one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(handle)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result gets the usual mode
+    try:
+        kwargs = {} if "b" in mode else {"encoding": encoding, "newline": newline}
+        with open(tmp, mode, **kwargs) as stream:
+            yield stream
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(data: Any, path: str) -> None:
+    """``data`` as indented JSON at ``path``, written atomically (see ``atomic_open``)."""
+    with atomic_open(path) as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
