@@ -235,7 +235,6 @@ def _to_dataclass(cls: Any, data: Any, prefix: str) -> Any:
 
 def _tower_config(data: Dict[str, Any], key: str) -> TowerConfig:
     from align.registry import TOWERS
-    import align.towers  # noqa: F401  (registers the built-in towers)
 
     if "type" not in data:
         raise ConfigError(f"{key}.type is required; registered towers: {', '.join(TOWERS.names())}")
@@ -337,7 +336,6 @@ def validate(config: Config) -> None:
     if not 0 < config.model.init_temperature < 1:
         raise ConfigError("model.init_temperature must lie in (0, 1)")
     from align.registry import LOSSES
-    import align.losses  # noqa: F401  (registers the built-in losses)
 
     for key, name in [("loss.name", config.loss.name)] + [
         (f"loss.pairs.{p}.name", c.name) for p, c in config.loss.pairs.items() if c.name

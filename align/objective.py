@@ -26,7 +26,6 @@ from align.config import LossConfig
 from align.errors import ConfigError
 from align.data.sample import MODALITIES, scatter_rows
 from align.model import AlignModel
-import align.losses  # noqa: F401  (registers the built-in losses)
 from align.registry import LOSSES
 
 Pair = Tuple[str, str]

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-import align.losses  # noqa: F401  (registers the losses)
+
 from align.registry import LOSSES
 
 

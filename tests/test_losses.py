@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-import align.losses  # noqa: F401  (registers the losses)
+
 from align.losses import HardNegativeInfoNCE, InfoNCE, InfoNCETiled, SigLIP, SigLIPTiled
 from align.losses.tiled import tiled_logsumexp
 from align.registry import LOSSES

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import align.losses  # noqa: F401
+
 from align.registry import LOSSES
 from tests.conftest import launch_two_processes
 from tests.dist_loss_worker import scalar_grads

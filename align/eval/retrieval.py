@@ -13,8 +13,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from align.registry import EVALUATORS
-
 NO_KEY = -1
 
 
@@ -74,7 +72,6 @@ def retrieval_metrics(queries: torch.Tensor, candidates: torch.Tensor, is_positi
     return metrics
 
 
-@EVALUATORS.register("retrieval")
 @dataclass
 class RetrievalEvaluator:
     """Zero-shot retrieval for every ordered pair of modalities present in an embedded split.

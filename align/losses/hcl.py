@@ -33,14 +33,12 @@ from torch import Tensor
 
 from align.losses.infonce import InfoNCE
 from align.losses.pairs import MASKED_LOGIT, PairedBatch, negative_logits
-from align.registry import LOSSES
 
 
 def _masked_logsumexp(values: Tensor, mask: Tensor) -> Tensor:
     return torch.logsumexp(values.masked_fill(~mask, MASKED_LOGIT), dim=1)
 
 
-@LOSSES.register("hcl")
 class HardNegativeInfoNCE(InfoNCE):
     """InfoNCE with hard-negative importance weighting and positive-unlabelled debiasing."""
 

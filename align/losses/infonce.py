@@ -39,7 +39,6 @@ import torch
 from torch import Tensor, nn
 
 from align.losses.pairs import PairedBatch, check_same_group, negative_logits, pair_up
-from align.registry import LOSSES
 
 
 def directional_row_losses(
@@ -62,7 +61,6 @@ def directional_row_losses(
     return torch.logsumexp(logits, dim=1) - positive_mean
 
 
-@LOSSES.register("infonce")
 class InfoNCE(nn.Module):
     """Symmetric InfoNCE / CLIP loss with groups, valid masks and explicit negatives."""
 

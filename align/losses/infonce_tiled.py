@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from align.losses.pairs import check_same_group, negative_logits, pair_up
 from align.losses.tiled import DEFAULT_TILE, tiled_logsumexp
-from align.registry import LOSSES
 
 
 def positive_targets(cols: Tensor, row_index: Tensor, col_groups: Optional[Tensor]) -> Tensor:
@@ -49,7 +48,6 @@ def positive_targets(cols: Tensor, row_index: Tensor, col_groups: Optional[Tenso
     return torch.where(col_groups[row_index, None] >= 0, means, cols[row_index].float())
 
 
-@LOSSES.register("infonce_tiled")
 class InfoNCETiled(nn.Module):
     """Exact symmetric InfoNCE with O(tile^2) logit memory."""
 

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from align.losses.pairs import PairedBatch, check_same_group, pair_up
-from align.registry import LOSSES
 
 
 def explicit_negatives_term(pairs: PairedBatch, logit_scale: Tensor, bias: Tensor) -> Tensor:
@@ -44,7 +43,6 @@ def explicit_negatives_term(pairs: PairedBatch, logit_scale: Tensor, bias: Tenso
     return (-F.logsigmoid(-neg_logits) * pairs.negatives_mask).sum()
 
 
-@LOSSES.register("siglip")
 class SigLIP(nn.Module):
     """Sigmoid loss with a learnable bias (owned here as ``logit_bias``)."""
 

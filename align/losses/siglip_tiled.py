@@ -23,10 +23,8 @@ from torch import Tensor, nn
 from align.losses.pairs import check_same_group, pair_up
 from align.losses.siglip import explicit_negatives_term
 from align.losses.tiled import DEFAULT_TILE, tiled_sigmoid_pairs
-from align.registry import LOSSES
 
 
-@LOSSES.register("siglip_tiled")
 class SigLIPTiled(nn.Module):
     """Exact SigLIP with O(tile^2) logit memory and a learnable bias."""
 

@@ -40,10 +40,8 @@ from torch import Tensor, nn
 
 from align.losses.infonce import InfoNCE
 from align.losses.pairs import MASKED_LOGIT, PairedBatch, check_same_group, pair_up
-from align.registry import LOSSES
 
 
-@LOSSES.register("vsepp")
 class MaxViolation(nn.Module):
     """Hinge on the hardest negative per query (VSE++), both directions; optional InfoNCE term."""
 

@@ -1,3 +1,2 @@
-"""Modality towers; importing this package registers the built-in ones."""
-from align.towers import audio, open_clip, text  # noqa: F401
+"""Modality towers behind one interface (base.py); the built-ins are listed in align/registry.py."""
 from align.towers.base import Tower, freeze_tower, projection_head  # noqa: F401

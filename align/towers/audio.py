@@ -17,7 +17,6 @@ from einops import rearrange
 from torch import nn
 
 from align.data.audio_io import AudioPreprocessor
-from align.registry import TOWERS
 from align.towers.base import Tower, projection_head
 from align.towers.log_mel import LogMel, normalize_log_mel
 
@@ -51,7 +50,6 @@ class AudioTransformerConfig:
     seed: Optional[int] = None  # reproducible random crops
 
 
-@TOWERS.register("audio_transformer")
 class AudioTransformerTower(Tower):
     """Log-mel -> time patches -> pre-norm transformer encoder -> mean or CLS pooling.
 
@@ -164,7 +162,6 @@ def load_hf_audio_model(path: str, local_files_only: bool = True) -> nn.Module:
     return AutoModel.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=False)
 
 
-@TOWERS.register("hf_audio")
 class HFAudioTower(Tower):
     """A transformers audio encoder (AST, wav2vec2, HuBERT, WavLM ...) pooled + projected.
 

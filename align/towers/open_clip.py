@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from align.registry import TOWERS
 from align.towers.base import TokenCache, Tower, projection_head, used_length
 
 
@@ -186,7 +185,6 @@ def _params(config: OpenClipConfig) -> tuple:
     return config.model, config.pretrained, config.image_size, config.context_length, config.cache_dir
 
 
-@TOWERS.register("open_clip_image")
 class OpenClipImageTower(Tower):
     """open_clip's vision trunk (ViT, ResNet or timm) + projection to the shared space."""
 
@@ -248,7 +246,6 @@ class OpenClipImageTower(Tower):
         return tail
 
 
-@TOWERS.register("open_clip_text")
 class OpenClipTextTower(Tower):
     """open_clip's text transformer (or its HF text encoder) + projection to the shared space."""
 

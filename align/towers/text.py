@@ -14,7 +14,6 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from align.registry import TOWERS
 from align.towers.base import TokenCache, Tower, projection_head, used_length
 
 
@@ -81,7 +80,6 @@ class HFTokenize:
         return self.cache(text)
 
 
-@TOWERS.register("hf_text")
 class HFTextTower(Tower):
     """A transformers encoder (BERT, MiniLM, XLM-R ...) pooled to one vector + projection."""
 
