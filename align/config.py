@@ -68,14 +68,22 @@ class LossConfig:
 
 @dataclass
 class ColumnsConfig:
+    """Which manifest column holds which field (align/data/manifest.py reads with it).
+
+    ``id`` is required. ``text`` lists columns joined into one text with ``text_separator``
+    (empty cells left out). ``null`` switches a field off. ``group``, ``category`` and
+    ``negatives`` may be absent from a file; a modality column (text/image/audio) absent from
+    the file turns that modality off with a warning, and a file with none of them is an error.
+    """
+
     id: str = "id"
     text: List[str] = field(default_factory=lambda: ["title", "description"])
     text_separator: str = ". "
-    image: str = "image"
-    audio: str = "audio"
-    group: str = "group"
-    category: str = "category"
-    negatives: str = "negatives"
+    image: Optional[str] = "image"
+    audio: Optional[str] = "audio"
+    group: Optional[str] = "group"
+    category: Optional[str] = "category"
+    negatives: Optional[str] = "negatives"
 
 
 @dataclass
@@ -350,6 +358,7 @@ def validate(config: Config) -> None:
     for key in ("batch_size", "num_workers", "max_negatives", "epoch_samples"):
         if getattr(config.data, key) < 0 or (key == "batch_size" and config.data.batch_size == 0):
             raise ConfigError(f"data.{key} must be {'positive' if key == 'batch_size' else '>= 0'}")
+    _check_columns(config.data.columns)
     if not 0 <= config.data.max_bad_fraction <= 1:
         raise ConfigError("data.max_bad_fraction must lie in [0, 1]")
     if config.optim.lr <= 0:
@@ -360,6 +369,17 @@ def validate(config: Config) -> None:
         raise ConfigError("train.epochs or train.max_steps must be positive")
     if any(k < 1 for k in config.eval.ks):
         raise ConfigError("eval.ks must be positive integers")
+
+
+def _check_columns(columns: ColumnsConfig) -> None:
+    if not columns.id:
+        raise ConfigError("data.columns.id: the id column is required and cannot be empty")
+    for name in ("image", "audio", "group", "category", "negatives"):
+        if getattr(columns, name) == "":
+            raise ConfigError(f"data.columns.{name}: '' names no column; write null to switch it off")
+    if any(not column for column in columns.text):
+        raise ConfigError(f"data.columns.text: {columns.text} holds an empty name; list the text columns, "
+                          "or write [] to switch text off")
 
 
 def to_dict(config: Any) -> Dict[str, Any]:

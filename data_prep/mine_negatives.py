@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from align.loading import load_model
     from align.data.manifest import read_manifest
     from align.data.transforms import SampleProcessor
-    from align.train.recipe import build_train_loader
+    from align.data.loader import loader_from_config
 
     args = _parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -85,13 +85,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = load_model(args.checkpoint, device=device)
     if "text" not in model.modalities or args.anchor not in model.modalities:
         raise SystemExit(f"the checkpoint needs text and {args.anchor} towers; it has {model.modalities}")
-    loader = build_train_loader(config, SampleProcessor(model.preprocessors(train=False)), 0, 1, train=False,
+    loader = loader_from_config(config, SampleProcessor(model.preprocessors(train=False)), train=False,
                                 spec=args.manifest)
     embedded = embed_split(model, loader, device)
     ids = embedded["ids"]
     texts = embedded["texts"]
     keys = [" ".join(t.lower().split()) if t else None for t in texts]
-    rows = read_manifest(args.manifest, _columns(config))
+    rows = read_manifest(args.manifest, config.data.columns)
     by_id: Dict[str, dict] = {str(r["id"]): r for r in rows}
     groups = [by_id.get(i, {}).get("group") or None for i in ids]
     kept = mine(embedded["embeddings"][args.anchor].numpy(), embedded["embeddings"]["text"].numpy(),
@@ -103,14 +103,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     total = sum(len(v) for v in negatives.values())
     print(f"mined {total} negatives for {sum(1 for v in negatives.values() if v)} of {len(ids)} items -> {written}")
     return 0
-
-
-def _columns(config):
-    from align.data.manifest import ColumnMap
-
-    c = config.data.columns
-    return ColumnMap(id=c.id, text=tuple(c.text), text_separator=c.text_separator, image=c.image, audio=c.audio,
-                     group=c.group, category=c.category, negatives=c.negatives)
 
 
 def _write(source: str, out: str, negatives: Dict[str, List[int]], ids: List[str], texts: List[Optional[str]],

@@ -203,13 +203,13 @@ def write_shards(manifest: str, out: str, *, columns: Any = None, root: Optional
     ``max_shards`` stops after writing that many new shards (to test resuming); stats and
     sizes are then written only for a complete job.
     """
-    from align.data.manifest import ColumnMap, read_manifest
+    from align.data.manifest import read_manifest
 
     if samples_per_shard < 1:
         raise ValueError(f"--samples-per-shard must be positive, got {samples_per_shard}")
     started = time.time()
     options = EncodeOptions(image_max_side, image_format, quality, sample_rate, clip_seconds)
-    rows = read_manifest(manifest, columns or ColumnMap())
+    rows = read_manifest(manifest, columns)
     root = root if root is not None else os.path.dirname(os.path.abspath(manifest))
     os.makedirs(os.path.join(out, RECORDS), exist_ok=True)
     fingerprint = _fingerprint(manifest, rows, options, samples_per_shard, seed, root)
@@ -298,10 +298,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from align.data.manifest import ColumnMap
+    from align.config import ColumnsConfig
 
     args = _parser().parse_args(argv)
-    columns = ColumnMap(id=args.col_id, text=tuple(c for c in args.col_text.split(",") if c), image=args.col_image,
+    columns = ColumnsConfig(id=args.col_id, text=list(c for c in args.col_text.split(",") if c), image=args.col_image,
                         audio=args.col_audio, group=args.col_group, category=args.col_category,
                         negatives=args.col_negatives)
     stats = write_shards(args.manifest, args.out, columns=columns, root=args.root,

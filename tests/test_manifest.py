@@ -19,7 +19,8 @@ from PIL import Image
 from align.data.audio_io import AudioPreprocessor
 from align.data.bad_samples import TooManyBadSamples
 from align.data.loader import build_loader
-from align.data.manifest import ColumnMap, ManifestDataset, read_manifest
+from align.config import ColumnsConfig
+from align.data.manifest import ManifestDataset, read_manifest
 from align.data.transforms import SampleProcessor
 
 
@@ -151,7 +152,7 @@ def test_read_jsonl_and_parquet_agree_with_csv(tmp_path):
 
 def test_custom_columns_and_missing_negatives_column(tmp_path):
     path = write_csv(tmp_path / "m.csv", [{"sku": "1", "name": "Lamp", "picture": "1.jpg"}])
-    rows = read_manifest(path, ColumnMap(id="sku", text=("name",), image="picture"))
+    rows = read_manifest(path, ColumnsConfig(id="sku", text=["name"], image="picture"))
     assert rows[0]["id"] == "1" and rows[0]["text"] == "Lamp" and rows[0]["image"] == "1.jpg"
     assert rows[0]["negatives"] == [] and rows[0]["category"] is None
 

@@ -121,7 +121,7 @@ def test_cached_step_equals_full_batch_gradient_with_dropout():
 
 
 def test_empty_batch_and_missing_modality_still_give_a_differentiable_loss():
-    from align.data.loader import empty_batch
+    from align.data.sample import empty_batch
 
     model = tiny_model()
     objective = ContrastiveObjective(model, build_pair_losses(model.modalities, LossConfig()))

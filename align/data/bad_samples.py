@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
+
+from align.errors import RunError
 
 logger = logging.getLogger("align.data")
 
@@ -39,7 +41,7 @@ class Skipped:
                    str(getattr(error, "detail", "") or error)[:300])
 
 
-class TooManyBadSamples(RuntimeError):
+class TooManyBadSamples(RunError):
     """More than ``max_bad_fraction`` of the samples seen so far could not be used."""
 
 
@@ -106,10 +108,6 @@ class BadSampleTally:
                 f"Top reasons: {top}. Examples: {examples}. Fix or remove these files, or raise "
                 f"data.max_bad_fraction if this is expected.")
 
-    def as_dict(self) -> Dict[str, object]:
-        return {"total": self.total, "seen": self.seen, "counts": dict(self.counts),
-                "examples": [asdict(e) for e in self.examples]}
-
     def __repr__(self) -> str:
         return f"BadSampleTally(total={self.total}, seen={self.seen}, counts={dict(self.counts)})"
 
@@ -120,10 +118,3 @@ def split_bad(items: List[object]) -> "tuple[list, list]":
     for item in items:
         (bad if isinstance(item, Skipped) else good).append(item)
     return good, bad
-
-
-def merge_counts(*tallies: Optional[Dict[str, int]]) -> Dict[str, int]:
-    total: Counter = Counter()
-    for t in tallies:
-        total.update(t or {})
-    return dict(total)

@@ -20,52 +20,46 @@ rows of that order and rank ``r`` takes its ``r``-th slice. With ``drop_last`` t
 does not fill a global step is left out for that epoch (a different tail each epoch); without
 it the last step is split evenly across ranks (smaller batches). Resuming skips whole steps in
 the index order without decoding anything. Workers decode and process; a bad sample is dropped
-inside ``collate`` and its record travels in ``batch["bad"]``, which the loader removes and adds
-to ``loader.bad``. A batch whose every sample is bad is still yielded, as an *empty batch*
-(``ids == []``, zero-row masks, no inputs; see ``empty_batch``), so that every rank makes the
-same number of steps and no collective op hangs; the training step should skip its loss but
-still take part in the gathers. Batches can therefore be smaller than ``batch_size`` and differ
+inside ``collate_with_report`` and its record travels in ``batch["bad"]``, which the loader
+removes and adds to ``loader.bad``. A batch whose every sample is bad is still yielded, as an
+*empty batch* (``ids == []``, zero-row masks, no inputs; see ``align.data.sample.empty_batch``),
+so that every rank makes the same number of steps and no collective op hangs; the training
+step still takes part in the gathers. Batches can therefore be smaller than ``batch_size`` and differ
 in size across ranks at the same step: gathers must allow unequal sizes.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from align.data.bad_samples import BadSampleTally, Skipped, split_bad
-from align.data.manifest import ColumnMap, ManifestDataset, is_manifest
-from align.data.sample import MODALITIES, collate
+from align.config import ColumnsConfig
+from align.data.bad_samples import BadSampleTally
+from align.data.manifest import ManifestDataset, is_manifest
+from align.data.sample import collate_with_report
+
+if TYPE_CHECKING:
+    from align.config import Config
 
 
-class SkippingCollate:
-    """Picklable collate: drop ``Skipped`` markers, collate the rest, carry the skip records.
+class Loader(Protocol):
+    """What training and evaluation use of a loader; ``ManifestLoader`` and
+    ``align.data.shards.ShardLoader`` both provide it (see the module docstring)."""
 
-    Returns the usual batch plus ``batch["bad"] = {"seen": n, "skipped": [Skipped, ...]}``; when
-    every sample was bad the batch is only ``{"bad": ...}``.
-    """
+    bad: BadSampleTally
 
-    def __call__(self, items: List[Any]) -> Dict[str, Any]:
-        good, bad = split_bad(items)
-        batch = collate(good) if good else {}
-        batch["bad"] = {"seen": len(items), "skipped": bad}
-        return batch
+    def __len__(self) -> int: ...
 
-
-def empty_batch() -> Dict[str, Any]:
-    """A batch with no rows (every sample of it was bad), shaped like ``collate``'s output."""
-    return {"ids": [], "groups": torch.zeros(0, dtype=torch.long), "inputs": {},
-            "masks": {m: torch.zeros(0, dtype=torch.bool) for m in MODALITIES}}
+    def iterate(self, epoch: int, skip_batches: int = 0) -> Iterator[Dict[str, Any]]: ...
 
 
 def take_bad_report(batch: Dict[str, Any], tally: BadSampleTally) -> Dict[str, Any]:
-    """Move ``batch["bad"]`` into ``tally``; return the batch (an empty one if all were bad)."""
-    report = batch.pop("bad", None)
-    if report is not None:
-        tally.update(report["seen"], report["skipped"])
-    return batch if "ids" in batch else empty_batch()
+    """Move ``batch["bad"]`` (see ``collate_with_report``) into ``tally``; return the batch."""
+    report = batch.pop("bad")
+    tally.update(report["seen"], report["skipped"])
+    return batch
 
 
 def step_slices(order: np.ndarray, batch_size: int, rank: int, world_size: int, drop_last: bool) -> List[np.ndarray]:
@@ -111,7 +105,6 @@ class ManifestLoader:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
         self.drop_last, self.pin_memory = drop_last, pin_memory
-        self.epoch = 0
         self.bad = BadSampleTally(max_bad_fraction, source=dataset.path)
 
     def order(self, epoch: int) -> np.ndarray:
@@ -135,7 +128,7 @@ class ManifestLoader:
             return
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_IndexBatches(batches, epoch), num_workers=self.num_workers,
-            collate_fn=SkippingCollate(), persistent_workers=False,
+            collate_fn=collate_with_report, persistent_workers=False,
             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
             # its own generator: otherwise DataLoader draws a base seed from the global one,
             # shifting the trainer's random stream (dropout, ...) on every epoch
@@ -143,19 +136,12 @@ class ManifestLoader:
         for batch in loader:
             yield take_bad_report(batch, self.bad)
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch ``iter(loader)`` runs next (orders and augmentations follow seed + epoch)."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
-        return self.iterate(self.epoch)
-
 
 def build_loader(spec: str, processor: Any, *, batch_size: int, num_workers: int, train: bool, seed: int,
-                 rank: int = 0, world_size: int = 1, columns: ColumnMap = ColumnMap(), root: Optional[str] = None,
+                 rank: int = 0, world_size: int = 1, columns: Optional[ColumnsConfig] = None, root: Optional[str] = None,
                  shuffle_buffer: int = 1000, resampled: bool = False, epoch_samples: Optional[int] = None,
                  weights: Optional[Sequence[float]] = None, max_bad_fraction: float = 0.05,
-                 drop_last: bool = True, pin_memory: bool = False):
+                 drop_last: bool = True, pin_memory: bool = False) -> Loader:
     """A manifest or shard loader for one rank (see the module docstring).
 
     Args:
@@ -176,7 +162,7 @@ def build_loader(spec: str, processor: Any, *, batch_size: int, num_workers: int
     if is_manifest(spec):
         if resampled:
             raise ValueError(f"data.resampled is for shard specs, not for the manifest {spec}")
-        dataset = ManifestDataset(spec, processor, columns, root, seed=seed)
+        dataset = ManifestDataset(spec, processor, columns or ColumnsConfig(), root, seed=seed)
         return ManifestLoader(dataset, batch_size=batch_size, num_workers=num_workers, train=train, seed=seed,
                               rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction,
                               drop_last=drop_last, pin_memory=pin_memory)
@@ -186,3 +172,17 @@ def build_loader(spec: str, processor: Any, *, batch_size: int, num_workers: int
                        rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer, resampled=resampled,
                        epoch_samples=epoch_samples, weights=weights, max_bad_fraction=max_bad_fraction,
                        drop_last=drop_last, pin_memory=pin_memory)
+
+
+def loader_from_config(config: "Config", processor: Any, *, rank: int = 0, world_size: int = 1, train: bool = True,
+                       spec: Optional[str] = None, pin_memory: bool = False) -> Loader:
+    """``build_loader`` with the ``data`` section of a run config: the training split (``train``)
+    or, with ``train=False``, an evaluation pass over ``spec`` in file order at ``eval.batch_size``."""
+    data = config.data
+    return build_loader(
+        spec or data.train, processor, batch_size=data.batch_size if train else config.eval.batch_size,
+        num_workers=data.num_workers, train=train, seed=config.train.seed, rank=rank, world_size=world_size,
+        columns=data.columns, root=data.root, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled and train,
+        epoch_samples=data.epoch_samples or None, weights=data.weights or None,
+        max_bad_fraction=data.max_bad_fraction, drop_last=train, pin_memory=pin_memory,
+    )

@@ -1,6 +1,6 @@
 """Catalogue manifests (CSV, JSONL, Parquet) read into raw samples.
 
-A manifest has one row per item; ``ColumnMap`` says which columns hold what::
+A manifest has one row per item; ``ColumnsConfig`` (``data.columns``) says which columns hold what::
 
     id,title,description,image,audio,group
     sku-1,Red shoe,Leather upper,img/1.jpg,,shoes
@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch.utils.data import Dataset
 
+from align.config import ColumnsConfig
 from align.data.bad_samples import Skipped
 from align.data.sample import BadSample
 
@@ -34,26 +35,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 TEXT_SEPARATOR = ". "
-
-
-@dataclass(frozen=True)
-class ColumnMap:
-    """Which manifest column holds which field. ``None`` turns a field off.
-
-    ``id`` is required. ``text`` lists columns joined into one text (empty ones left out).
-    ``group``, ``category`` and ``negatives`` may be absent from the file. A modality column
-    (text/image/audio) absent from the file turns that modality off with a warning; a file
-    with none of them is an error.
-    """
-
-    id: str = "id"
-    text: Tuple[str, ...] = ("title", "description")
-    image: Optional[str] = "image"
-    audio: Optional[str] = "audio"
-    group: Optional[str] = "group"
-    category: Optional[str] = "category"
-    negatives: Optional[str] = "negatives"
-    text_separator: str = TEXT_SEPARATOR
 
 
 def is_manifest(spec: Union[str, os.PathLike]) -> bool:
@@ -143,7 +124,7 @@ def _read_rows(path: Path) -> Tuple[List[str], List[Tuple[int, Dict[str, Any]]]]
     raise ValueError(f"{path}: unknown manifest format {suffix!r}; use one of {MANIFEST_SUFFIXES}")
 
 
-def read_manifest(path: Union[str, os.PathLike], columns: ColumnMap = ColumnMap()) -> List[Dict[str, Any]]:
+def read_manifest(path: Union[str, os.PathLike], columns: Optional[ColumnsConfig] = None) -> List[Dict[str, Any]]:
     """Read a manifest into row dicts.
 
     Each row: ``{"id": str, "text": str | None, "image": str | None (path as written),
@@ -157,6 +138,7 @@ def read_manifest(path: Union[str, os.PathLike], columns: ColumnMap = ColumnMap(
         no id or its id repeats an earlier row's.
     """
     path = Path(path)
+    columns = columns or ColumnsConfig()
     if not path.exists():
         raise FileNotFoundError(f"manifest {path} does not exist")
     header, rows = _read_rows(path)
@@ -165,7 +147,7 @@ def read_manifest(path: Union[str, os.PathLike], columns: ColumnMap = ColumnMap(
     if columns.id not in present:
         raise ValueError(
             f"{path}: required id column {columns.id!r} is missing; columns are {header}. "
-            f"Rename it or pass ColumnMap(id=...) / --col-id."
+            f"Rename it or set data.columns.id (align prep shards: --col-id)."
         )
     text_cols = [c for c in columns.text if c in present]
     image_col = columns.image if columns.image in present else None
@@ -175,7 +157,7 @@ def read_manifest(path: Union[str, os.PathLike], columns: ColumnMap = ColumnMap(
     if not text_cols and image_col is None and audio_col is None:
         raise ValueError(
             f"{path}: none of the modality columns {list(columns.text) + [columns.image, columns.audio]} "
-            f"is present; columns are {header}. Pass a ColumnMap naming your columns."
+            f"is present; columns are {header}. Set data.columns to name your columns."
         )
     if missing:
         log.warning("%s: columns %s are absent; those fields are treated as missing", path, missing)
@@ -316,20 +298,20 @@ class ManifestDataset(Dataset):
     Args:
         path: .csv, .jsonl or .parquet manifest.
         processor: raw sample -> processed sample (``SampleProcessor``); ``None`` returns raw.
-        columns: column names (``ColumnMap``).
+        columns: column names (``ColumnsConfig``).
         root: folder media paths are relative to; defaults to the manifest's folder.
         seed: base seed of the augmentations.
     """
 
     def __init__(self, path: Union[str, os.PathLike], processor: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]],
-                 columns: ColumnMap = ColumnMap(), root: Optional[Union[str, os.PathLike]] = None,
+                 columns: Optional[ColumnsConfig] = None, root: Optional[Union[str, os.PathLike]] = None,
                  seed: int = 0) -> None:
         self.path = str(path)
         self.processor = processor
-        self.columns = columns
+        self.columns = columns or ColumnsConfig()
         self.root = str(root) if root is not None else os.path.dirname(os.path.abspath(self.path))
         self.seed = seed
-        self.rows = read_manifest(self.path, columns)
+        self.rows = read_manifest(self.path, self.columns)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -79,6 +79,25 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     return batch
 
 
+def empty_batch() -> Dict[str, Any]:
+    """A batch with no rows, shaped like ``collate``'s output. Loaders yield it when every sample
+    of a batch was bad, so that all ranks make the same number of steps (no collective hangs)."""
+    return {"ids": [], "texts": [], "groups": torch.zeros(0, dtype=torch.long), "inputs": {},
+            "masks": {m: torch.zeros(0, dtype=torch.bool) for m in MODALITIES}}
+
+
+def collate_with_report(processed: List[Any]) -> Dict[str, Any]:
+    """Collate the good samples and carry the skip records: ``batch["bad"] = {"seen", "skipped"}``
+    travels from a dataloader worker to the main process, where the loader adds it to its
+    ``BadSampleTally``. A batch of bad samples only is an ``empty_batch``."""
+    from align.data.bad_samples import split_bad
+
+    good, bad = split_bad(processed)
+    batch = collate(good) if good else empty_batch()
+    batch["bad"] = {"seen": len(processed), "skipped": bad}
+    return batch
+
+
 def scatter_rows(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(n_m, D) embeddings of present rows -> (B, D) with zeros where the modality is missing."""
     full = embeddings.new_zeros(mask.shape[0], embeddings.shape[-1])  # (B, D)

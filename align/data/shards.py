@@ -62,7 +62,7 @@ import torch
 
 from align.data.bad_samples import BadSampleTally, Skipped
 from align.data.manifest import seeded_sample
-from align.data.sample import MODALITIES, BadSample, collate
+from align.data.sample import MODALITIES, BadSample, collate_with_report
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg")
@@ -310,21 +310,6 @@ def process_item(item: Any, processor: Any, seed: int) -> Any:
         return Skipped(item.key, "processing_error", f"{item.url}:{item.key}", repr(error)[:200])
 
 
-def collate_with_report(processed: List[Any]) -> Dict[str, Any]:
-    """Collate the good samples; ``batch["bad"] = {"seen", "skipped"}`` travels to the main process."""
-    good = [p for p in processed if not isinstance(p, Skipped)]
-    bad = [p for p in processed if isinstance(p, Skipped)]
-    batch = collate(good) if good else empty_batch()
-    batch["bad"] = {"seen": len(processed), "skipped": bad}
-    return batch
-
-
-def empty_batch() -> Dict[str, Any]:
-    """A batch with no rows (every sample bad): yielded so that all ranks step together."""
-    return {"ids": [], "texts": [], "groups": torch.zeros(0, dtype=torch.long), "inputs": {},
-            "masks": {m: torch.zeros(0, dtype=torch.bool) for m in MODALITIES}}
-
-
 # ---------------------------------------------------------------- the plan
 @dataclass(frozen=True)
 class RolePlan:
@@ -467,7 +452,6 @@ class ShardLoader:
         self.urls = [url for source in self.sources for url in source]
         self.sizes = read_sizes(self.urls)
         self.bad = BadSampleTally(max_bad_fraction, source=spec)
-        self.epoch = 0
         if weights:
             if len(weights) != len(self.sources) or min(weights) < 0 or sum(weights) <= 0:
                 raise ValueError(f"data.weights {list(weights)} must be one non-negative weight per '::' source "
@@ -518,10 +502,3 @@ class ShardLoader:
             report = batch.pop("bad")
             self.bad.update(report["seen"], report["skipped"])
             yield batch
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch ``iter(loader)`` runs next."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
-        return self.iterate(self.epoch)

@@ -1,15 +1,16 @@
 """Embed a held-out split with a model and run retrieval evaluation; ``align eval`` lives here."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from align.config import Config
+from align.data.loader import loader_from_config
 from align.data.sample import scatter_rows
 from align.data.transforms import SampleProcessor
+from align.errors import write_json_atomic
 from align.eval.retrieval import RetrievalEvaluator, format_table
 
 
@@ -46,10 +47,8 @@ def embed_split(model, loader, device: torch.device) -> Dict[str, Any]:
 
 
 def evaluate_model(model, config: Config, split: str, device: torch.device) -> Dict[str, Dict[str, float]]:
-    from align.train.recipe import build_train_loader
-
     processor = SampleProcessor(model.preprocessors(train=False))
-    loader = build_train_loader(config, processor, rank=0, world_size=1, train=False, spec=split,
+    loader = loader_from_config(config, processor, train=False, spec=split,
                                 pin_memory=torch.device(device).type == "cuda")
     embedded = embed_split(model, loader, device)
     evaluator = RetrievalEvaluator(ks=tuple(config.eval.ks))
@@ -59,14 +58,6 @@ def evaluate_model(model, config: Config, split: str, device: torch.device) -> D
     if loader.bad.total:
         print(f"skipped {loader.bad.total} bad samples in {split}: {dict(loader.bad.counts)}", flush=True)
     return results
-
-
-def write_results(results: Dict[str, Any], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    os.replace(tmp, path)
 
 
 def evaluate_checkpoint(checkpoint: str, split: Optional[str] = None, overrides: Optional[List[str]] = None,
@@ -87,5 +78,5 @@ def evaluate_checkpoint(checkpoint: str, split: Optional[str] = None, overrides:
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(checkpoint, device=target)
     results = evaluate_model(model, config, split, target)
-    write_results(results, output or os.path.join(checkpoint, "eval.json"))
+    write_json_atomic(results, output or os.path.join(checkpoint, "eval.json"))
     return results

@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from align.config import Config, save_config, to_dict
+from align.data.loader import loader_from_config
+from align.errors import write_json_atomic
 from align.data.transforms import SampleProcessor
 from align.model import build_model
 from align.objective import ContrastiveObjective, build_pair_losses, cached_step
@@ -46,24 +48,6 @@ def make_accelerator(config: Config):
     )
 
 
-def build_train_loader(config: Config, processor: SampleProcessor, rank: int, world_size: int, train: bool = True,
-                       spec: Optional[str] = None, pin_memory: bool = False):
-    from align.data.loader import build_loader
-    from align.data.manifest import ColumnMap
-
-    data = config.data
-    columns = ColumnMap(id=data.columns.id, text=tuple(data.columns.text), text_separator=data.columns.text_separator,
-                        image=data.columns.image, audio=data.columns.audio, group=data.columns.group,
-                        category=data.columns.category, negatives=data.columns.negatives)
-    return build_loader(
-        spec or data.train, processor, batch_size=data.batch_size if train else config.eval.batch_size,
-        num_workers=data.num_workers, train=train, seed=config.train.seed, rank=rank, world_size=world_size,
-        columns=columns, root=data.root, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled and train,
-        epoch_samples=data.epoch_samples or None, weights=data.weights or None,
-        max_bad_fraction=data.max_bad_fraction, drop_last=train, pin_memory=pin_memory,
-    )
-
-
 def train(config: Config) -> Dict[str, Any]:
     """Train as configured; returns the final evaluation (and the run's figures)."""
     from accelerate.utils import set_seed
@@ -80,8 +64,8 @@ def train(config: Config) -> Dict[str, Any]:
     model = build_model(config.model)
     objective = ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss))
     processor = SampleProcessor(model.preprocessors(train=True), max_negatives=config.data.max_negatives)
-    loader = build_train_loader(config, processor, accelerator.process_index, accelerator.num_processes,
-                                pin_memory=accelerator.device.type == "cuda")
+    loader = loader_from_config(config, processor, rank=accelerator.process_index,
+                                world_size=accelerator.num_processes, pin_memory=accelerator.device.type == "cuda")
     accum = config.train.accum_steps
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
@@ -209,7 +193,7 @@ def mean_over_processes(accelerator, terms: Dict[str, torch.Tensor]) -> Dict[str
 
 def _evaluate(accelerator, model, config: Config, step: int, final: bool = False) -> Optional[Dict[str, Any]]:
     """Retrieval on the held-out split, on the main process (others wait)."""
-    from align.eval.runner import evaluate_model, write_results
+    from align.eval.runner import evaluate_model
 
     split = config.eval.split or config.data.val
     results = None
@@ -218,7 +202,7 @@ def _evaluate(accelerator, model, config: Config, step: int, final: bool = False
         results = evaluate_model(model, config, split, accelerator.device)
         model.train(was_training)
         name = config.eval.output or os.path.join(config.train.output_dir, "eval.json")
-        write_results(results, name if final else os.path.join(config.train.output_dir, f"eval-step-{step:08d}.json"))
+        write_json_atomic(results, name if final else os.path.join(config.train.output_dir, f"eval-step-{step:08d}.json"))
         accelerator.log({f"eval/{pair}/{k}": v for pair, m in results.items() for k, v in m.items()}, step=step)
     accelerator.wait_for_everyone()
     return results
