@@ -6,6 +6,8 @@ import logging
 import sys
 from typing import List, Optional
 
+from align.errors import ConfigError, RunError
+
 PREP_TOOLS = {
     "demo": ("data_prep.demo", "build the embedded demo catalogue (deterministic, cached)"),
     "shards": ("data_prep.shards", "catalogue manifest -> webdataset shards + stats.json"),
@@ -41,32 +43,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for chatty in ("accelerate", "open_clip", "root"):  # per-file checkpoint notices drown the progress bar
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    args = _parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     if args.verb == "prep":
         import importlib
 
         return int(importlib.import_module(PREP_TOOLS[args.tool][0]).main(args.args) or 0)
+    if args.verb == "train":
+        from align.config import load_config
 
-    from align.config import ConfigError, load_config
+        config = load_config(args.config, args.overrides)  # refused here, before anything is built
+        from align.train.recipe import train
 
-    try:
-        if args.verb == "train":
-            config = load_config(args.config, args.overrides)  # refused here, before anything is built
-            from align.train.recipe import train
-
-            train(config)
-            return 0
-        from align.eval.runner import evaluate_checkpoint
-
-        evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.output, args.device)
+        train(config)
         return 0
+    from align.eval.runner import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.output, args.device)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run one verb. A bad config ends with its message and exit 2 before any work; an expected
+    failure during the run (too many bad samples, a missing file, a full disk, an unsafe
+    checkpoint file) with its message and exit 1. Anything else is a bug and keeps its traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for chatty in ("accelerate", "open_clip"):  # their INFO lines drown the progress bar
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    args = _parser().parse_args(argv)
+    verb = args.verb if args.verb != "prep" else f"prep {args.tool}"
+    try:
+        return _run(args)
     except ConfigError as error:
-        print(f"align {args.verb}: config error: {error}", file=sys.stderr)
+        print(f"align {verb}: config error: {error}", file=sys.stderr)
         return 2
+    except RunError as error:
+        print(f"align {verb}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

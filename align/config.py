@@ -282,13 +282,19 @@ def _read_yaml(path: str, seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
 
 
 def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    """``update`` over ``base``, mapping by mapping. A section whose ``type`` changes (a tower
+    of another kind) starts afresh from the update: the old type's keys mean nothing to it."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not _changes_type(merged[key], value):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
     return merged
+
+
+def _changes_type(old: Dict[str, Any], new: Dict[str, Any]) -> bool:
+    return "type" in new and "type" in old and new["type"] != old["type"]
 
 
 def apply_override(data: Dict[str, Any], override: str) -> None:
@@ -311,6 +317,8 @@ def apply_override(data: Dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part} is a value, not a section")
         node = child
+    if parts[-1] == "type" and _changes_type(node, {"type": value}):
+        node.clear()  # a tower of another kind starts from its own defaults (see _merge)
     node[parts[-1]] = value
 
 

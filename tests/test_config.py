@@ -68,3 +68,24 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(None, TOWERS + ["optim.lr"])
+
+
+def test_a_tower_whose_type_changes_starts_from_that_types_defaults(tmp_path):
+    base = write(tmp_path, "base.yaml", f"model:\n  towers:\n    text: {{type: open_clip_text, model: {TINY_CLIP}}}\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\nmodel:\n  towers:\n    text: {type: hf_text, max_length: 16}\n")
+    config = load_config(child)
+    text = config.model.towers["text"]
+    assert text.type == "hf_text" and text.params.max_length == 16
+    # the same on the command line
+    config = load_config(base, ["model.towers.text.type=hf_text"])
+    assert config.model.towers["text"].type == "hf_text"
+    # a change that keeps the type still merges
+    config = load_config(base, ["model.towers.text.context_length=8"])
+    assert config.model.towers["text"].params.model == TINY_CLIP
+
+
+def test_a_column_is_switched_off_with_null_and_an_empty_name_is_refused():
+    config = load_config(None, TOWERS + ["data.columns.group=null", "data.columns.audio=null"])
+    assert config.data.columns.group is None and config.data.columns.audio is None
+    with pytest.raises(ConfigError, match=r"data\.columns\.group.*null"):
+        load_config(None, TOWERS + ["data.columns.group="])

@@ -78,12 +78,10 @@ class RetrievalEvaluator:
 
     Call with ``embeddings`` {modality: (N, D)} (rows aligned with ``ids``; zero rows where
     missing), ``masks`` {modality: (N,) bool}, ``ids``, ``groups`` (N,) and ``texts``. Returns
-    {"text->image": {"R@1": ..., ..., "n_queries": ...}, ...}; ``primary_metric`` names the
-    number to select checkpoints by (the mean R@1 over pairs).
+    {"text->image": {"R@1": ..., ..., "n_queries": ...}, ...}.
     """
 
     ks: Sequence[int] = (1, 5, 10)
-    primary_metric: str = "mean_R@1"
 
     def __call__(self, embeddings: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor], ids: Sequence[str],
                  groups: torch.Tensor, texts: Sequence[Optional[str]]) -> Dict[str, Dict[str, float]]:
@@ -108,9 +106,6 @@ class RetrievalEvaluator:
                     embeddings[query_modality][q_rows], embeddings[candidate_modality][c_rows], is_positive, self.ks)
         return results
 
-    def summary(self, results: Dict[str, Dict[str, float]]) -> float:
-        values = [r["R@1"] for r in results.values() if r["n_queries"] > 0]
-        return float(np.mean(values)) if values else float("nan")
 
 
 def format_table(results: Dict[str, Dict[str, float]], ks: Sequence[int] = (1, 5, 10)) -> str:

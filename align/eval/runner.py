@@ -10,7 +10,7 @@ from align.config import Config
 from align.data.loader import loader_from_config
 from align.data.sample import scatter_rows
 from align.data.transforms import SampleProcessor
-from align.errors import write_json_atomic
+from align.errors import RunError, write_json_atomic
 from align.eval.retrieval import RetrievalEvaluator, format_table
 
 
@@ -39,7 +39,11 @@ def embed_split(model, loader, device: torch.device) -> Dict[str, Any]:
         ids.extend(batch["ids"])
         texts.extend(batch.get("texts") or [None] * len(batch["ids"]))
         groups.append(batch["groups"])
-    dim = next(c.shape[-1] for cs in chunks.values() for c in cs if c is not None)
+    dim = next((c.shape[-1] for cs in chunks.values() for c in cs if c is not None), None)
+    if dim is None:
+        bad = f"; {loader.bad.total} of {loader.bad.seen} samples were skipped: {dict(loader.bad.counts)}" \
+            if loader.bad.total else ""
+        raise RunError(f"{loader.bad.source}: no sample to evaluate{bad}")
     embeddings = {m: torch.cat([c if c is not None else torch.zeros(len(k), dim) for c, k in zip(cs, masks[m])])
                   for m, cs in chunks.items()}
     return {"embeddings": embeddings, "masks": {m: torch.cat(v) for m, v in masks.items()}, "ids": ids,

@@ -71,9 +71,6 @@ class Tower(nn.Module):
     def forward(self, inputs: Any) -> torch.Tensor:
         return F.normalize(self.projection(self.features(inputs)), dim=-1)  # (B, D)
 
-    def encode(self, inputs: Any) -> torch.Tensor:
-        return self(inputs)
-
     @classmethod
     def check_sources(cls, config: Any, key: str) -> None:
         """Raise ``ConfigError`` naming ``key`` when ``config`` names weights, files or models that
