@@ -12,7 +12,7 @@ by align/data/shards.py). Either way the result is a loader object with
   ``examples``); above ``max_bad_fraction`` it raises ``TooManyBadSamples``.
 
 The loader is *not* passed through ``accelerator.prepare``: each rank reads its own rows or
-shards (no dispatch from rank 0, see FIELD_NOTES.md).
+shards: Accelerate's default would have rank 0 read every batch and broadcast it.
 
 Manifest mode, design: epoch ``e`` orders the rows by a permutation drawn from (seed, e)
 (identity order for evaluation); global step ``j`` takes the next ``world_size * batch_size``

@@ -11,8 +11,9 @@ A *raw* sample is what a reader produces (manifest rows and webdataset shards al
 
 A missing modality is ``None`` (never an empty placeholder). ``SampleProcessor``
 (align/data/transforms.py) turns the raw sample into a *processed* one inside the dataloader
-workers: ``text`` becomes token tensors, ``image`` a (3, H, W) float tensor, ``audio`` a (T,)
-float tensor at the audio tower's rate and clip length, ``negatives`` a (K, L) token tensor
+workers: ``text`` becomes token tensors, ``image`` a (3, H, W) uint8 tensor (the image tower
+scales and normalises it on its device), ``audio`` a (T,) float tensor at the audio tower's rate
+and clip length, ``negatives`` a (K, L) token tensor
 plus a (K,) mask.
 
 ``collate`` stacks only the rows where a modality is present::

@@ -1,7 +1,7 @@
 """Per-modality preprocessing applied inside dataloader workers.
 
 Each tower hands out a small picklable preprocessor (``tower.preprocessor(train)``):
-image -> (3, H, W) tensor, text -> token tensor(s), audio -> (T,) waveform at the tower's rate.
+image -> (3, H, W) uint8 tensor, text -> token tensor(s), audio -> (T,) waveform at the tower's rate.
 ``SampleProcessor`` applies them to a raw sample (see align/data/sample.py) and turns any
 failure into a ``BadSample`` naming the sample and modality, so loaders can count and skip it.
 """
