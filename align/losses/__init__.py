@@ -3,7 +3,9 @@
 Every pairwise loss subclasses ``PairLoss`` (``base.py``), is called as ``loss(a, b, *,
 logit_scale, valid=None, groups=None, negatives=None, negatives_mask=None) -> {"loss": scalar,
 ...named terms}`` and gathers its candidates across ranks itself (``gather.py``, ``pairs.py``).
-A module holds only its loss's maths (the ``terms`` hook).
+A module holds only its loss's maths (the ``terms`` hook). Parameters are keyword-only and
+typed; ``Loss.Config`` is the dataclass of them (made from the constructor) and
+``Loss.from_config(config)`` builds the loss from one.
 
 =================  ======================================================  ================
 ``infonce``        symmetric InfoNCE / CLIP                                infonce.py

@@ -1,4 +1,4 @@
-"""What every pairwise loss shares: its call signature, gathering and masks.
+"""What every pairwise loss shares: its call signature, gathering, masks, typed config.
 
 A loss subclasses ``PairLoss`` and implements one hook, ``terms(pairs, logit_scale) -> dict``,
 on a ``PairedBatch`` (``pairs.py``: local query rows, candidates gathered from every rank,
@@ -18,10 +18,19 @@ masks they share, for query i and candidate j::
     positive   j is i's own pair, or (same_group="positive") shares i's group
     negative   j is neither i's pair nor in i's group (either mode), or a present explicit negative
     ignored    neither: same group under "ignore", absent explicit negatives
+
+Parameters: a loss takes keyword arguments only, each annotated with a precise type
+(``SameGroup``, bool, int, float) and given a default. ``Loss.Config`` is the dataclass of
+exactly those (same names, types, defaults), made from the constructor when the class is
+defined, so the two cannot drift; ``Loss.from_config(Loss.Config(beta=0.5))`` builds the loss.
+Value checks (ranges) stay in the constructor and raise ValueError.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Literal, Optional, Tuple, get_args
+import dataclasses
+import inspect
+import typing
+from typing import Any, ClassVar, Dict, Literal, Optional, Tuple, get_args
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +47,21 @@ def check_same_group(mode: str) -> str:
     return mode
 
 
+def keyword_config(loss_cls: type) -> type:
+    """The dataclass of ``loss_cls``'s keyword parameters: same names, types and defaults."""
+    hints = typing.get_type_hints(loss_cls.__init__)
+    fields = []
+    for name, param in list(inspect.signature(loss_cls.__init__).parameters.items())[1:]:
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            raise TypeError(f"{loss_cls.__name__}.__init__: parameter {name!r} must be keyword-only")
+        default = dataclasses.field() if param.default is param.empty else dataclasses.field(default=param.default)
+        fields.append((name, hints.get(name, Any), default))
+    config = dataclasses.make_dataclass("Config", fields, kw_only=True)
+    config.__module__, config.__qualname__ = loss_cls.__module__, f"{loss_cls.__qualname__}.Config"
+    config.__doc__ = f"Keyword parameters of ``{loss_cls.__name__}`` (see its module docstring)."
+    return config
+
+
 class PairLoss(nn.Module):
     """Base of the pairwise contrastive losses: one forward signature, one gather, shared masks.
 
@@ -49,11 +73,24 @@ class PairLoss(nn.Module):
     """
 
     gather_a: ClassVar[bool] = True  # whether A is gathered too (False: only A->B is scored)
+    Config: ClassVar[type]  # made per subclass from its constructor (see the module doc)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Config" not in cls.__dict__:  # a class may still spell its own out
+            cls.Config = keyword_config(cls)
 
     def __init__(self, *, gather: bool = True, same_group: SameGroup = "ignore") -> None:
         super().__init__()
         self.gather = bool(gather)
         self.same_group = check_same_group(same_group)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "PairLoss":
+        """Build the loss from its ``Config``: the same as calling it with the fields as keywords."""
+        if type(config) is not cls.Config:
+            raise TypeError(f"{cls.__name__}.from_config takes a {cls.__name__}.Config, got {type(config).__name__}")
+        return cls(**dataclasses.asdict(config))
 
     @property
     def needs_logit_scale(self) -> bool:
