@@ -1,8 +1,11 @@
 """Contrastive losses: one module per loss, each registered in ``align.registry.LOSSES``.
 
-Every pairwise loss is called as ``loss(a, b, *, logit_scale, valid=None, groups=None,
-negatives=None, negatives_mask=None) -> {"loss": scalar, ...named terms}`` and gathers its
-candidates across ranks itself (``gather.py``, ``pairs.py``).
+Every pairwise loss subclasses ``PairLoss`` (``base.py``), is called as ``loss(a, b, *,
+logit_scale, valid=None, groups=None, negatives=None, negatives_mask=None) -> {"loss": scalar,
+...named terms}`` and gathers its candidates across ranks itself (``gather.py``, ``pairs.py``).
+A module holds only its loss's maths (the ``terms`` hook). Parameters are keyword-only and
+typed; ``Loss.Config`` is the dataclass of them (made from the constructor) and
+``Loss.from_config(config)`` builds the loss from one.
 
 =================  ======================================================  ================
 ``infonce``        symmetric InfoNCE / CLIP                                infonce.py
@@ -13,8 +16,10 @@ candidates across ranks itself (``gather.py``, ``pairs.py``).
 ``vsepp``          VSE++ max-violation hinge (+ optional InfoNCE term)     vsepp.py
 =================  ======================================================  ================
 
-The tiled kernels (custom autograd Functions) live in ``tiled.py``.
+``base.py`` owns the signature, gathering and masks; the tiled kernels (custom autograd
+Functions) live in ``tiled.py``.
 """
+from align.losses.base import PairLoss
 from align.losses.hcl import HardNegativeInfoNCE
 from align.losses.infonce import InfoNCE
 from align.losses.infonce_tiled import InfoNCETiled
@@ -22,4 +27,4 @@ from align.losses.siglip import SigLIP
 from align.losses.siglip_tiled import SigLIPTiled
 from align.losses.vsepp import MaxViolation
 
-__all__ = ["InfoNCE", "InfoNCETiled", "SigLIP", "SigLIPTiled", "HardNegativeInfoNCE", "MaxViolation"]
+__all__ = ["PairLoss", "InfoNCE", "InfoNCETiled", "SigLIP", "SigLIPTiled", "HardNegativeInfoNCE", "MaxViolation"]

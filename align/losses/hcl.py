@@ -26,13 +26,14 @@ Returns: {"loss", "a2b", "b2a"}.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from align.losses.base import SameGroup
 from align.losses.infonce import InfoNCE
-from align.losses.pairs import MASKED_LOGIT, PairedBatch, negative_logits
+from align.losses.pairs import MASKED_LOGIT, PairedBatch
 
 
 def _masked_logsumexp(values: Tensor, mask: Tensor) -> Tensor:
@@ -42,7 +43,7 @@ def _masked_logsumexp(values: Tensor, mask: Tensor) -> Tensor:
 class HardNegativeInfoNCE(InfoNCE):
     """InfoNCE with hard-negative importance weighting and positive-unlabelled debiasing."""
 
-    def __init__(self, *, gather: bool = True, same_group: str = "ignore", beta: float = 1.0,
+    def __init__(self, *, gather: bool = True, same_group: SameGroup = "ignore", beta: float = 1.0,
                  tau_plus: float = 0.1) -> None:
         super().__init__(gather=gather, same_group=same_group)
         if not 0.0 <= tau_plus < 1.0:
@@ -50,20 +51,11 @@ class HardNegativeInfoNCE(InfoNCE):
         self.beta = float(beta)
         self.tau_plus = float(tau_plus)
 
-    def _row_losses(self, queries: Tensor, candidates: Tensor, pairs: PairedBatch,
-                    logit_scale: Tensor, extra_negatives: Optional[Tensor] = None) -> Tensor:
+    def row_losses(self, queries: Tensor, candidates: Tensor, pairs: PairedBatch, logit_scale: Tensor,
+                   explicit: Optional[Tensor]) -> Tensor:
+        """(n,) HCL term of every local query (``terms``, both directions: as ``InfoNCE``)."""
         logits = logit_scale * queries.float() @ candidates.float().T  # (n, N)
-        positives = pairs.positive_mask()
-        negatives = ~positives
-        same = pairs.same_group_mask()
-        if same is not None:
-            negatives = negatives & ~same  # same group is never a negative
-            if self.same_group == "positive":
-                positives = positives | same
-        if extra_negatives is not None:
-            logits = torch.cat([logits, extra_negatives], dim=1)  # (n, N + K)
-            positives = torch.cat([positives, torch.zeros_like(extra_negatives, dtype=torch.bool)], 1)
-            negatives = torch.cat([negatives, pairs.negatives_mask], 1)
+        logits, positives, negatives = self.candidates(logits, pairs, explicit)  # (n, N + K)
         n_neg = negatives.sum(1)  # (n,)
         n_pos = positives.sum(1)
         has_neg = n_neg > 0
@@ -87,9 +79,3 @@ class HardNegativeInfoNCE(InfoNCE):
         positive_mean = torch.where(positives, logits, 0.0).sum(1) / n_pos
         with_negatives = torch.logaddexp(log_pos_mass, log_ng)
         return torch.where(has_neg, with_negatives, log_pos_mass) - positive_mean
-
-    def terms(self, pairs: PairedBatch, logit_scale: Tensor) -> Dict[str, Tensor]:
-        a2b = self._row_losses(pairs.a_rows, pairs.b_cols, pairs, logit_scale,
-                               negative_logits(pairs, logit_scale)).sum() * pairs.scale
-        b2a = self._row_losses(pairs.b_rows, pairs.a_cols, pairs, logit_scale).sum() * pairs.scale
-        return {"loss": (a2b + b2a) / 2, "a2b": a2b, "b2a": b2a}

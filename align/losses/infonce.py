@@ -36,57 +36,24 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from align.losses.pairs import PairedBatch, check_same_group, negative_logits, pair_up
-
-
-def directional_row_losses(
-    queries: Tensor, candidates: Tensor, pairs: PairedBatch, logit_scale: Tensor,
-    same_group: str, extra_negatives: Optional[Tensor] = None,
-) -> Tensor:
-    """(n,) InfoNCE term of every local query against all candidates (dense (n, N) logits)."""
-    logits = logit_scale * queries.float() @ candidates.float().T  # (n, N)
-    positives = pairs.positive_mask()  # (n, N)
-    same = pairs.same_group_mask()
-    if same is not None:
-        if same_group == "ignore":
-            logits = logits.masked_fill(same, float("-inf"))
-        else:
-            positives = positives | same
-    if extra_negatives is not None:  # (n, K): candidates, never positives
-        logits = torch.cat([logits, extra_negatives], dim=1)
-        positives = torch.cat([positives, torch.zeros_like(extra_negatives, dtype=torch.bool)], dim=1)
-    positive_mean = torch.where(positives, logits, 0.0).sum(1) / positives.sum(1)  # (n,)
-    return torch.logsumexp(logits, dim=1) - positive_mean
+from align.losses.base import PairLoss
+from align.losses.pairs import MASKED_LOGIT, PairedBatch, negative_logits
 
 
-class InfoNCE(nn.Module):
+class InfoNCE(PairLoss):
     """Symmetric InfoNCE / CLIP loss with groups, valid masks and explicit negatives."""
 
-    def __init__(self, *, gather: bool = True, same_group: str = "ignore") -> None:
-        super().__init__()
-        self.gather = gather
-        self.same_group = check_same_group(same_group)
-
     def terms(self, pairs: PairedBatch, logit_scale: Tensor) -> Dict[str, Tensor]:
-        """Loss terms from an already paired batch (shared with composite losses)."""
-        a2b = directional_row_losses(
-            pairs.a_rows, pairs.b_cols, pairs, logit_scale, self.same_group,
-            negative_logits(pairs, logit_scale),
-        ).sum() * pairs.scale
-        b2a = directional_row_losses(
-            pairs.b_rows, pairs.a_cols, pairs, logit_scale, self.same_group
-        ).sum() * pairs.scale
+        a2b, b2a = self.directions(pairs, logit_scale, negative_logits(pairs, logit_scale))
         return {"loss": (a2b + b2a) / 2, "a2b": a2b, "b2a": b2a}
 
-    def forward(
-        self, a: Tensor, b: Tensor, *, logit_scale: Tensor, valid: Optional[Tensor] = None,
-        groups: Optional[Tensor] = None, negatives: Optional[Tensor] = None,
-        negatives_mask: Optional[Tensor] = None,
-    ) -> Dict[str, Tensor]:
-        pairs = pair_up(a, b, valid=valid, groups=groups, negatives=negatives,
-                        negatives_mask=negatives_mask, gather=self.gather)
-        out = self.terms(pairs, logit_scale)
-        out["loss"] = pairs.finish(out["loss"])
-        return out
+    def row_losses(self, queries: Tensor, candidates: Tensor, pairs: PairedBatch, logit_scale: Tensor,
+                   explicit: Optional[Tensor]) -> Tensor:
+        """(n,) InfoNCE term of every local query against all candidates (dense (n, N) logits)."""
+        logits = logit_scale * queries.float() @ candidates.float().T  # (n, N)
+        logits, positives, negatives = self.candidates(logits, pairs, explicit)  # (n, N + K)
+        logits = logits.masked_fill(~(positives | negatives), MASKED_LOGIT)  # ignored: exp(.) = 0
+        positive_mean = torch.where(positives, logits, 0.0).sum(1) / positives.sum(1)  # (n,)
+        return torch.logsumexp(logits, dim=1) - positive_mean

@@ -26,10 +26,11 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from align.losses.pairs import check_same_group, negative_logits, pair_up
-from align.losses.tiled import DEFAULT_TILE, tiled_logsumexp
+from align.losses.base import PairLoss, SameGroup
+from align.losses.pairs import PairedBatch, negative_logits
+from align.losses.tiled import DEFAULT_TILE, check_tile_size, tiled_logsumexp
 
 
 def positive_targets(cols: Tensor, row_index: Tensor, col_groups: Optional[Tensor]) -> Tensor:
@@ -48,25 +49,15 @@ def positive_targets(cols: Tensor, row_index: Tensor, col_groups: Optional[Tenso
     return torch.where(col_groups[row_index, None] >= 0, means, cols[row_index].float())
 
 
-class InfoNCETiled(nn.Module):
+class InfoNCETiled(PairLoss):
     """Exact symmetric InfoNCE with O(tile^2) logit memory."""
 
-    def __init__(self, *, gather: bool = True, same_group: str = "ignore", tile_size: int = DEFAULT_TILE) -> None:
-        super().__init__()
-        if tile_size < 1:
-            raise ValueError(f"tile_size must be positive, got {tile_size}")
-        self.gather = gather
-        self.same_group = check_same_group(same_group)
-        self.tile_size = int(tile_size)
+    def __init__(self, *, gather: bool = True, same_group: SameGroup = "ignore", tile_size: int = DEFAULT_TILE) -> None:
+        super().__init__(gather=gather, same_group=same_group)
+        self.tile_size = check_tile_size(tile_size)
 
-    def forward(
-        self, a: Tensor, b: Tensor, *, logit_scale: Tensor, valid: Optional[Tensor] = None,
-        groups: Optional[Tensor] = None, negatives: Optional[Tensor] = None,
-        negatives_mask: Optional[Tensor] = None,
-    ) -> Dict[str, Tensor]:
-        pairs = pair_up(a, b, valid=valid, groups=groups, negatives=negatives,
-                        negatives_mask=negatives_mask, gather=self.gather)
-        scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=a.device)
+    def terms(self, pairs: PairedBatch, logit_scale: Tensor) -> Dict[str, Tensor]:
+        scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=pairs.a_rows.device)
         ignore = self.same_group == "ignore"
         mask_groups = (pairs.row_groups, pairs.col_groups) if ignore else (None, None)
         if pairs.world == 1:  # square: rows and columns of one pass give both directions
@@ -87,4 +78,4 @@ class InfoNCETiled(nn.Module):
             pairs.a_cols, pairs.row_index, groups_for_positives).float())
         a2b = (lse_a2b - pos_a2b).sum() * pairs.scale
         b2a = (lse_b2a - pos_b2a).sum() * pairs.scale
-        return {"loss": pairs.finish((a2b + b2a) / 2), "a2b": a2b, "b2a": b2a}
+        return {"loss": (a2b + b2a) / 2, "a2b": a2b, "b2a": b2a}

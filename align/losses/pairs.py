@@ -31,16 +31,9 @@ from torch import Tensor
 
 from align.losses.gather import gather_no_grad, gather_sizes, gather_with_grad, world_info
 
-SAME_GROUP_MODES = ("ignore", "positive")
 # Fill for logits that must not count. Finite, so that rows where *everything* is masked give
 # finite values and zero (not NaN) gradients; exp(-1e9 - anything reasonable) is exactly 0.
 MASKED_LOGIT = -1e9
-
-
-def check_same_group(mode: str) -> str:
-    if mode not in SAME_GROUP_MODES:
-        raise ValueError(f"same_group must be one of {SAME_GROUP_MODES}, got {mode!r}")
-    return mode
 
 
 @dataclass
@@ -158,9 +151,16 @@ def pair_up(
     )
 
 
-def negative_logits(pairs: PairedBatch, logit_scale: Tensor) -> Optional[Tensor]:
-    """(n, K) logits of each query against its explicit negatives, MASKED_LOGIT where absent."""
+def explicit_cosines(pairs: PairedBatch) -> Optional[Tensor]:
+    """(n, K) fp32 <a_i, n_ik> of each query with its explicit negatives; None when there are none."""
     if pairs.negatives is None or pairs.negatives.shape[1] == 0:
         return None
-    logits = logit_scale * torch.einsum("nd,nkd->nk", pairs.a_rows.float(), pairs.negatives.float())
-    return logits.masked_fill(~pairs.negatives_mask, MASKED_LOGIT)
+    return torch.einsum("nd,nkd->nk", pairs.a_rows.float(), pairs.negatives.float())
+
+
+def negative_logits(pairs: PairedBatch, logit_scale: Tensor) -> Optional[Tensor]:
+    """(n, K) logits of each query against its explicit negatives, MASKED_LOGIT where absent."""
+    cosines = explicit_cosines(pairs)
+    if cosines is None:
+        return None
+    return (logit_scale * cosines).masked_fill(~pairs.negatives_mask, MASKED_LOGIT)

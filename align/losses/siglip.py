@@ -25,54 +25,42 @@ Related: ``siglip_tiled`` (same value, O(tile^2) memory), ``infonce``.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.losses.pairs import PairedBatch, check_same_group, pair_up
+from align.losses.base import PairLoss, SameGroup
+from align.losses.pairs import PairedBatch, explicit_cosines
 
 
 def explicit_negatives_term(pairs: PairedBatch, logit_scale: Tensor, bias: Tensor) -> Tensor:
     """Sum of -log sigmoid(-z) over each anchor's explicit negatives (0 when there are none)."""
-    if pairs.negatives is None or pairs.negatives.shape[1] == 0:
+    cosines = explicit_cosines(pairs)
+    if cosines is None:
         return pairs.a_rows.new_zeros(())
-    neg_logits = logit_scale * torch.einsum("nd,nkd->nk", pairs.a_rows.float(),
-                                            pairs.negatives.float()) + bias  # (n, K)
+    neg_logits = logit_scale * cosines + bias  # (n, K)
     return (-F.logsigmoid(-neg_logits) * pairs.negatives_mask).sum()
 
 
-class SigLIP(nn.Module):
+class SigLIP(PairLoss):
     """Sigmoid loss with a learnable bias (owned here as ``logit_bias``)."""
 
-    def __init__(self, *, gather: bool = True, same_group: str = "ignore", bias_init: float = -10.0) -> None:
-        super().__init__()
-        self.gather = gather
-        self.same_group = check_same_group(same_group)
+    gather_a = False  # only A->B pairs are scored: B alone is gathered
+
+    def __init__(self, *, gather: bool = True, same_group: SameGroup = "ignore", bias_init: float = -10.0) -> None:
+        super().__init__(gather=gather, same_group=same_group)
         self.logit_bias = nn.Parameter(torch.tensor(float(bias_init)))
 
-    def forward(
-        self, a: Tensor, b: Tensor, *, logit_scale: Tensor, valid: Optional[Tensor] = None,
-        groups: Optional[Tensor] = None, negatives: Optional[Tensor] = None,
-        negatives_mask: Optional[Tensor] = None,
-    ) -> Dict[str, Tensor]:
-        pairs = pair_up(a, b, valid=valid, groups=groups, negatives=negatives,
-                        negatives_mask=negatives_mask, gather=self.gather, gather_a=False)
+    def terms(self, pairs: PairedBatch, logit_scale: Tensor) -> Dict[str, Tensor]:
         bias = self.logit_bias
         logits = logit_scale * pairs.a_rows.float() @ pairs.b_cols.float().T + bias  # (n, N)
-        positives = pairs.positive_mask()  # (n, N)
-        counted = torch.ones_like(positives)
-        same = pairs.same_group_mask()
-        if same is not None:
-            if self.same_group == "ignore":
-                counted = ~same
-            else:
-                positives = positives | same
+        logits, positives, negatives = self.candidates(logits, pairs)  # same group under "ignore": neither
         signs = torch.where(positives, 1.0, -1.0)
-        pair_losses = -F.logsigmoid(signs * logits) * counted  # (n, N)
+        pair_losses = -F.logsigmoid(signs * logits)  # (n, N)
         positive = (pair_losses * positives).sum()
-        negative = (pair_losses * ~positives).sum()
+        negative = (pair_losses * negatives).sum()
         negative = negative + explicit_negatives_term(pairs, logit_scale, bias)
         positive, negative = positive * pairs.scale, negative * pairs.scale
-        return {"loss": pairs.finish(positive + negative), "positive": positive, "negative": negative}
+        return {"loss": positive + negative, "positive": positive, "negative": negative}

@@ -15,41 +15,31 @@ Returns: {"loss", "positive", "negative"}.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from align.losses.pairs import check_same_group, pair_up
-from align.losses.siglip import explicit_negatives_term
-from align.losses.tiled import DEFAULT_TILE, tiled_sigmoid_pairs
+from align.losses.base import SameGroup
+from align.losses.pairs import PairedBatch
+from align.losses.siglip import SigLIP, explicit_negatives_term
+from align.losses.tiled import DEFAULT_TILE, check_tile_size, tiled_sigmoid_pairs
 
 
-class SigLIPTiled(nn.Module):
+class SigLIPTiled(SigLIP):
     """Exact SigLIP with O(tile^2) logit memory and a learnable bias."""
 
-    def __init__(self, *, gather: bool = True, same_group: str = "ignore", bias_init: float = -10.0,
+    def __init__(self, *, gather: bool = True, same_group: SameGroup = "ignore", bias_init: float = -10.0,
                  tile_size: int = DEFAULT_TILE) -> None:
-        super().__init__()
-        if tile_size < 1:
-            raise ValueError(f"tile_size must be positive, got {tile_size}")
-        self.gather = gather
-        self.same_group = check_same_group(same_group)
-        self.logit_bias = nn.Parameter(torch.tensor(float(bias_init)))
-        self.tile_size = int(tile_size)
+        super().__init__(gather=gather, same_group=same_group, bias_init=bias_init)
+        self.tile_size = check_tile_size(tile_size)
 
-    def forward(
-        self, a: Tensor, b: Tensor, *, logit_scale: Tensor, valid: Optional[Tensor] = None,
-        groups: Optional[Tensor] = None, negatives: Optional[Tensor] = None,
-        negatives_mask: Optional[Tensor] = None,
-    ) -> Dict[str, Tensor]:
-        pairs = pair_up(a, b, valid=valid, groups=groups, negatives=negatives,
-                        negatives_mask=negatives_mask, gather=self.gather, gather_a=False)
-        scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=a.device)
+    def terms(self, pairs: PairedBatch, logit_scale: Tensor) -> Dict[str, Tensor]:
+        scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=pairs.a_rows.device)
         positive, negative = tiled_sigmoid_pairs(
             pairs.a_rows, pairs.b_cols, scale, self.logit_bias, pairs.row_index,
             pairs.row_groups, pairs.col_groups, groups_positive=self.same_group == "positive",
             tile=self.tile_size)
         negative = negative + explicit_negatives_term(pairs, scale, self.logit_bias)
         positive, negative = positive * pairs.scale, negative * pairs.scale
-        return {"loss": pairs.finish(positive + negative), "positive": positive, "negative": negative}
+        return {"loss": positive + negative, "positive": positive, "negative": negative}

@@ -39,6 +39,12 @@ from torch import Tensor
 DEFAULT_TILE = 2048
 
 
+def check_tile_size(tile_size: int) -> int:
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    return int(tile_size)
+
+
 def _matmul_into(buffer: Tensor, left: Tensor, right_t: Tensor, alpha: float) -> Tensor:
     """fp32 (rows, cols) view of ``buffer`` holding alpha * left @ right_t.
 
