@@ -51,17 +51,25 @@ class ModelConfig:
 
 @dataclass
 class PairLossConfig:
-    """Loss for one modality pair, e.g. ``loss.pairs.text-image``."""
+    """Loss for one modality pair, e.g. ``loss.pairs.text-image``.
+
+    ``name: null`` uses ``loss.name``. ``params: null`` uses ``loss.params`` when the pair keeps
+    ``loss.name``, and the pair's own loss's defaults when it names another loss (whose
+    parameters may differ). After loading, both hold what the pair uses.
+    """
 
     weight: float = 1.0
     name: Optional[str] = None  # a registered loss; None = loss.name
-    params: Dict[str, Any] = field(default_factory=dict)  # None = loss.params
+    params: Any = None  # that loss's Config dataclass, filled during loading
 
 
 @dataclass
 class LossConfig:
+    """``name`` picks a registered loss (align/registry.py); ``params`` are its ``Config`` fields,
+    checked against that dataclass like a tower's keys."""
+
     name: str = "infonce"
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: Any = None  # the loss's Config dataclass, filled during loading
     # Pairs are "a-b" modality names. Pairs present in a batch but not listed use weight 1.
     pairs: Dict[str, PairLossConfig] = field(default_factory=dict)
 
@@ -231,6 +239,8 @@ def _to_dataclass(cls: Any, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     if cls is TowerConfig:
         return _tower_config(data, prefix)
+    if cls is LossConfig:
+        return _loss_config(data, prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -257,6 +267,43 @@ def _tower_config(data: Dict[str, Any], key: str) -> TowerConfig:
     tower = TowerConfig(**{k: _convert(v, hints[k], f"{key}.{k}") for k, v in data.items() if k in generic})
     tower.params = _to_dataclass(tower_cls.Config, own, key)
     return tower
+
+
+def _loss_params(name: Any, params: Any, key: str) -> Any:
+    """``params`` checked against loss ``name``'s ``Config``; its values checked by building it."""
+    from align.registry import LOSSES
+
+    if not isinstance(name, str) or name not in LOSSES:
+        raise ConfigError(f"{key.rsplit('.', 1)[0]}.name: unknown loss {name!r}; registered: {', '.join(LOSSES.names())}")
+    loss_cls = LOSSES.get(name)
+    config = _to_dataclass(loss_cls.Config, params, key)
+    try:
+        loss_cls.from_config(config)  # range checks (tau_plus, tile_size ...) live in the loss
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{key}: {error}") from None
+    return config
+
+
+def _loss_config(data: Dict[str, Any], key: str) -> LossConfig:
+    known = {f.name for f in dataclasses.fields(LossConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {key}.{unknown[0]}; known keys here: {', '.join(sorted(known))}")
+    name = _convert(data.get("name", LossConfig.name), str, f"{key}.name")
+    raw_params = data.get("params")
+    if raw_params is not None and not isinstance(raw_params, dict):
+        raise ConfigError(f"{key}.params: expected a mapping, got {raw_params!r}")
+    pairs = _convert(data.get("pairs") or {}, Dict[str, Any], f"{key}.pairs")
+    config = LossConfig(name=name, params=_loss_params(name, raw_params, f"{key}.params"))
+    for pair, raw in pairs.items():
+        where = f"{key}.pairs.{pair}"
+        item = _to_dataclass(PairLossConfig, raw, where)
+        item.name = item.name or name
+        if item.params is None:  # inherit loss.params only where the loss is the same one
+            item.params = raw_params if item.name == name else None
+        item.params = _loss_params(item.name, item.params, f"{where}.params")
+        config.pairs[pair] = item
+    return config
 
 
 # ---------------------------------------------------------------- loading
@@ -323,7 +370,8 @@ def apply_override(data: Dict[str, Any], override: str) -> None:
 
 
 def config_from_dict(data: Dict[str, Any]) -> Config:
-    config = _to_dataclass(Config, data, "")
+    # The loss section is always resolved, so that ``loss.params`` holds the loss's Config.
+    config = _to_dataclass(Config, {**data, "loss": data.get("loss") or {}}, "")
     validate(config)
     return config
 
@@ -351,13 +399,6 @@ def validate(config: Config) -> None:
         raise ConfigError("model.embed_dim must be positive")
     if not 0 < config.model.init_temperature < 1:
         raise ConfigError("model.init_temperature must lie in (0, 1)")
-    from align.registry import LOSSES
-
-    for key, name in [("loss.name", config.loss.name)] + [
-        (f"loss.pairs.{p}.name", c.name) for p, c in config.loss.pairs.items() if c.name
-    ]:
-        if name not in LOSSES:
-            raise ConfigError(f"{key}: unknown loss {name!r}; registered: {', '.join(LOSSES.names())}")
     for pair in config.loss.pairs:
         parts = pair.split("-")
         if len(parts) != 2 or any(p not in config.model.towers for p in parts) or parts[0] == parts[1]:

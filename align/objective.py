@@ -15,7 +15,6 @@ objective and back-propagates ``out["loss"]``. Two ways to compute a step:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -23,7 +22,6 @@ import torch
 from torch import nn
 
 from align.config import LossConfig
-from align.errors import ConfigError
 from align.data.sample import MODALITIES, scatter_rows
 from align.model import AlignModel
 from align.registry import LOSSES
@@ -37,23 +35,18 @@ def canonical_pair(name: str) -> Pair:
     return (a, b) if MODALITIES.index(a) < MODALITIES.index(b) else (b, a)
 
 
-def build_loss(name: str, params: Mapping[str, Any], key: str) -> nn.Module:
-    """Instantiate a registered loss; a parameter it does not take is an error naming ``key``."""
+def build_loss(name: str, params: Any = None) -> nn.Module:
+    """A registered loss from its ``Config`` (a mapping of its fields, or None for the defaults).
+    ``load_config`` has already checked names and values, so a config file never fails here."""
     loss_cls = LOSSES.get(name)
-    accepted = inspect.signature(loss_cls).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    for param in params:
-        if param not in accepted and not takes_any:
-            known = ", ".join(p for p in accepted if p not in ("self", "args", "kwargs")) or "none"
-            raise ConfigError(f"{key}.{param}: loss {name!r} takes no such parameter; it takes: {known}")
-    try:
-        return loss_cls(**params)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{key}: {error}") from error
+    if params is None or isinstance(params, Mapping):
+        params = loss_cls.Config(**(params or {}))
+    return loss_cls.from_config(params)
 
 
 def build_pair_losses(modalities: List[str], config: LossConfig) -> Dict[Pair, Tuple[nn.Module, float]]:
-    """(a, b) -> (loss module, weight) for every pair of the model's modalities with weight > 0."""
+    """(a, b) -> (loss module, weight) for every pair of the model's modalities with weight > 0.
+    A pair listed in ``loss.pairs`` uses its own name and params (resolved by ``load_config``)."""
     ordered = [m for m in MODALITIES if m in modalities]
     overrides = {canonical_pair(k): v for k, v in config.pairs.items()}
     losses = {}
@@ -62,10 +55,8 @@ def build_pair_losses(modalities: List[str], config: LossConfig) -> Dict[Pair, T
         weight = override.weight if override else 1.0
         if weight <= 0:
             continue
-        name = (override.name if override and override.name else config.name)
-        params = override.params if override and override.params else config.params
-        key = f"loss.pairs.{pair[0]}-{pair[1]}.params" if override and override.params else "loss.params"
-        losses[pair] = (build_loss(name, params, key), weight)
+        name, params = (override.name or config.name, override.params) if override else (config.name, config.params)
+        losses[pair] = (build_loss(name, params), weight)
     return losses
 
 

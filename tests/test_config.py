@@ -89,3 +89,36 @@ def test_a_column_is_switched_off_with_null_and_an_empty_name_is_refused():
     assert config.data.columns.group is None and config.data.columns.audio is None
     with pytest.raises(ConfigError, match=r"data\.columns\.group.*null"):
         load_config(None, TOWERS + ["data.columns.group="])
+
+
+@pytest.mark.parametrize("override, key", [
+    (["loss.params.betta=1"], "loss.params.betta"),
+    (["loss.params.same_group=positve"], "loss.params.same_group"),
+    (["loss.name=hcl", "loss.params.tau_plus=1.5"], "loss.params"),
+    (["loss.pairs.text-image.name=siglip", "loss.pairs.text-image.params.margin=0.2"], "loss.pairs.text-image.params.margin"),
+])
+def test_loss_parameters_are_typed_and_checked_at_load(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, THREE + override)
+
+
+THREE = TOWERS + ["model.towers.text.type=open_clip_text", f"model.towers.text.model={TINY_CLIP}",
+                  "model.towers.audio.type=audio_transformer"]
+
+
+def test_a_pair_with_another_loss_starts_from_that_losss_defaults():
+    config = load_config(None, THREE + ["loss.name=hcl", "loss.params.beta=0.5", "loss.params.same_group=positive",
+                                         "loss.pairs.text-image.name=infonce", "loss.pairs.text-audio.weight=2"])
+    assert config.loss.params.beta == 0.5
+    pair = config.loss.pairs["text-image"]
+    assert pair.name == "infonce" and pair.params.same_group == "ignore"  # InfoNCE's defaults, not hcl's params
+    same = config.loss.pairs["text-audio"]
+    assert same.name == "hcl" and same.params.beta == 0.5 and same.params.same_group == "positive"  # inherits
+
+
+def test_saved_config_reloads_to_the_same_loss(tmp_path):
+    config = load_config(None, THREE + ["loss.name=siglip", "loss.params.bias_init=-5",
+                                         "loss.pairs.text-image.name=infonce"])
+    save_config(config, str(tmp_path / "c.yaml"))
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert again.loss == config.loss
