@@ -14,7 +14,8 @@ import torch
 from align.config import Config, save_config, to_dict
 from align.data.transforms import SampleProcessor
 from align.model import build_model
-from align.objective import ContrastiveObjective, build_pair_losses, cached_step
+from align.objective import ContrastiveObjective, build_pair_losses
+from align.train.cached_step import cached_step
 from align.train import checkpoint
 from align.train.optim import build_optimizer, build_scheduler
 
