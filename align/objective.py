@@ -85,11 +85,14 @@ class ContrastiveObjective(nn.Module):
         # A modality absent from this batch (or an empty batch, which an exactly-once epoch can
         # hand a rank) still gets zero rows: every rank must call every pair's loss, which
         # gathers across ranks, whatever its own batch holds.
+        # The zeros hang on the temperature's graph (with a zero gradient): a backward through a
+        # batch with nothing to encode still runs, and under DDP reaches the reducer's hooks.
         size = len(batch["ids"])
         for modality in self.model.towers:
             if modality not in out:
                 dim = self.model.embed_dim or next((e.shape[-1] for e in out.values()), 1)
-                out[modality] = self.model.logit_scale().detach().new_zeros(size, dim)
+                scale = self.model.logit_scale()
+                out[modality] = scale.new_zeros(size, dim) * scale  # (B, D)
         negatives = batch.get("negatives")
         if negatives is not None and "text" in self.model.towers:
             mask = negatives["mask"]  # (B, K)
