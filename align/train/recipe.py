@@ -69,25 +69,23 @@ def train(config: Config) -> Dict[str, Any]:
     """Train as configured; returns the final evaluation (and the run's figures)."""
     from accelerate.utils import set_seed
 
-    from align.preflight import check_run_inputs
+    from align.preflight import check_run_inputs, check_train_split_fills_a_step
 
     check_run_inputs(config)  # a wrong path or model name is refused before anything is built or written
     accelerator = make_accelerator(config)
     out_dir = config.train.output_dir
     set_seed(config.train.seed)
-    if accelerator.is_main_process:
-        save_config(config, os.path.join(out_dir, "config.yaml"))
 
     model = build_model(config.model)
     objective = ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss))
     processor = SampleProcessor(model.preprocessors(train=True), max_negatives=config.data.max_negatives)
     loader = build_train_loader(config, processor, accelerator.process_index, accelerator.num_processes,
                                 pin_memory=accelerator.device.type == "cuda")
+    check_train_split_fills_a_step(config, loader, accelerator.num_processes)
+    if accelerator.is_main_process:
+        save_config(config, os.path.join(out_dir, "config.yaml"))
     accum = config.train.accum_steps
     steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"data.train={config.data.train}: fewer than {accum} batches of "
-                         f"{config.data.batch_size} per process; lower data.batch_size or train.accum_steps")
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
 
     tower_scale = {m: t.lr_scale for m, t in config.model.towers.items()}
