@@ -120,6 +120,9 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # Decay positional, token and class embeddings too, as open_clip's trainer does (ours does
+    # not by default, as CLIP and timm); norms, biases and the temperature are never decayed.
+    decay_embeddings: bool = False
     # AdamW kernel: auto = fused where the parameters' device has one (CPU, CUDA), else foreach.
     # All give the same update up to rounding; fused is several times faster than a Python loop.
     implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"

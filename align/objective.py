@@ -1,22 +1,15 @@
 """The contrastive objective: model + one loss per modality pair -> named loss terms.
 
 The training loop is the same for image-text, audio-text and three-way training: it calls the
-objective and back-propagates ``out["loss"]``. Two ways to compute a step:
-
-* ``objective(batch)``: encode every present modality, then each pair's loss on the rows that
-  have both (per-modality masks).
-* ``cached_step(micro_batches, backward, no_sync)``: exact large-batch accumulation in the
-  manner of GradCache (Gao et al. 2021, https://arxiv.org/abs/2101.06983). All micro-batches are
-  embedded without graphs, the loss is computed once over the whole batch (so every sample sees
-  every other as a negative), then each micro-batch is re-encoded with its RNG state restored
-  (same dropout) and back-propagated with the cached embedding gradients. Plain gradient
-  accumulation would only ever contrast samples within one micro-batch.
+objective and back-propagates ``out["loss"]``. ``objective(batch)`` encodes every present
+modality, then computes each pair's loss on the rows that have both (per-modality masks). Its
+``mode="embed"`` and ``mode="loss_from_embeddings"`` passes are what the cached (GradCache) step
+in align/train/cached_step.py is made of.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -83,11 +76,14 @@ class ContrastiveObjective(nn.Module):
         # A modality absent from this batch (or an empty batch, which an exactly-once epoch can
         # hand a rank) still gets zero rows: every rank must call every pair's loss, which
         # gathers across ranks, whatever its own batch holds.
+        # The zeros hang on the temperature's graph (with a zero gradient): a backward through a
+        # batch with nothing to encode still runs, and under DDP reaches the reducer's hooks.
         size = len(batch["ids"])
         for modality in self.model.towers:
             if modality not in out:
                 dim = self.model.embed_dim or next((e.shape[-1] for e in out.values()), 1)
-                out[modality] = self.model.logit_scale().detach().new_zeros(size, dim)
+                scale = self.model.logit_scale()
+                out[modality] = scale.new_zeros(size, dim) * scale  # (B, D)
         negatives = batch.get("negatives")
         if negatives is not None and "text" in self.model.towers:
             mask = negatives["mask"]  # (B, K)
@@ -139,71 +135,3 @@ class ContrastiveObjective(nn.Module):
         if mode != "loss":
             raise ValueError(f"unknown mode {mode!r}")
         return self.loss_from_embeddings(self.embed(batch), batch["masks"], batch.get("groups"), negatives_mask)
-
-
-def concat_batches(micro_batches: List[Mapping[str, Any]]) -> Dict[str, Any]:
-    """Concatenate masks and groups of micro-batches (inputs are not needed by the loss)."""
-    out: Dict[str, Any] = {"masks": {}, "groups": torch.cat([b["groups"] for b in micro_batches])}
-    for modality in micro_batches[0]["masks"]:
-        out["masks"][modality] = torch.cat([b["masks"][modality] for b in micro_batches])
-    if all(b.get("negatives") is not None for b in micro_batches):
-        out["negatives"] = {"mask": torch.cat([b["negatives"]["mask"] for b in micro_batches])}
-    return out
-
-
-def cached_step(objective: Callable, micro_batches: List[Mapping[str, Any]],
-                backward: Callable[[torch.Tensor], None],
-                no_sync: Callable[[], contextlib.AbstractContextManager]) -> Dict[str, torch.Tensor]:
-    """One exact large-batch step over ``micro_batches`` (GradCache); gradients are left in .grad.
-
-    ``objective`` is the (possibly DDP-wrapped) ContrastiveObjective; ``backward`` is e.g.
-    ``accelerator.backward``; ``no_sync`` returns the context that defers DDP's all-reduce. The
-    all-reduce happens once, on the last re-encoding pass.
-    """
-    # 1. Embed every micro-batch without a graph, remembering the RNG state each one started with.
-    rng_states, cached = [], []
-    with torch.no_grad():
-        for micro in micro_batches:
-            rng_states.append(_rng_state())
-            cached.append(objective(micro, mode="embed"))
-    keys = list(cached[0].keys())
-    sizes = [len(m["ids"]) for m in micro_batches]
-    full = {k: torch.cat([c[k] for c in cached]).requires_grad_(True) for k in keys}  # (k*B, D)
-
-    # 2. The loss once over the whole batch; gradients w.r.t. the embeddings are cached.
-    with no_sync():
-        terms = objective(concat_batches(micro_batches), mode="loss_from_embeddings", embeddings=full)
-        backward(terms["loss"])
-    grads = {k: torch.split(full[k].grad, sizes) for k in keys}
-
-    # 3. Re-encode each micro-batch with its RNG state and push the cached gradients through it
-    #    (vector-Jacobian product). The cached gradients already carry any fp16 loss scale, so
-    #    this pass uses plain autograd rather than ``backward``.
-    for index, micro in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else no_sync():
-            with _restored_rng(rng_states[index]):
-                embedded = objective(micro, mode="embed")
-            torch.autograd.backward([embedded[k] for k in keys], [grads[k][index] for k in keys])
-    return {k: v.detach() for k, v in terms.items()}
-
-
-def _rng_state() -> Dict[str, Any]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-@contextlib.contextmanager
-def _restored_rng(state: Dict[str, Any]):
-    saved = _rng_state()
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    try:
-        yield
-    finally:
-        torch.set_rng_state(saved["cpu"])
-        if "cuda" in saved:
-            torch.cuda.set_rng_state_all(saved["cuda"])

@@ -5,7 +5,9 @@ filesystem, so a checkpoint's config loads on a machine without its training dat
 the filesystem is checked here, when ``align train`` or ``align eval`` starts: manifests, local
 shards, the media root, model folders, open_clip model names and pretrained weights. A typo is
 refused in a second with the key that holds it, instead of surfacing as a traceback from a model
-factory or a dataloader worker after the model was built and the run folder written.
+factory or a dataloader worker after the model was built and the run folder written. A training
+split too small for one step is refused too, once its loader has counted it (before anything
+is written).
 """
 from __future__ import annotations
 
@@ -53,3 +55,15 @@ def check_run_inputs(config: Config) -> None:
     if config.data.root and not os.path.isdir(config.data.root):
         raise ConfigError(f"data.root: no such folder {config.data.root}")
     check_towers(config)
+
+
+def check_train_split_fills_a_step(config: Config, loader, processes: int) -> None:
+    """Training drops the tail of an epoch that does not fill a step on every process
+    (``drop_last``), so a split smaller than one optimiser step would train on nothing."""
+    accum = config.train.accum_steps
+    if len(loader) >= accum:
+        return
+    per_step = config.data.batch_size * processes * accum
+    raise ConfigError(f"data.train: {config.data.train} has {loader.rows} rows, fewer than one training step "
+                      f"takes ({per_step} = data.batch_size {config.data.batch_size} x {processes} process(es) x "
+                      f"train.accum_steps {accum}); lower data.batch_size or train.accum_steps")

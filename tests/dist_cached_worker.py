@@ -13,7 +13,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from align.config import LossConfig
-from align.objective import ContrastiveObjective, build_pair_losses, cached_step
+from align.objective import ContrastiveObjective, build_pair_losses
+from align.train.cached_step import cached_step
 from tests.test_objective import make_batch, tiny_model
 
 

@@ -12,7 +12,8 @@ from align.config import LossConfig, PairLossConfig
 from align.data.sample import collate
 from align.data.transforms import SampleProcessor
 from align.model import AlignModel
-from align.objective import ContrastiveObjective, build_pair_losses, cached_step
+from align.objective import ContrastiveObjective, build_pair_losses
+from align.train.cached_step import cached_step
 from align.registry import TOWERS
 from align.towers.open_clip import OpenClipConfig, load_clip_halves
 from tests.conftest import TINY_CLIP
@@ -95,7 +96,7 @@ def test_cached_step_equals_full_batch_gradient_with_dropout():
     torch.manual_seed(123)
     embedded = [objective(b, mode="embed") for b in micro]
     full = {k: torch.cat([e[k] for e in embedded]) for k in embedded[0]}
-    from align.objective import concat_batches
+    from align.train.cached_step import concat_batches
 
     reference_terms = objective(concat_batches(micro), mode="loss_from_embeddings", embeddings=full)
     reference_terms["loss"].backward()

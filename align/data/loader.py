@@ -49,6 +49,7 @@ class Loader(Protocol):
     ``align.data.shards.ShardLoader`` both provide it (see the module docstring)."""
 
     bad: BadSampleTally
+    rows: int  # samples an epoch draws from, over all ranks (manifest rows; shard samples)
 
     def __len__(self) -> int: ...
 
@@ -116,6 +117,10 @@ class ManifestLoader:
 
     def batches(self, epoch: int) -> List[np.ndarray]:
         return step_slices(self.order(epoch), self.batch_size, self.rank, self.world_size, self.drop_last)
+
+    @property
+    def rows(self) -> int:
+        return len(self.dataset)
 
     def __len__(self) -> int:
         per_step = self.batch_size * self.world_size

@@ -474,6 +474,11 @@ class ShardLoader:
                                  f"shards`, or use data.resampled=true with data.epoch_samples")
             self.total = sum(self.sizes.values())
 
+    @property
+    def rows(self) -> int:
+        """Samples per epoch over all ranks: every shard's count, or ``epoch_samples`` when resampled."""
+        return self.epoch_samples if self.resampled else self.total
+
     def __len__(self) -> int:
         if self.resampled:
             return self.epoch_samples // (self.world_size * self.batch_size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, Set
 
 import torch
 from einops import rearrange
@@ -111,6 +111,10 @@ class AudioTransformerTower(Tower):
 
     def trunk_blocks(self) -> List[nn.Module]:
         return list(self.blocks)
+
+    def no_weight_decay(self) -> Set[str]:
+        """The positional and class embeddings, raw parameters: not decayed (align/train/optim.py)."""
+        return {"position", "cls_token"}
 
     def trunk_tail(self) -> List[nn.Module]:
         return [self.norm]
@@ -227,6 +231,14 @@ class HFAudioTower(Tower):
     def preprocessor(self, train: bool) -> AudioPreprocessor:
         c = self.config
         return AudioPreprocessor(c.sample_rate, self.clip_seconds, c.crop if train else "center", c.pad, c.seed)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Raw parameters of the trunk's embeddings module (AST: the class and distillation
+        tokens and the position table): not decayed (align/train/optim.py)."""
+        embeddings = getattr(self.trunk, "embeddings", None)
+        if not isinstance(embeddings, nn.Module):
+            return set()
+        return {f"trunk.embeddings.{name}" for name, _ in embeddings.named_parameters(recurse=False)}
 
     def trunk_blocks(self) -> List[nn.Module]:
         encoder = getattr(self.trunk, "encoder", None)

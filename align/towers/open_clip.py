@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -181,6 +181,13 @@ def _encode_prefix(text: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
 
+def _raw_embeddings(tower: nn.Module) -> Set[str]:
+    """Names (in ``tower``) of its trunk's positional / class embeddings: open_clip holds them as
+    raw nn.Parameters (its token table is an nn.Embedding, which the optimiser knows by type)."""
+    kinds = ("positional_embedding", "class_embedding", "cls_emb")
+    return {name for name, _ in tower.named_parameters() if name.rsplit(".", 1)[-1] in kinds}
+
+
 def _params(config: OpenClipConfig) -> tuple:
     return config.model, config.pretrained, config.image_size, config.context_length, config.cache_dir
 
@@ -225,6 +232,10 @@ class OpenClipImageTower(Tower):
 
     def preprocessor(self, train: bool) -> Callable:
         return OpenClipImageTokens(self.transform(train))
+
+    def no_weight_decay(self) -> Set[str]:
+        """Positional and class embeddings: not decayed (align/train/optim.py)."""
+        return _raw_embeddings(self)
 
     def trunk_blocks(self) -> List[nn.Module]:
         if hasattr(self.trunk, "transformer"):  # VisionTransformer
@@ -285,6 +296,10 @@ class OpenClipTextTower(Tower):
 
     def _text(self) -> nn.Module:
         return getattr(self.trunk, "text", self.trunk)  # CustomTextCLIP keeps it under .text
+
+    def no_weight_decay(self) -> Set[str]:
+        """Positional (and CoCa's class) embeddings: not decayed (align/train/optim.py)."""
+        return _raw_embeddings(self)
 
     def trunk_blocks(self) -> List[nn.Module]:
         text = self._text()

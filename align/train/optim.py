@@ -2,26 +2,54 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Set
 
 import torch
 from torch import nn
 
 from align.config import OptimConfig
 
-# Norm scales, biases, the temperature and embeddings are not decayed (CLIP, open_clip):
-# decaying them shrinks what only sets a scale or an offset.
-NO_DECAY_MARKERS = ("bias", "norm", "ln_", ".ln", "bn", "logit", "positional_embedding", "token_embedding",
-                    "class_embedding", "cls_token", "pos_embed")
+# What is not decayed is decided by what a parameter is, not by its name (a name is whatever a
+# tower's author chose: our audio tower's positional embedding is ``position``). Decaying these
+# shrinks what only sets a scale, an offset or a lookup row (CLIP, timm):
+# * every parameter with ndim < 2: biases, norm scales, the temperature, SigLIP's bias;
+# * the parameters of normalisation modules and of nn.Embedding (token tables);
+# * what a module declares in ``no_weight_decay()`` (names relative to it, as timm's models do):
+#   the raw nn.Parameter positional / class embeddings of our towers and of timm trunks.
+# open_clip's own trainer excludes only ndim < 2, norms, biases and logit_scale, so it DOES decay
+# positional, token and class embeddings; ``optim.decay_embeddings=true`` follows it.
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm,
+         *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
 
-def is_no_decay(name: str, parameter: torch.Tensor) -> bool:
-    return parameter.ndim < 2 or any(marker in name.lower() for marker in NO_DECAY_MARKERS)
+def embedding_names(objective: nn.Module) -> Set[str]:
+    """Full names of the embedding tables: nn.Embedding weights and what modules declare."""
+    names: Set[str] = set()
+    for prefix, module in objective.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            names.update(dot + name for name, _ in module.named_parameters(recurse=False))
+        declared = getattr(module, "no_weight_decay", None)
+        if callable(declared):
+            names.update(dot + name for name in declared())
+    return names
+
+
+def no_decay_names(objective: nn.Module, decay_embeddings: bool = False) -> Set[str]:
+    """Full names of the parameters of ``objective`` that get no weight decay (rules above)."""
+    names = set() if decay_embeddings else embedding_names(objective)
+    for prefix, module in objective.named_modules():
+        if isinstance(module, NORMS):
+            dot = f"{prefix}." if prefix else ""
+            names.update(dot + name for name, _ in module.named_parameters(recurse=False))
+    names.update(name for name, parameter in objective.named_parameters() if parameter.ndim < 2)
+    return names
 
 
 def param_groups(objective: nn.Module, config: OptimConfig, tower_lr_scale: Dict[str, float]) -> List[dict]:
     """Groups by (decay or not) x (tower lr scale); frozen parameters are left out."""
     groups: Dict[tuple, dict] = {}
+    no_decay = no_decay_names(objective, config.decay_embeddings)
     for name, parameter in objective.named_parameters():
         if not parameter.requires_grad:
             continue
@@ -29,7 +57,7 @@ def param_groups(objective: nn.Module, config: OptimConfig, tower_lr_scale: Dict
         for modality, tower_scale in tower_lr_scale.items():
             if f"towers.{modality}." in name:
                 scale = tower_scale
-        decay = not is_no_decay(name, parameter)
+        decay = name not in no_decay
         key = (decay, scale)
         group = groups.setdefault(key, {"params": [], "names": [], "weight_decay": config.weight_decay if decay else 0.0,
                                         "lr": config.lr * scale, "lr_scale": scale})

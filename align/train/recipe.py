@@ -3,11 +3,12 @@ resume -> loop -> evaluate -> save. ``train(config)`` is what ``align train`` an
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -16,7 +17,8 @@ from align.data.loader import loader_from_config
 from align.errors import write_json_atomic
 from align.data.transforms import SampleProcessor
 from align.model import build_model
-from align.objective import ContrastiveObjective, build_pair_losses, cached_step
+from align.objective import ContrastiveObjective, build_pair_losses
+from align.train.cached_step import cached_step
 from align.train import checkpoint
 from align.train.optim import build_optimizer, build_scheduler
 
@@ -48,31 +50,108 @@ def make_accelerator(config: Config):
     )
 
 
+@dataclass
+class TrainState:
+    """Where a run stands; saved as ``trainer_state.json`` in every checkpoint, read on resume."""
+
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # the epoch being read
+    batch_in_epoch: int = 0  # loader batches of that epoch consumed (resume skips them)
+    samples: int = 0  # samples trained on, all processes
+
+    def to_dict(self) -> Dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainState":
+        return cls(**{f.name: int(values[f.name]) for f in dataclasses.fields(cls)})
+
+
+class SampleClock:
+    """Samples/s over a log window, measuring training only (data wait + step, as open_clip's
+    log does): evaluation and checkpointing run ``off_the_clock``."""
+
+    def __init__(self) -> None:
+        self.samples, self.start = 0, time.time()
+
+    def rate(self) -> float:
+        """Samples/s since the last call; starts the next window."""
+        rate = self.samples / max(time.time() - self.start, 1e-9)
+        self.samples, self.start = 0, time.time()
+        return rate
+
+    def off_the_clock(self, work: Callable, *args: Any) -> Any:
+        paused = time.time()
+        result = work(*args)
+        self.start += time.time() - paused
+        return result
+
+
+@dataclass
+class Run:
+    """What the loop works with once everything is built and prepared."""
+
+    accelerator: Any
+    config: Config
+    objective: Any  # the prepared (possibly DDP-wrapped) ContrastiveObjective
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    total_steps: int
+    history: List[Dict[str, float]] = field(default_factory=list)
+    progress: Any = None  # a tqdm bar on the main process, when asked for
+    clock: SampleClock = field(default_factory=SampleClock)
+
+
 def train(config: Config) -> Dict[str, Any]:
     """Train as configured; returns the final evaluation (and the run's figures)."""
     from accelerate.utils import set_seed
 
-    from align.preflight import check_run_inputs
+    from align.preflight import check_run_inputs, check_train_split_fills_a_step
 
     check_run_inputs(config)  # a wrong path or model name is refused before anything is built or written
     accelerator = make_accelerator(config)
     out_dir = config.train.output_dir
     set_seed(config.train.seed)
-    if accelerator.is_main_process:
-        save_config(config, os.path.join(out_dir, "config.yaml"))
 
     model = build_model(config.model)
     objective = ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss))
     processor = SampleProcessor(model.preprocessors(train=True), max_negatives=config.data.max_negatives)
     loader = loader_from_config(config, processor, rank=accelerator.process_index,
                                 world_size=accelerator.num_processes, pin_memory=accelerator.device.type == "cuda")
-    accum = config.train.accum_steps
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"data.train={config.data.train}: fewer than {accum} batches of "
-                         f"{config.data.batch_size} per process; lower data.batch_size or train.accum_steps")
+    check_train_split_fills_a_step(config, loader, accelerator.num_processes)
+    if accelerator.is_main_process:
+        save_config(config, os.path.join(out_dir, "config.yaml"))
+    steps_per_epoch = len(loader) // config.train.accum_steps
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
+    objective, optimizer, scheduler = prepare_training(accelerator, objective, config, total_steps)
 
+    state = TrainState()
+    resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
+    if resume_from:
+        accelerator.load_state(resume_from)
+        state = TrainState.from_dict(checkpoint.load_trainer_state(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+
+    accelerator.init_trackers(config.train.wandb_project, config=to_dict(config),
+                              init_kwargs={"wandb": {"mode": config.train.wandb, "dir": out_dir}})
+    global_batch = config.data.batch_size * config.train.accum_steps * accelerator.num_processes
+    accelerator.print(f"{total_steps} steps of {global_batch} samples (the number of negatives); "
+                      f"{steps_per_epoch} steps per epoch on each of {accelerator.num_processes} processes")
+
+    started = time.time()
+    run = Run(accelerator, config, objective, optimizer, scheduler, loader, total_steps,
+              progress=_progress(accelerator, config, total_steps, state.step))
+    while state.step < total_steps:
+        if train_epoch(run, state):
+            end_epoch(run, state)
+    if run.progress is not None:
+        run.progress.close()
+    return finish(run, state, started)
+
+
+def prepare_training(accelerator, objective: ContrastiveObjective, config: Config, total_steps: int):
+    """Optimiser and schedule over ``objective``, prepared by Accelerate -> (objective, optimizer, scheduler)."""
     tower_scale = {m: t.lr_scale for m, t in config.model.towers.items()}
     objective.to(accelerator.device)  # before the optimiser, whose kernel choice follows the device
     optimizer = build_optimizer(objective, config.optim, tower_scale)
@@ -80,83 +159,81 @@ def train(config: Config) -> Dict[str, Any]:
     # The scheduler is not prepared: Accelerate would step it once per process per call.
     objective, optimizer = accelerator.prepare(objective, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    return objective, optimizer, scheduler
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
-    resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
-    if resume_from:
-        accelerator.load_state(resume_from)
-        state = checkpoint.load_trainer_state(resume_from)
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
 
-    accelerator.init_trackers(config.train.wandb_project, config=to_dict(config),
-                              init_kwargs={"wandb": {"mode": config.train.wandb, "dir": out_dir}})
-    global_batch = config.data.batch_size * accum * accelerator.num_processes
-    accelerator.print(f"{total_steps} steps of {global_batch} samples (the number of negatives); "
-                      f"{steps_per_epoch} steps per epoch on each of {accelerator.num_processes} processes")
+def train_epoch(run: Run, state: TrainState) -> bool:
+    """Steps through the rest of ``state.epoch``; True when the epoch ran out, False when the
+    run reached its last step (the loop leaves there: the end evaluates and saves once)."""
+    accum, micro = run.config.train.accum_steps, []
+    for batch in run.loader.iterate(state.epoch, skip_batches=state.batch_in_epoch):
+        state.batch_in_epoch += 1
+        micro.append(to_device(batch, run.accelerator.device))
+        if len(micro) < accum:
+            continue
+        terms = _step(run.accelerator, run.objective, run.optimizer, micro, run.config)
+        run.scheduler.step()
+        n = sum(len(b["ids"]) for b in micro) * run.accelerator.num_processes
+        micro = []
+        state.step += 1
+        state.samples += n
+        run.clock.samples += n
+        if state.step % run.config.train.log_every == 0 or state.step == run.total_steps:
+            log_step(run, state, terms)
+        if run.progress is not None:
+            run.progress.update(1)
+        periodic_work(run, state, epoch_ended=False)
+        if state.step >= run.total_steps:
+            return False
+    return True  # batches short of a whole step (len(loader) % accum_steps) are left out
 
-    progress = _progress(accelerator, config, total_steps, state["step"])
-    eval_model = accelerator.unwrap_model(objective).model
-    history: List[Dict[str, float]] = []
-    started, window_samples, window_start = time.time(), 0, time.time()
 
-    def off_the_clock(work, *args):
-        """Run evaluation or checkpointing without charging it to samples/s (which, as in
-        open_clip's log, measures training: data wait + step)."""
-        nonlocal window_start
-        paused = time.time()
-        result = work(*args)
-        window_start += time.time() - paused
-        return result
+def end_epoch(run: Run, state: TrainState) -> None:
+    state.epoch += 1
+    state.batch_in_epoch = 0
+    periodic_work(run, state, epoch_ended=True)
 
-    while state["step"] < total_steps:
-        micro: List[dict] = []
-        for batch in loader.iterate(state["epoch"], skip_batches=state["batch_in_epoch"]):
-            state["batch_in_epoch"] += 1
-            micro.append(to_device(batch, accelerator.device))
-            if len(micro) < accum:
-                continue
-            terms = _step(accelerator, objective, optimizer, micro, config)
-            scheduler.step()
-            n = sum(len(b["ids"]) for b in micro) * accelerator.num_processes
-            micro = []
-            state["step"] += 1
-            state["samples"] += n
-            window_samples += n
-            if state["step"] % config.train.log_every == 0 or state["step"] == total_steps:
-                sps = window_samples / max(time.time() - window_start, 1e-9)
-                window_samples, window_start = 0, time.time()
-                record = mean_over_processes(accelerator, terms)
-                record.update(lr=scheduler.get_last_lr()[0], samples_per_s=sps, bad_samples=loader.bad.total)
-                history.append({"step": state["step"], **record})
-                accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state["step"])
-                if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{sps:.0f}", bad=loader.bad.total)
-            if progress is not None:
-                progress.update(1)
-            if config.train.eval_every and state["step"] % config.train.eval_every == 0:
-                off_the_clock(_evaluate, accelerator, eval_model, config, state["step"])
-            if config.train.save_every and state["step"] % config.train.save_every == 0:
-                off_the_clock(checkpoint.save_checkpoint, accelerator, objective, config, out_dir, state,
-                              config.train.keep_checkpoints)
-            if state["step"] >= total_steps:
-                break
-        else:  # the epoch ran out
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            if not config.train.eval_every and state["step"] < total_steps:
-                off_the_clock(_evaluate, accelerator, eval_model, config, state["step"])
-            if not config.train.save_every:
-                off_the_clock(checkpoint.save_checkpoint, accelerator, objective, config, out_dir, state,
-                              config.train.keep_checkpoints)
-    if progress is not None:
-        progress.close()
-    final = checkpoint.save_checkpoint(accelerator, objective, config, out_dir, state, config.train.keep_checkpoints)
-    results = _evaluate(accelerator, eval_model, config, state["step"], final=True)
-    summary = {"steps": state["step"], "samples": state["samples"], "seconds": time.time() - started,
-               "bad_samples": dict(loader.bad.counts), "checkpoint": final, "history": history, "eval": results}
+
+def periodic_work(run: Run, state: TrainState, epoch_ended: bool) -> None:
+    """Evaluate and save every ``eval_every`` / ``save_every`` steps, or at the end of each
+    epoch where that setting is 0; off the samples/s clock."""
+    train_config = run.config.train
+    if _due(train_config.eval_every, state.step, epoch_ended):
+        model = run.accelerator.unwrap_model(run.objective).model
+        run.clock.off_the_clock(_evaluate, run.accelerator, model, run.config, state.step)
+    if _due(train_config.save_every, state.step, epoch_ended):
+        run.clock.off_the_clock(checkpoint.save_checkpoint, run.accelerator, run.objective, run.config,
+                                train_config.output_dir, state.to_dict(), train_config.keep_checkpoints)
+
+
+def _due(every: int, step: int, epoch_ended: bool) -> bool:
+    return epoch_ended if every == 0 else not epoch_ended and step % every == 0
+
+
+def log_step(run: Run, state: TrainState, terms: Dict[str, torch.Tensor]) -> None:
+    """The step's global loss terms, lr, samples/s and bad samples to the trackers and the bar."""
+    sps = run.clock.rate()
+    bad = run.loader.bad.total
+    record = mean_over_processes(run.accelerator, terms)
+    record.update(lr=run.scheduler.get_last_lr()[0], samples_per_s=sps, bad_samples=bad)
+    run.history.append({"step": state.step, **record})
+    run.accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
+    if run.progress is not None:
+        run.progress.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{sps:.0f}", bad=bad)
+
+
+def finish(run: Run, state: TrainState, started: float) -> Dict[str, Any]:
+    """The last checkpoint and evaluation, then ``summary.json``; returns the summary."""
+    accelerator, config, loader = run.accelerator, run.config, run.loader
+    out_dir = config.train.output_dir
+    final = checkpoint.save_checkpoint(accelerator, run.objective, config, out_dir, state.to_dict(),
+                                       config.train.keep_checkpoints)
+    model = accelerator.unwrap_model(run.objective).model
+    results = _evaluate(accelerator, model, config, state.step, final=True)
+    summary = {"steps": state.step, "samples": state.samples, "seconds": time.time() - started,
+               "bad_samples": dict(loader.bad.counts), "checkpoint": final, "history": run.history, "eval": results}
     if accelerator.is_main_process:
-        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
+        write_json_atomic(summary, os.path.join(out_dir, "summary.json"))
         if loader.bad.total:
             accelerator.print(f"skipped {loader.bad.total} bad samples: {dict(loader.bad.counts)}")
     accelerator.end_training()
