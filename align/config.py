@@ -47,6 +47,10 @@ class ModelConfig:
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
     learn_temperature: bool = True
+    # Where the cap applies. forward: the losses see min(exp(t), max) and the gradient stops at
+    # the cap while t itself may drift above it. parameter: t is clamped to [0, log(max)] after
+    # each optimiser step, as open_clip's trainer does (the losses then see the same value).
+    logit_scale_clamp: Literal["forward", "parameter"] = "forward"
 
 
 @dataclass
@@ -134,6 +138,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 0  # 0 = epochs x steps per epoch
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    tf32: bool = True  # CUDA: TF32 matmuls + cuDNN benchmark in fp32 (open_clip's default); false = bit-exact fp32
     seed: int = 0
     accum_steps: int = 1  # exact large-batch accumulation (feature caching), see objective.py
     log_every: int = 10

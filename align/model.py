@@ -51,6 +51,12 @@ class AlignModel(nn.Module):
         # Clamp in log space so the gradient still reaches the parameter below the cap.
         return self.log_logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
 
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the parameter itself to [0, log(max_logit_scale)] (``logit_scale_clamp:
+        parameter``; open_clip's trainer does this after every optimiser step)."""
+        self.log_logit_scale.clamp_(0.0, math.log(self.max_logit_scale))
+
     def preprocessors(self, train: bool) -> Dict[str, Callable]:
         return {m: tower.preprocessor(train) for m, tower in self.towers.items()}
 

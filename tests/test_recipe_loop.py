@@ -21,7 +21,7 @@ class FakeLoader:
 
 def schedule(monkeypatch, eval_every, save_every, total_steps=4):
     done = []
-    monkeypatch.setattr(recipe, "_step", lambda *args: {"loss": torch.tensor(1.0)})
+    monkeypatch.setattr(recipe, "optimizer_step", lambda *args: {"loss": torch.tensor(1.0)})
     monkeypatch.setattr(recipe, "_evaluate", lambda accelerator, model, config, step: done.append(("eval", step)))
     monkeypatch.setattr(recipe.checkpoint, "save_checkpoint",
                         lambda accelerator, objective, config, out, state, keep: done.append(("save", state["step"])))

@@ -37,6 +37,13 @@ def make_accelerator(config: Config):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+    if torch.cuda.is_available():
+        # TF32 matmuls and cuDNN's autotuner, as open_clip's trainer turns on whenever CUDA is
+        # there: fp32 steps run on the tensor cores (10-bit mantissa products, fp32 sums).
+        # train.tf32=false keeps full fp32 products and deterministic kernels.
+        torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
+        torch.backends.cudnn.allow_tf32 = config.train.tf32
+        torch.backends.cudnn.benchmark = config.train.tf32
     # Some steps leave parameters unused on a rank: a batch with no audio, an empty tail batch
     # of an exactly-once epoch, the loss-only and encode-only passes of the cached step.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -171,7 +178,7 @@ def train_epoch(run: Run, state: TrainState) -> bool:
         micro.append(to_device(batch, run.accelerator.device))
         if len(micro) < accum:
             continue
-        terms = _step(run.accelerator, run.objective, run.optimizer, micro, run.config)
+        terms = optimizer_step(run.accelerator, run.objective, run.optimizer, micro, run.config)
         run.scheduler.step()
         n = sum(len(b["ids"]) for b in micro) * run.accelerator.num_processes
         micro = []
@@ -240,8 +247,13 @@ def finish(run: Run, state: TrainState, started: float) -> Dict[str, Any]:
     return summary
 
 
-def _step(accelerator, objective, optimizer, micro: List[dict], config: Config) -> Dict[str, torch.Tensor]:
-    """One optimiser step over ``micro`` (one batch, or accum_steps batches contrasted together)."""
+def optimizer_step(accelerator, objective, optimizer, micro: List[dict], config: Config) -> Dict[str, torch.Tensor]:
+    """One optimiser step over ``micro`` (one batch, or accum_steps batches contrasted together).
+
+    Returns the loss terms plus the gradient norms before clipping: ``grad_norm`` over every
+    parameter and ``grad_norm/<modality>`` per tower (after DDP's all-reduce: the same on every
+    rank; unscaled under fp16).
+    """
     if len(micro) == 1:
         with accelerator.autocast():
             terms = objective(micro[0])
@@ -249,11 +261,29 @@ def _step(accelerator, objective, optimizer, micro: List[dict], config: Config) 
     else:
         with accelerator.autocast():
             terms = cached_step(objective, micro, accelerator.backward, lambda: accelerator.no_sync(objective))
+    accelerator.unscale_gradients()  # fp16: true gradients for the norms and the clip (no-op otherwise)
+    model = accelerator.unwrap_model(objective).model
+    terms = {k: v.detach() for k, v in terms.items()}
+    terms.update(gradient_norms(accelerator.unwrap_model(objective)))
     if config.optim.grad_clip > 0:
-        accelerator.clip_grad_norm_(objective.parameters(), config.optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), config.optim.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {k: v.detach() for k, v in terms.items()}
+    if config.model.logit_scale_clamp == "parameter":
+        model.clamp_logit_scale_()
+    return terms
+
+
+def gradient_norms(objective: ContrastiveObjective) -> Dict[str, torch.Tensor]:
+    """L2 norms of the current gradients: all of them, and each tower's."""
+    def norm(parameters) -> torch.Tensor:
+        grads = [p.grad for p in parameters if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else objective.model.log_logit_scale.new_zeros(())
+
+    norms = {"grad_norm": norm(objective.parameters())}
+    for modality, tower in objective.model.towers.items():
+        norms[f"grad_norm/{modality}"] = norm(tower.parameters())
+    return norms
 
 
 def mean_over_processes(accelerator, terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
