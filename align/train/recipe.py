@@ -95,13 +95,11 @@ def train(config: Config) -> Dict[str, Any]:
     scheduler = build_scheduler(optimizer, total_steps, config.optim)
     # The scheduler is not prepared: Accelerate would step it once per process per call.
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
     resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
-    if resume_from:
-        accelerator.load_state(resume_from)
-        state = checkpoint.load_trainer_state(resume_from)
+    if resume_from:  # safetensors + JSON only (align/train/checkpoint.py): resuming unpickles nothing
+        state = checkpoint.load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler)
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
 
     accelerator.init_trackers(config.train.wandb_project, config=to_dict(config),
@@ -152,8 +150,8 @@ def train(config: Config) -> Dict[str, Any]:
             if config.train.eval_every and state["step"] % config.train.eval_every == 0:
                 off_the_clock(_evaluate, accelerator, eval_model, config, state["step"])
             if config.train.save_every and state["step"] % config.train.save_every == 0:
-                off_the_clock(checkpoint.save_checkpoint, accelerator, objective, config, out_dir, state,
-                              config.train.keep_checkpoints)
+                off_the_clock(checkpoint.save_checkpoint, accelerator, objective, optimizer, scheduler, config,
+                              out_dir, state, config.train.keep_checkpoints)
             if state["step"] >= total_steps:
                 break
         else:  # the epoch ran out
@@ -162,11 +160,12 @@ def train(config: Config) -> Dict[str, Any]:
             if not config.train.eval_every and state["step"] < total_steps:
                 off_the_clock(_evaluate, accelerator, eval_model, config, state["step"])
             if not config.train.save_every:
-                off_the_clock(checkpoint.save_checkpoint, accelerator, objective, config, out_dir, state,
-                              config.train.keep_checkpoints)
+                off_the_clock(checkpoint.save_checkpoint, accelerator, objective, optimizer, scheduler, config,
+                              out_dir, state, config.train.keep_checkpoints)
     if progress is not None:
         progress.close()
-    final = checkpoint.save_checkpoint(accelerator, objective, config, out_dir, state, config.train.keep_checkpoints)
+    final = checkpoint.save_checkpoint(accelerator, objective, optimizer, scheduler, config, out_dir, state,
+                                       config.train.keep_checkpoints)
     results = _evaluate(accelerator, eval_model, config, state["step"], final=True)
     summary = {"steps": state["step"], "samples": state["samples"], "seconds": time.time() - started,
                "bad_samples": dict(loader.bad.counts), "checkpoint": final, "history": history, "eval": results}
