@@ -9,7 +9,8 @@ items' text embeddings. A candidate is kept when it
     identical is likely an unlabelled duplicate), and
   * scores at most ``positive - --margin``, where positive is the anchor's score with its own
     text (NV-Retriever's positive-aware filter, https://arxiv.org/abs/2407.15831).
-The output manifest is the input plus a ``negatives`` column (list of texts; JSON in CSV) and a ``negative_ids`` column; the data pipeline delivers
+The output manifest (CSV, JSONL or Parquet, as the input) is the input plus a ``negatives``
+column (list of texts; JSON in CSV) and a ``negative_ids`` column; the data pipeline delivers
 them when ``data.max_negatives`` > 0. The checkpoint is read as ``align eval`` reads it:
 safetensors, YAML and JSON only, never a pickle.
 """
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align prep mine-negatives", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint or its model/ folder (model.safetensors)")
-    parser.add_argument("--manifest", required=True, help="CSV or JSONL catalogue to mine")
+    parser.add_argument("--manifest", required=True, help="CSV, JSONL or Parquet catalogue to mine")
     parser.add_argument("--out", required=True, help="output manifest (same format as the input)")
     parser.add_argument("--anchor", default="image", help="modality whose embedding queries the texts (image)")
     parser.add_argument("--k", type=int, default=32, help="neighbours retrieved per item before filtering")
@@ -80,6 +81,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from align.train.recipe import build_train_loader
 
     args = _parser().parse_args(argv)
+    if os.path.splitext(args.out)[1] != os.path.splitext(args.manifest)[1]:  # before the long embedding
+        raise SystemExit(f"--out {args.out}: the output is written in the manifest's format; "
+                         f"give it the suffix of {args.manifest}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.checkpoint, device=device)  # reads safetensors, YAML and JSON only
     config = read_saved_config(args.checkpoint, [f"eval.batch_size={args.batch_size}"])
@@ -116,13 +120,23 @@ def _columns(config):
 def _write(source: str, out: str, negatives: Dict[str, List[int]], ids: List[str], texts: List[Optional[str]],
            id_column: str, column: str) -> str:
     """Copy the manifest row by row, adding the negatives' texts and ids (JSON lists in CSV,
-    lists in JSONL). Written atomically: a failed write leaves no partial file."""
+    lists in JSONL and Parquet). Written atomically: a failed write leaves no partial file."""
     from align.errors import atomic_open
 
     def chosen(row: dict) -> List[int]:
         return negatives.get(str(row.get(id_column)), [])
 
-    if source.endswith(".jsonl"):
+    if source.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(source).to_pylist()
+        for row in rows:
+            row[column] = [texts[j] for j in chosen(row)]
+            row["negative_ids"] = [ids[j] for j in chosen(row)]
+        with atomic_open(out, "wb") as dst:
+            pq.write_table(pa.Table.from_pylist(rows), dst)
+    elif source.endswith(".jsonl"):
         with open(source, encoding="utf-8") as src, atomic_open(out) as dst:
             for line in src:
                 if not line.strip():
