@@ -9,8 +9,10 @@ items' text embeddings. A candidate is kept when it
     identical is likely an unlabelled duplicate), and
   * scores at most ``positive - --margin``, where positive is the anchor's score with its own
     text (NV-Retriever's positive-aware filter, https://arxiv.org/abs/2407.15831).
-The output manifest is the input plus a ``negatives`` column (JSON list of texts) and a
-``negative_ids`` column; the data pipeline delivers them when ``data.max_negatives`` > 0.
+The output manifest (CSV, JSONL or Parquet, as the input) is the input plus a ``negatives``
+column (list of texts; JSON in CSV) and a ``negative_ids`` column; the data pipeline delivers
+them when ``data.max_negatives`` > 0. The checkpoint is read as ``align eval`` reads it:
+safetensors, YAML and JSON only, never a pickle.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ import torch
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align prep mine-negatives", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint or export folder (model.safetensors)")
-    parser.add_argument("--manifest", required=True, help="CSV or JSONL catalogue to mine")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint or its model/ folder (model.safetensors)")
+    parser.add_argument("--manifest", required=True, help="CSV, JSONL or Parquet catalogue to mine")
     parser.add_argument("--out", required=True, help="output manifest (same format as the input)")
     parser.add_argument("--anchor", default="image", help="modality whose embedding queries the texts (image)")
     parser.add_argument("--k", type=int, default=32, help="neighbours retrieved per item before filtering")
@@ -72,17 +74,19 @@ def mine(anchor: np.ndarray, texts: np.ndarray, has_anchor: np.ndarray, has_text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from align.config import load_config
     from align.eval.runner import embed_split
-    from align.loading import load_model
+    from align.loading import load_model, read_saved_config
     from align.data.manifest import read_manifest
     from align.data.transforms import SampleProcessor
     from align.data.loader import loader_from_config
 
     args = _parser().parse_args(argv)
+    if os.path.splitext(args.out)[1] != os.path.splitext(args.manifest)[1]:  # before the long embedding
+        raise SystemExit(f"--out {args.out}: the output is written in the manifest's format; "
+                         f"give it the suffix of {args.manifest}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = load_config(os.path.join(args.checkpoint, "config.yaml"), [f"eval.batch_size={args.batch_size}"])
-    model = load_model(args.checkpoint, device=device)
+    model = load_model(args.checkpoint, device=device)  # reads safetensors, YAML and JSON only
+    config = read_saved_config(args.checkpoint, [f"eval.batch_size={args.batch_size}"])
     if "text" not in model.modalities or args.anchor not in model.modalities:
         raise SystemExit(f"the checkpoint needs text and {args.anchor} towers; it has {model.modalities}")
     loader = loader_from_config(config, SampleProcessor(model.preprocessors(train=False)), train=False,
@@ -107,31 +111,43 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _write(source: str, out: str, negatives: Dict[str, List[int]], ids: List[str], texts: List[Optional[str]],
            id_column: str, column: str) -> str:
-    """Copy the manifest row by row, adding the negatives' texts and ids."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-    tmp = out + ".tmp"
-    if source.endswith(".jsonl"):
-        with open(source, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+    """Copy the manifest row by row, adding the negatives' texts and ids (JSON lists in CSV,
+    lists in JSONL and Parquet). Written atomically: a failed write leaves no partial file."""
+    from align.errors import atomic_open
+
+    def chosen(row: dict) -> List[int]:
+        return negatives.get(str(row.get(id_column)), [])
+
+    if source.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(source).to_pylist()
+        for row in rows:
+            row[column] = [texts[j] for j in chosen(row)]
+            row["negative_ids"] = [ids[j] for j in chosen(row)]
+        with atomic_open(out, "wb") as dst:
+            pq.write_table(pa.Table.from_pylist(rows), dst)
+    elif source.endswith(".jsonl"):
+        with open(source, encoding="utf-8") as src, atomic_open(out) as dst:
             for line in src:
                 if not line.strip():
                     continue
                 row = json.loads(line)
-                chosen = negatives.get(str(row.get(id_column)), [])
-                row[column] = [texts[j] for j in chosen]
-                row["negative_ids"] = [ids[j] for j in chosen]
+                row[column] = [texts[j] for j in chosen(row)]
+                row["negative_ids"] = [ids[j] for j in chosen(row)]
                 dst.write(json.dumps(row) + "\n")
     else:
-        with open(source, newline="", encoding="utf-8") as src, open(tmp, "w", newline="", encoding="utf-8") as dst:
+        with open(source, newline="", encoding="utf-8") as src, atomic_open(out, newline="") as dst:
             reader = csv.DictReader(src)
-            fields = list(reader.fieldnames or []) + [f for f in (column, "negative_ids") if f not in (reader.fieldnames or [])]
+            header = list(reader.fieldnames or [])
+            fields = header + [f for f in (column, "negative_ids") if f not in header]
             writer = csv.DictWriter(dst, fieldnames=fields)
             writer.writeheader()
             for row in reader:
-                chosen = negatives.get(str(row.get(id_column)), [])
-                row[column] = json.dumps([texts[j] for j in chosen])
-                row["negative_ids"] = json.dumps([ids[j] for j in chosen])
+                row[column] = json.dumps([texts[j] for j in chosen(row)])
+                row["negative_ids"] = json.dumps([ids[j] for j in chosen(row)])
                 writer.writerow(row)
-    os.replace(tmp, out)
     # Media paths are relative to the manifest's folder: keep them valid next to the output.
     if os.path.dirname(os.path.abspath(out)) != os.path.dirname(os.path.abspath(source)):
         print(f"note: {out} is not beside {source}; set data.root={os.path.dirname(os.path.abspath(source))}")

@@ -35,3 +35,36 @@ def test_items_without_anchor_or_text_are_handled():
     assert kept[1] == []  # no anchor -> nothing mined
     assert 2 not in kept[0]  # item 2 has no text -> never a candidate
     assert kept[2] and all(j != 2 for j in kept[2])  # an item without its own text still gets negatives
+
+
+def test_mining_a_parquet_manifest_writes_parquet(tmp_path):
+    """`align prep mine-negatives` on a Parquet catalogue writes the same rows plus the negatives."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from align.config import load_config
+    from align.data.demo_catalogue import build_demo_catalogue
+    from align.model import build_model
+    from align.train.checkpoint import save_model
+    from data_prep.mine_negatives import main
+    from tests.conftest import TINY_CLIP
+
+    build_demo_catalogue(str(tmp_path), seed=0, n_train=8, n_test=24, image_size=32, clip_seconds=0.5)
+    manifest = tmp_path / "test.parquet"
+    pq.write_table(pcsv.read_csv(tmp_path / "test.csv"), manifest)
+    config = load_config(None, ["model.embed_dim=32", "data.columns.text=[title]", "data.num_workers=0",
+                                f"model.towers={{image: {{type: open_clip_image, model: {TINY_CLIP}}}, "
+                                f"text: {{type: open_clip_text, model: {TINY_CLIP}}}}}"])
+    save_model(build_model(config.model), config, str(tmp_path / "model"))
+    out = tmp_path / "mined.parquet"
+    assert main(["--checkpoint", str(tmp_path / "model"), "--manifest", str(manifest), "--out", str(out),
+                 "--min-score", "-1", "--max-score", "1", "--margin", "-2", "--device", "cpu"]) == 0
+    source, mined = pq.read_table(manifest).to_pylist(), pq.read_table(out).to_pylist()
+    assert [row["id"] for row in mined] == [row["id"] for row in source]
+    assert all({**row, "negatives": None, "negative_ids": None} == {**old, "negatives": None, "negative_ids": None}
+               for row, old in zip(mined, source))
+    texts = {str(row["id"]): row["title"] for row in source}  # ids come back as strings
+    with_image = [row for row in mined if row.get("image")]
+    assert with_image and all(row["negative_ids"] for row in with_image)
+    for row in mined:
+        assert row["negatives"] == [texts[i] for i in row["negative_ids"]] and str(row["id"]) not in row["negative_ids"]

@@ -69,16 +69,51 @@ def test_resume_continues_with_identical_state(demo, tmp_path):
     config = load_config(None, tiny_overrides(demo, resumed, "train.max_steps=6", "train.save_every=3",
                                               "train.keep_checkpoints=3", "data.val=''", "train.resume=latest"))
     train(config)
-    a = load_file(str(full / "checkpoints" / "step-00000006" / "model.safetensors"))
-    b = load_file(str(resumed / "checkpoints" / "step-00000006" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
-    optimizer_a = torch.load(full / "checkpoints" / "step-00000006" / "optimizer.bin", weights_only=True)
-    optimizer_b = torch.load(resumed / "checkpoints" / "step-00000006" / "optimizer.bin", weights_only=True)
-    assert optimizer_a["state"].keys() == optimizer_b["state"].keys()
-    for index in optimizer_a["state"]:
-        assert torch.allclose(optimizer_a["state"][index]["exp_avg"], optimizer_b["state"][index]["exp_avg"], atol=1e-7)
+    done_a, done_b = full / "checkpoints" / "step-00000006", resumed / "checkpoints" / "step-00000006"
+    for name in ("model.safetensors", "model/model.safetensors", "optimizer.safetensors"):
+        a, b = load_file(str(done_a / name)), load_file(str(done_b / name))
+        assert a.keys() == b.keys(), name
+        for key in a:
+            assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), (name, key)
+    assert any(key.endswith(".exp_avg") for key in load_file(str(done_a / "optimizer.safetensors")))
+    for name in ("optimizer.json", "scheduler.json", "trainer_state.json"):
+        assert json.load(open(done_a / name)) == json.load(open(done_b / name)), name
+
+
+def test_resume_restores_rng_and_scheduler_state(demo, tmp_path):
+    """Resuming sets every random stream and the schedule to where the saving run left them."""
+    import random
+
+    import numpy as np
+
+    from align.train.checkpoint import restore_rng
+
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(demo, run, "train.max_steps=3", "data.val=''")))
+    saved = run / "checkpoints" / "step-00000003"
+    tensors, metadata = load_file(str(saved / "rng-0.safetensors")), safe_metadata(saved / "rng-0.safetensors")
+    restore_rng(tensors, metadata)
+    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+
+    resumed = train(load_config(None, tiny_overrides(demo, run, "train.max_steps=3", "data.val=''",
+                                                     "train.resume=latest")))
+    assert resumed["steps"] == 3 and not resumed["history"]  # nothing left to train: state as loaded
+    # The final save of the resumed run wrote the RNG and schedule it restored (without restoring,
+    # they would be those of a fresh start: seeded, model built, schedule at step 0).
+    again = load_file(str(saved / "rng-0.safetensors"))
+    restore_rng(again, safe_metadata(saved / "rng-0.safetensors"))
+    assert torch.equal(torch.rand(4), expected[0])
+    assert np.array_equal(np.random.rand(4), expected[1])
+    assert [random.random() for _ in range(4)] == expected[2]
+    scheduler = json.load(open(saved / "scheduler.json"))
+    assert scheduler["last_epoch"] == 3 and scheduler["_step_count"] == 4
+
+
+def safe_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
 
 
 def test_bad_config_is_refused_before_anything_is_built(tmp_path, capsys):

@@ -66,14 +66,15 @@ def evaluate_model(model, config: Config, split: str, device: torch.device) -> D
 
 def evaluate_checkpoint(checkpoint: str, split: Optional[str] = None, overrides: Optional[List[str]] = None,
                         output: Optional[str] = None, device: Optional[str] = None) -> Dict[str, Dict[str, float]]:
-    """Load ``checkpoint`` (a folder with model.safetensors + config.yaml) and evaluate ``split``."""
-    from align.config import ConfigError, load_config
-    from align.loading import load_model
+    """Load ``checkpoint`` (a checkpoint or its ``model/`` folder; safetensors, YAML and JSON are
+    read, never a pickle: align/loading.py) and evaluate ``split``."""
+    from align.config import ConfigError
+    from align.loading import load_model, read_saved_config
     from align.preflight import check_data_spec
 
     if not os.path.isdir(checkpoint):
         raise ConfigError(f"--checkpoint {checkpoint}: no such folder")
-    config = load_config(os.path.join(checkpoint, "config.yaml"), overrides)
+    config = read_saved_config(checkpoint, overrides)
     key = "--split" if split else "eval.split" if config.eval.split else "data.val"
     split = split or config.eval.split or config.data.val
     if not split:

@@ -9,6 +9,7 @@ dataloader workers and compute the log-mel spectrogram themselves, on the model'
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from typing import List, Literal, Optional, Set
 
@@ -19,6 +20,7 @@ from torch import nn
 from align.data.audio_io import AudioPreprocessor
 from align.towers.base import Tower, projection_head
 from align.towers.log_mel import LogMel, normalize_log_mel
+from align.towers.text import check_model_path, load_hf_trunk, resolve_path, save_hf_sources, saved_hf_config
 
 # ------------------------------------------------------------------ ours
 
@@ -125,7 +127,7 @@ class AudioTransformerTower(Tower):
 
 @dataclass
 class HFAudioConfig:
-    path: str = ""  # model folder (from_pretrained), a config.json (random init) or pkg://package/dir
+    path: str = ""  # model folder (safetensors weights), a config.json (random init) or pkg://package/dir
     sample_rate: int = 16000
     clip_seconds: Optional[float] = None  # None: AST's max_length frames, 10 s for waveform models
     # Log-mel settings, used for spectrogram models (AST). Defaults approximate AST's Kaldi
@@ -148,24 +150,6 @@ class HFAudioConfig:
     local_files_only: bool = True  # never reach a hub unless asked
 
 
-def load_hf_audio_model(path: str, local_files_only: bool = True) -> nn.Module:
-    """``AutoModel`` from a folder (pretrained weights) or a ``config.json`` (random init).
-
-    Remote code is never run (``trust_remote_code=False``).
-    """
-    from transformers import AutoConfig, AutoModel
-
-    from align.towers.text import resolve_path
-
-    if not path:
-        raise ValueError("hf_audio needs `path`: a model folder or a config.json file")
-    path = resolve_path(path)
-    if os.path.isfile(path):
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        return AutoModel.from_config(config, trust_remote_code=False)
-    return AutoModel.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=False)
-
-
 class HFAudioTower(Tower):
     """A transformers audio encoder (AST, wav2vec2, HuBERT, WavLM ...) pooled + projected.
 
@@ -175,6 +159,9 @@ class HFAudioTower(Tower):
     ``input_values`` without mel bins) get the waveform normalised to zero mean, unit variance
     per clip. Note that AST checkpoints were trained on torchaudio's Kaldi fbank (Povey window,
     pre-emphasis, DC removal); our log-mel is close to it but not equal, so expect to fine-tune.
+
+    The trunk loads as the text tower's does (``load_hf_trunk``): safetensors weights only, a
+    ``config.json`` for random init; a checkpoint saves that config.json (``save_sources``).
     """
 
     modality = "audio"
@@ -182,14 +169,16 @@ class HFAudioTower(Tower):
 
     @classmethod
     def check_sources(cls, config: HFAudioConfig, key: str) -> None:
-        from align.towers.text import check_model_path
-
         check_model_path(config.path, config.local_files_only, f"{key}.path")
+
+    @classmethod
+    def saved_config(cls, config: HFAudioConfig, folder: str) -> HFAudioConfig:
+        return saved_hf_config(config, folder)
 
     def __init__(self, config: HFAudioConfig, embed_dim: int) -> None:
         super().__init__()
         self.config = config
-        self.trunk = load_hf_audio_model(config.path, config.local_files_only)
+        self.trunk = load_hf_trunk(config.path, config.local_files_only)
         trunk_config = self.trunk.config
         name = f"hf_audio {config.path!r} ({type(self.trunk).__name__})"
         if getattr(self.trunk, "main_input_name", None) != "input_values":
@@ -227,6 +216,17 @@ class HFAudioTower(Tower):
             return output.pooler_output  # AST: mean of its CLS and distillation tokens
         hidden = output.last_hidden_state  # (B, N, H)
         return hidden[:, 0] if self.config.pooling == "cls" else hidden.mean(dim=1)
+
+    def save_sources(self, folder: str) -> HFAudioConfig:
+        # The trunk's config.json is all that rebuilds it (our log-mel replaces its feature
+        # extractor); a preprocessor_config.json beside the source is kept for reference.
+        source = resolve_path(self.config.path)
+        source_folder = source if os.path.isdir(source) else os.path.dirname(source)
+        extractor = os.path.join(source_folder, "preprocessor_config.json")
+        saved = save_hf_sources(self.trunk, self.config, folder, self.modality)
+        if os.path.isfile(extractor):
+            shutil.copyfile(extractor, os.path.join(folder, self.modality, "preprocessor_config.json"))
+        return saved
 
     def preprocessor(self, train: bool) -> AudioPreprocessor:
         c = self.config

@@ -77,6 +77,20 @@ class Tower(nn.Module):
         cannot be found. Runs before a run builds anything (align/preflight.py); cheap: no model
         is created. Towers that read nothing from disk keep this default."""
 
+    def save_sources(self, folder: str) -> Any:
+        """Write what rebuilding this tower reads besides its weights (model configs, tokenizer
+        files, vocabularies) under ``folder`` (a checkpoint's ``model/``) and return the tower's
+        config pointing at them, with paths relative to ``folder``. Towers built from their
+        config alone keep this default."""
+        return self.config
+
+    @classmethod
+    def saved_config(cls, config: Any, folder: str) -> Any:
+        """The config to rebuild this tower from a model folder written by ``save_sources``:
+        paths relative to ``folder`` resolved, pretrained weights off (the folder's
+        model.safetensors overwrites them), so nothing outside ``folder`` is read."""
+        return config
+
     def preprocessor(self, train: bool) -> Callable[[Any], Any]:
         """A picklable callable: raw value (str, PIL image, (wave, sr)) -> model input tensor(s)."""
         raise NotImplementedError

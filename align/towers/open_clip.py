@@ -6,11 +6,18 @@ When the image and text towers name the same model and weights, one CLIP is crea
 between them, so fine-tuning a pretrained CLIP keeps both halves of the original pair; with
 ``projection: auto`` and ``model.embed_dim`` equal to the CLIP's, its zero-shot alignment is
 intact at step 0.
+
+Local ``pretrained`` files are read with ``torch.load(weights_only=True)``: tensors only, so a
+planted pickle payload is refused instead of run. A checkpoint's ``model/`` folder keeps a copy
+of a model-config JSON (``model/open_clip/<name>.json``) so it rebuilds with no other file.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Set, Tuple
 
@@ -18,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from align.errors import ConfigError
 from align.towers.base import TokenCache, Tower, projection_head, used_length
 
 
@@ -32,12 +40,18 @@ class OpenClipConfig:
 
 
 def resolve_model_name(model: str) -> str:
-    """A JSON path is registered with open_clip under its file stem; a name is checked."""
+    """A JSON path is registered with open_clip under its file stem (a file that is not JSON is a
+    ``ConfigError`` naming it); a name is checked."""
     import open_clip
 
     if model.endswith(".json"):
         if not os.path.isfile(model):
             raise FileNotFoundError(f"open_clip model config not found: {model}")
+        try:  # read it first: open_clip would keep a broken file on its search path
+            with open(model, encoding="utf-8") as handle:
+                json.load(handle)
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+            raise ConfigError(f"{model}: not a readable open_clip model-config JSON ({error})") from None
         open_clip.add_model_config(model)
         return os.path.splitext(os.path.basename(model))[0]
     if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
@@ -49,8 +63,6 @@ def check_open_clip_sources(config: OpenClipConfig, key: str) -> None:
     """``model`` is an open_clip name or an existing JSON; ``pretrained`` is empty, a file, or one
     of open_clip's tags for that model (compared as open_clip does: case and -/_ ignored)."""
     import open_clip
-
-    from align.errors import ConfigError
 
     try:
         name = resolve_model_name(config.model)
@@ -188,6 +200,30 @@ def _raw_embeddings(tower: nn.Module) -> Set[str]:
     return {name for name, _ in tower.named_parameters() if name.rsplit(".", 1)[-1] in kinds}
 
 
+SOURCES_SUBDIR = "open_clip"
+
+
+def save_open_clip_sources(tower: Tower, folder: str) -> OpenClipConfig:
+    """A model-config JSON is copied to ``folder/open_clip/`` (its file name is the model name);
+    open_clip's built-in names need nothing."""
+    config = tower.config
+    if not config.model.endswith(".json"):
+        return config
+    relative = os.path.join(SOURCES_SUBDIR, os.path.basename(config.model))
+    os.makedirs(os.path.join(folder, SOURCES_SUBDIR), exist_ok=True)
+    shutil.copyfile(config.model, os.path.join(folder, relative))
+    return dataclasses.replace(config, model=relative)
+
+
+def saved_open_clip_config(config: OpenClipConfig, folder: str) -> OpenClipConfig:
+    """Pretrained weights off (the folder's model.safetensors replaces them); a relative JSON
+    path resolved against ``folder``."""
+    model = config.model
+    if model.endswith(".json") and not os.path.isabs(model):
+        model = os.path.join(folder, model)
+    return dataclasses.replace(config, model=model, pretrained="")
+
+
 def _params(config: OpenClipConfig) -> tuple:
     return config.model, config.pretrained, config.image_size, config.context_length, config.cache_dir
 
@@ -198,6 +234,8 @@ class OpenClipImageTower(Tower):
     modality = "image"
     Config = OpenClipConfig
     check_sources = staticmethod(check_open_clip_sources)
+    saved_config = staticmethod(saved_open_clip_config)
+    save_sources = save_open_clip_sources
 
     def __init__(self, config: OpenClipConfig, embed_dim: int) -> None:
         super().__init__()
@@ -263,6 +301,8 @@ class OpenClipTextTower(Tower):
     modality = "text"
     Config = OpenClipConfig
     check_sources = staticmethod(check_open_clip_sources)
+    saved_config = staticmethod(saved_open_clip_config)
+    save_sources = save_open_clip_sources
 
     def __init__(self, config: OpenClipConfig, embed_dim: int) -> None:
         super().__init__()

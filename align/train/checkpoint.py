@@ -1,23 +1,49 @@
-"""Checkpoints: Accelerate state (model, optimiser, scheduler, RNG) + model weights + config.
+"""Checkpoints as safetensors and JSON only: nothing written here is a pickle, and resuming never
+unpickles (Accelerate's ``save_state``/``load_state`` write ``*.pkl``/``*.bin`` files read with
+``pickle``/``torch.load``, which run code planted in them). Accelerate still owns the process
+group, DDP and mixed precision; the state is written and read here. The layout::
+
+    step-XXXXXXXX/
+      trainer_state.json        step, epoch, batch_in_epoch, samples
+      config.yaml               the run's resolved config
+      model.safetensors         the objective's weights: the model + learnable loss parameters
+      model/                    what align.load_model takes (see save_model): loads on its own
+        model.safetensors       the model's weights
+        config.yaml             the config, towers pointing at the files beside it
+        <modality>/, open_clip/ tower sources: HF config + tokenizer, open_clip model JSON
+      optimizer.safetensors     optimiser state tensors, "<param index>.<name>" (exp_avg, step, ...)
+      optimizer.json            param_groups (hyperparameters) and non-tensor state entries
+      scheduler.json            the LR scheduler's state (a LambdaLR: its lambdas are code, not state)
+      grad_scaler.json          the fp16 GradScaler's state (mixed_precision fp16 only)
+      rng-<rank>.safetensors    each process's RNG: torch CPU and CUDA generators, numpy and
+                                python ``random`` (tensors + JSON in the safetensors metadata)
 
 Each checkpoint is written to ``step-XXXXXXXX.tmp`` and renamed when whole, so a crash mid-save
-never leaves a checkpoint that looks complete. Its ``model/`` folder (``model.safetensors`` +
-``config.yaml``) loads with ``align.load_model`` alone (safetensors holds tensors only: loading it runs no code).
+never leaves a checkpoint that looks complete. A disk full (any ``OSError``) while writing is a
+``RunError`` naming the checkpoint, on every process. Reading refuses a file that is not valid
+safetensors or JSON with a ``RunError`` naming it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 from align.config import Config, save_config
+from align.errors import RunError, write_json_atomic
+from align.loading import read_json, read_tensors
+
+log = logging.getLogger("align.train")
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-MODEL_SUBDIR = "model"  # Accelerate's own model.safetensors (the whole objective) sits beside it
+MODEL_SUBDIR = "model"
 
 
 def checkpoint_dir(output_dir: str, step: int) -> str:
@@ -44,45 +70,14 @@ def resolve_resume(output_dir: str, resume: str) -> Optional[str]:
     return resume
 
 
-def save_checkpoint(accelerator, objective, config: Config, output_dir: str, state: Dict[str, Any],
-                    keep: int) -> str:
-    """Write the checkpoint for ``state["step"]`` atomically; prune to ``keep`` newest."""
-    final = checkpoint_dir(output_dir, state["step"])
-    tmp = final + ".tmp"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)  # every rank writes its RNG state; main writes the rest
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(objective).model
-        save_model(model, config, os.path.join(tmp, MODEL_SUBDIR))
-        save_config(config, os.path.join(tmp, "config.yaml"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as handle:
-            json.dump(state, handle, indent=2)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+# ------------------------------------------------------------------ safe files
 
 
-def load_trainer_state(path: str) -> Dict[str, Any]:
-    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def save_model(model: torch.nn.Module, config: Config, folder: str) -> None:
-    """Model weights (safetensors) + the resolved config, enough to rebuild the model."""
+def write_tensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
     from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = os.path.join(folder, "model.safetensors.tmp")
-    save_file(_dedupe_shared(tensors), tmp, metadata={"format": "align"})
-    os.replace(tmp, os.path.join(folder, "model.safetensors"))
-    save_config(config, os.path.join(folder, "config.yaml"))
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(_dedupe_shared(cpu), path, metadata=metadata)
 
 
 def _dedupe_shared(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -94,3 +89,160 @@ def _dedupe_shared(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         out[name] = tensor.clone() if key in seen else tensor
         seen.setdefault(key, name)
     return out
+
+
+# ------------------------------------------------------------------ state <-> files
+
+
+def optimizer_files(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """A torch optimiser ``state_dict`` -> (tensors "<index>.<name>", JSON: param_groups + scalars)."""
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_state(tensors: Dict[str, torch.Tensor], data: Dict[str, Any]) -> Dict[str, Any]:
+    """The inverse of ``optimizer_files``: a ``state_dict`` that ``Optimizer.load_state_dict`` takes."""
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    for index, entries in data.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(entries)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in data["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def rng_files() -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """This process's RNG states: tensors, plus the non-tensor parts as JSON metadata strings."""
+    version, python_state, gauss_next = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    tensors = {"torch_cpu": torch.get_rng_state(), "python": torch.tensor(python_state, dtype=torch.int64),
+               "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        for device, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{device}"] = cuda_state
+    metadata = {"python": json.dumps({"version": version, "gauss_next": gauss_next}),
+                "numpy": json.dumps({"kind": kind, "position": int(position), "has_gauss": int(has_gauss),
+                                     "cached_gaussian": float(cached)})}
+    return tensors, metadata
+
+
+def restore_rng(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    python, numpy_rest = json.loads(metadata["python"]), json.loads(metadata["numpy"])
+    random.setstate((python["version"], tuple(tensors["python"].tolist()), python["gauss_next"]))
+    np.random.set_state((numpy_rest["kind"], tensors["numpy_keys"].numpy().astype(np.uint32), numpy_rest["position"],
+                         numpy_rest["has_gauss"], numpy_rest["cached_gaussian"]))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        for device in range(torch.cuda.device_count()):
+            if f"cuda_{device}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"cuda_{device}"], device)
+
+
+# ------------------------------------------------------------------ save / load
+
+
+def save_checkpoint(accelerator, objective, optimizer, scheduler, config: Config, output_dir: str,
+                    state: Dict[str, Any], keep: int) -> str:
+    """Write the checkpoint for ``state["step"]`` atomically; prune to ``keep`` newest.
+
+    Every process calls this (each writes its RNG file); the main process writes the rest.
+    """
+    final = checkpoint_dir(output_dir, state["step"])
+    tmp = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    failure = None
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        rng, rng_json = rng_files()
+        write_tensors(rng, os.path.join(tmp, f"rng-{accelerator.process_index}.safetensors"), metadata=rng_json)
+        if accelerator.is_main_process:
+            _write_main_state(accelerator, objective, optimizer, scheduler, config, tmp, state)
+    except OSError as error:
+        failure = error
+    _raise_if_any_failed(accelerator, failure, f"writing checkpoint {tmp}")
+    if accelerator.is_main_process:
+        try:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as error:
+            failure = error
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _raise_if_any_failed(accelerator, failure, f"renaming checkpoint {tmp} to {final}")
+    return final
+
+
+def _write_main_state(accelerator, objective, optimizer, scheduler, config: Config, folder: str,
+                      state: Dict[str, Any]) -> None:
+    unwrapped = accelerator.unwrap_model(objective)
+    save_model(unwrapped.model, config, os.path.join(folder, MODEL_SUBDIR))
+    write_tensors(unwrapped.state_dict(), os.path.join(folder, "model.safetensors"), metadata={"format": "align"})
+    tensors, groups = optimizer_files(optimizer.state_dict())
+    write_tensors(tensors, os.path.join(folder, "optimizer.safetensors"), metadata={"format": "align"})
+    write_json_atomic(groups, os.path.join(folder, "optimizer.json"))
+    # A LambdaLR's state holds its lambdas as None: they are code, rebuilt from the config.
+    write_json_atomic(scheduler.state_dict(), os.path.join(folder, "scheduler.json"))
+    if getattr(accelerator, "scaler", None) is not None:
+        write_json_atomic(accelerator.scaler.state_dict(), os.path.join(folder, "grad_scaler.json"))
+    save_config(config, os.path.join(folder, "config.yaml"))
+    write_json_atomic(state, os.path.join(folder, "trainer_state.json"))
+
+
+def _raise_if_any_failed(accelerator, failure: Optional[OSError], doing: str) -> None:
+    """All processes learn whether any failed (one all-reduce, which also acts as the barrier), so
+    none waits forever for a process that gave up; each raises ``RunError``."""
+    flag = torch.tensor([1.0 if failure is not None else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    if failure is not None:
+        raise RunError(f"{doing}: {failure} (is the disk full?)") from failure
+    if flag.item() > 0:
+        raise RunError(f"{doing}: another process failed (see its error)")
+
+
+def load_checkpoint(path: str, accelerator, objective, optimizer, scheduler) -> Dict[str, Any]:
+    """Restore a checkpoint written by ``save_checkpoint`` into the prepared training objects;
+    returns the trainer state. Only safetensors and JSON are read; ``*.pkl``/``*.bin`` files that
+    Accelerate would have written are never opened."""
+    state = read_json(os.path.join(path, "trainer_state.json"))
+    weights, _ = read_tensors(os.path.join(path, "model.safetensors"))
+    try:
+        accelerator.unwrap_model(objective).load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise RunError(f"{path}: the checkpoint's weights do not fit this run's model: {error}") from None
+    tensors, _ = read_tensors(os.path.join(path, "optimizer.safetensors"))
+    optimizer.load_state_dict(optimizer_state(tensors, read_json(os.path.join(path, "optimizer.json"))))
+    scheduler.load_state_dict(read_json(os.path.join(path, "scheduler.json")))
+    scaler_file = os.path.join(path, "grad_scaler.json")
+    if getattr(accelerator, "scaler", None) is not None and os.path.isfile(scaler_file):
+        accelerator.scaler.load_state_dict(read_json(scaler_file))
+    rng_file = os.path.join(path, f"rng-{accelerator.process_index}.safetensors")
+    if os.path.isfile(rng_file):
+        restore_rng(*read_tensors(rng_file))
+    else:  # a different number of processes than the run that saved it
+        log.warning("%s: no RNG state for process %d; its random streams start afresh", path, accelerator.process_index)
+    return state
+
+
+def save_model(model: torch.nn.Module, config: Config, folder: str) -> None:
+    """A self-contained model folder: weights (safetensors), every tower's sources (configs,
+    tokenizer files, model JSON) and the config pointing the towers at them, relative to
+    ``folder``. ``align.load_model(folder)`` needs nothing else."""
+    import copy
+
+    os.makedirs(folder, exist_ok=True)
+    saved = copy.deepcopy(config)
+    for modality, tower in model.towers.items():
+        saved.model.towers[modality].params = tower.save_sources(folder)
+    write_tensors(model.state_dict(), os.path.join(folder, "model.safetensors"), metadata={"format": "align"})
+    save_config(saved, os.path.join(folder, "config.yaml"))

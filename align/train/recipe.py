@@ -135,9 +135,9 @@ def train(config: Config) -> Dict[str, Any]:
 
     state = TrainState()
     resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
-    if resume_from:
-        accelerator.load_state(resume_from)
-        state = TrainState.from_dict(checkpoint.load_trainer_state(resume_from))
+    if resume_from:  # safetensors + JSON only (align/train/checkpoint.py): resuming unpickles nothing
+        state = TrainState.from_dict(checkpoint.load_checkpoint(resume_from, accelerator, objective, optimizer,
+                                                                scheduler))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
     accelerator.init_trackers(config.train.wandb_project, config=to_dict(config),
@@ -165,7 +165,6 @@ def prepare_training(accelerator, objective: ContrastiveObjective, config: Confi
     scheduler = build_scheduler(optimizer, total_steps, config.optim)
     # The scheduler is not prepared: Accelerate would step it once per process per call.
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     return objective, optimizer, scheduler
 
 
@@ -209,8 +208,9 @@ def periodic_work(run: Run, state: TrainState, epoch_ended: bool) -> None:
         model = run.accelerator.unwrap_model(run.objective).model
         run.clock.off_the_clock(_evaluate, run.accelerator, model, run.config, state.step)
     if _due(train_config.save_every, state.step, epoch_ended):
-        run.clock.off_the_clock(checkpoint.save_checkpoint, run.accelerator, run.objective, run.config,
-                                train_config.output_dir, state.to_dict(), train_config.keep_checkpoints)
+        run.clock.off_the_clock(checkpoint.save_checkpoint, run.accelerator, run.objective, run.optimizer,
+                                run.scheduler, run.config, train_config.output_dir, state.to_dict(),
+                                train_config.keep_checkpoints)
 
 
 def _due(every: int, step: int, epoch_ended: bool) -> bool:
@@ -233,8 +233,8 @@ def finish(run: Run, state: TrainState, started: float) -> Dict[str, Any]:
     """The last checkpoint and evaluation, then ``summary.json``; returns the summary."""
     accelerator, config, loader = run.accelerator, run.config, run.loader
     out_dir = config.train.output_dir
-    final = checkpoint.save_checkpoint(accelerator, run.objective, config, out_dir, state.to_dict(),
-                                       config.train.keep_checkpoints)
+    final = checkpoint.save_checkpoint(accelerator, run.objective, run.optimizer, run.scheduler, config, out_dir,
+                                       state.to_dict(), config.train.keep_checkpoints)
     model = accelerator.unwrap_model(run.objective).model
     results = _evaluate(accelerator, model, config, state.step, final=True)
     summary = {"steps": state.step, "samples": state.samples, "seconds": time.time() - started,
