@@ -33,7 +33,7 @@ from torch import Tensor
 
 from align.losses.base import SameGroup
 from align.losses.infonce import InfoNCE
-from align.losses.pairs import MASKED_LOGIT, PairedBatch
+from align.losses.pairs import MASKED_LOGIT, PairedBatch, upcast
 
 
 def _masked_logsumexp(values: Tensor, mask: Tensor) -> Tensor:
@@ -54,12 +54,12 @@ class HardNegativeInfoNCE(InfoNCE):
     def row_losses(self, queries: Tensor, candidates: Tensor, pairs: PairedBatch, logit_scale: Tensor,
                    explicit: Optional[Tensor]) -> Tensor:
         """(n,) HCL term of every local query (``terms``, both directions: as ``InfoNCE``)."""
-        logits = logit_scale * queries.float() @ candidates.float().T  # (n, N)
+        logits = logit_scale * upcast(queries) @ upcast(candidates).T  # (n, N)
         logits, positives, negatives = self.candidates(logits, pairs, explicit)  # (n, N + K)
         n_neg = negatives.sum(1)  # (n,)
         n_pos = positives.sum(1)
         has_neg = n_neg > 0
-        log_n_neg = torch.log(n_neg.clamp(min=1).float())
+        log_n_neg = torch.log(n_neg.clamp(min=1).to(logits.dtype))
         # log R_i = log sum_j exp((1 + beta) z_ij) - log sum_j exp(beta z_ij) + log M_i
         log_reweighted = (_masked_logsumexp((1 + self.beta) * logits, negatives)
                           - _masked_logsumexp(self.beta * logits, negatives) + log_n_neg)
@@ -70,7 +70,7 @@ class HardNegativeInfoNCE(InfoNCE):
             # log of ratio = tau_plus M_i mean_P exp(z_ip) / R_i; Ng_i <= 0 (ratio >= 1) falls
             # to the lower bound. All in log space: exp(z) overflows fp32 for logit scales ~100.
             log_ratio = (math.log(self.tau_plus) + log_n_neg + log_pos_mass
-                         - torch.log(n_pos.float()) - log_reweighted)
+                         - torch.log(n_pos.to(logits.dtype)) - log_reweighted)
             log_remaining = torch.log(-torch.expm1(log_ratio.clamp(max=-1e-30)))  # log(1 - ratio)
             log_ng = torch.where(log_ratio < 0, log_reweighted + log_remaining - math.log(1 - self.tau_plus),
                                  MASKED_LOGIT)

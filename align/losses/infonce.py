@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from align.losses.base import PairLoss
-from align.losses.pairs import MASKED_LOGIT, PairedBatch, negative_logits
+from align.losses.pairs import MASKED_LOGIT, PairedBatch, negative_logits, upcast
 
 
 class InfoNCE(PairLoss):
@@ -52,7 +52,7 @@ class InfoNCE(PairLoss):
     def row_losses(self, queries: Tensor, candidates: Tensor, pairs: PairedBatch, logit_scale: Tensor,
                    explicit: Optional[Tensor]) -> Tensor:
         """(n,) InfoNCE term of every local query against all candidates (dense (n, N) logits)."""
-        logits = logit_scale * queries.float() @ candidates.float().T  # (n, N)
+        logits = logit_scale * upcast(queries) @ upcast(candidates).T  # (n, N)
         logits, positives, negatives = self.candidates(logits, pairs, explicit)  # (n, N + K)
         logits = logits.masked_fill(~(positives | negatives), MASKED_LOGIT)  # ignored: exp(.) = 0
         positive_mean = torch.where(positives, logits, 0.0).sum(1) / positives.sum(1)  # (n,)

@@ -36,6 +36,12 @@ from align.losses.gather import gather_no_grad, gather_sizes, gather_with_grad, 
 MASKED_LOGIT = -1e9
 
 
+def upcast(x: Tensor) -> Tensor:
+    """Half-precision embeddings (bf16/fp16 autocast) are scored in float32; float32 and float64
+    stay as they are, so a float64 run (the parity checks) is float64 throughout."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass
 class PairedBatch:
     """Queries, gathered candidates and pair structure for one loss call (see module doc)."""
@@ -155,7 +161,7 @@ def explicit_cosines(pairs: PairedBatch) -> Optional[Tensor]:
     """(n, K) fp32 <a_i, n_ik> of each query with its explicit negatives; None when there are none."""
     if pairs.negatives is None or pairs.negatives.shape[1] == 0:
         return None
-    return torch.einsum("nd,nkd->nk", pairs.a_rows.float(), pairs.negatives.float())
+    return torch.einsum("nd,nkd->nk", upcast(pairs.a_rows), upcast(pairs.negatives))
 
 
 def negative_logits(pairs: PairedBatch, logit_scale: Tensor) -> Optional[Tensor]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from align.losses.base import PairLoss, SameGroup
-from align.losses.pairs import PairedBatch, explicit_cosines
+from align.losses.pairs import PairedBatch, explicit_cosines, upcast
 
 
 def explicit_negatives_term(pairs: PairedBatch, logit_scale: Tensor, bias: Tensor) -> Tensor:
@@ -55,7 +55,7 @@ class SigLIP(PairLoss):
 
     def terms(self, pairs: PairedBatch, logit_scale: Tensor) -> Dict[str, Tensor]:
         bias = self.logit_bias
-        logits = logit_scale * pairs.a_rows.float() @ pairs.b_cols.float().T + bias  # (n, N)
+        logits = logit_scale * upcast(pairs.a_rows) @ upcast(pairs.b_cols).T + bias  # (n, N)
         logits, positives, negatives = self.candidates(logits, pairs)  # same group under "ignore": neither
         signs = torch.where(positives, 1.0, -1.0)
         pair_losses = -F.logsigmoid(signs * logits)  # (n, N)

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from align.losses.base import PairLoss, SameGroup
 from align.losses.infonce import InfoNCE
-from align.losses.pairs import MASKED_LOGIT, PairedBatch, explicit_cosines
+from align.losses.pairs import MASKED_LOGIT, PairedBatch, explicit_cosines, upcast
 
 
 class MaxViolation(PairLoss):
@@ -73,7 +73,7 @@ class MaxViolation(PairLoss):
     def row_losses(self, queries: Tensor, candidates: Tensor, pairs: PairedBatch, logit_scale: Optional[Tensor],
                    explicit: Optional[Tensor]) -> Tensor:
         """(n,) hinge of every local query against its hardest negative."""
-        sims = queries.float() @ candidates.float().T  # (n, N) cosine
+        sims = upcast(queries) @ upcast(candidates).T  # (n, N) cosine
         sims_all, positives, negatives = self.candidates(sims, pairs, explicit)  # (n, N + K)
         # MASKED_LOGIT (not -inf) and a padded column keep empty rows / empty batches finite
         masked = torch.cat([sims_all.masked_fill(~negatives, MASKED_LOGIT),
