@@ -1,3 +1,4 @@
+import math
 import os
 import socket
 import subprocess
@@ -38,6 +39,73 @@ def launch_two_processes(script: str, *args: str, timeout: int = 180) -> subproc
         if done.returncode == 0 or "EADDRINUSE" not in done.stderr + done.stdout:
             break
     return done
+
+
+# Float32 rounding. The losses compute in float32 whatever the input dtype, and which kernels
+# (vectorised or not, which summation order) run depends on the CPU: a float32 result may differ
+# from the exact one by what rounding allows, never more. Tests compare such results with a
+# float64 reference within the bounds below (an error in the code moves them by far more).
+EPS32 = 2.0 ** -24  # unit roundoff: one float32 operation is off by at most this, relatively
+
+
+def logit_error(dim: int, scale: float) -> float:
+    """Bound on |z32 - z| for a logit z = scale * <q, c> of unit vectors of size ``dim``: a dot
+    product of dim terms rounds at most dim + 1 times values no bigger than scale * sum |q_k c_k|
+    <= scale (Cauchy-Schwarz), and the scaling once more."""
+    return (dim + 2) * scale * EPS32
+
+
+def infonce_error(dim: int, logits: int, rows: int, scale: float) -> float:
+    """Absolute bound on the float32 rounding of an InfoNCE-type loss, the mean over ``rows`` of
+    lse(z_i) - mean(z_i positives) over ``logits`` logits of size at most scale.
+
+    Each row's term moves by 2 logit errors; the logsumexp's exps, their sum over ``logits``
+    terms and its log add (logits + 3) roundings of values <= 1 after the max shift, then a few of
+    the row term (<= 2 scale + log(logits)); the mean over rows (and the two directions) adds
+    rows + 2 roundings of that size.
+    """
+    term = 2 * scale + math.log(logits)
+    return 2 * logit_error(dim, scale) + (logits + 3) * EPS32 + (rows + 6) * term * EPS32
+
+
+def infonce_grad_error(dim: int, logits: int, rows: int, scale: float, wrt_scale: bool = False) -> float:
+    """Absolute bound on every float32 gradient entry of an InfoNCE-type loss (both directions)
+    with respect to the unit embeddings and to the logit scale.
+
+    Per direction an entry is c * sum_j w_ij v_j with sum_j |w_ij| <= 2 (w = softmax p minus the
+    positives' weights) and |v_j| <= 1 (an embedding entry, or a cosine for the scale), c =
+    scale / rows for an embedding and an average over rows (c = 1) for the scale. Each p_ij is off
+    by at most p_ij (2 |dz| + (logits + 3) eps); the sums over j, rows and the dot products add
+    logits + rows + dim + 4 roundings of values <= 2.
+    """
+    weights = 2 * logit_error(dim, scale) + (logits + 3) * EPS32 + 2 * (logits + rows + dim + 4) * EPS32
+    return 2 * (1.0 if wrt_scale else scale / rows) * weights
+
+
+def siglip_error(dim: int, cols: int, rows: int, scale: float, bias: float, loss: float) -> float:
+    """Absolute bound on the float32 rounding of a SigLIP loss, (1 / rows) times a sum of
+    rows * cols terms softplus(-y (scale <a_i, b_j> + bias)) whose exact value is ``loss``.
+
+    softplus is 1-Lipschitz, so a term moves by a logit error plus a few roundings of the bias
+    and of its own value (<= scale + |bias| + 1); the sum of rows * cols non-negative terms adds
+    rows * cols + 2 roundings of their total.
+    """
+    term = scale + abs(bias) + 1
+    return cols * (logit_error(dim, scale) + 4 * term * EPS32) + (rows * cols + 2) * loss * EPS32
+
+
+def siglip_grad_error(dim: int, cols: int, rows: int, scale: float, wrt_scale: bool = False) -> float:
+    """Absolute bound on every float32 gradient entry of a SigLIP loss, with respect to the unit
+    embeddings or to the logit scale and bias (``wrt_scale``).
+
+    An embedding's entry is scale / rows times a sum over at most max(rows, cols) pairs of
+    sigmoid weights in [-1, 1] (sigmoid is 1/4-Lipschitz: each off by a quarter logit error plus
+    3 roundings) times unit-vector entries; the scale's and bias's sum all rows * cols pairs
+    (times cosines) divided by rows. Each sum adds its length + dim + 3 roundings of values <= 1.
+    """
+    n = rows * cols if wrt_scale else max(rows, cols)
+    weight = logit_error(dim, scale) / 4 + (n + dim + 6) * EPS32
+    return (n / rows if wrt_scale else scale * n / rows) * weight
 
 
 @pytest.fixture(autouse=True)

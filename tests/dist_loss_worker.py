@@ -68,6 +68,9 @@ def main(inputs_path: str, results_path: str) -> None:
     if rank == 0:
         torch.save(results, results_path)
     accelerator.wait_for_everyone()
+    # Leave the group before exiting: a rank that exits with gloo's threads still joinable can
+    # abort ("terminate called without an active exception") once its peer has gone.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

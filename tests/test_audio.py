@@ -80,6 +80,8 @@ def test_resample_matches_scipy_and_the_analytic_sine(orig, new):
     t = np.arange(len(out)) / new
     exact = np.sin(2 * np.pi * 440 * t) + 0.5 * np.sin(2 * np.pi * 3000 * t + 0.3)
     inner = slice(100, -100)  # both filters see zero padding at the edges
+    # the bounds are the two filter designs' difference (windowed sinc against scipy's Kaiser
+    # FIR), not rounding: float32 adds ~1e-6 (a 32-tap sum of values <= 1.5)
     np.testing.assert_allclose(out[inner], reference[inner], atol=3e-3)
     np.testing.assert_allclose(out[inner], exact[inner], atol=2e-3)
 
@@ -160,6 +162,9 @@ def test_log_mel_matches_transformers_numpy_reference(n_fft, win_length, mel_sca
                                 fft_length=n_fft, power=2.0, mel_filters=bank, mel_floor=1e-10, log_mel="log",
                                 dtype=np.float64).T  # (F, M)
         assert ours[row].shape == reference.shape == (1 + 8000 // 160, 40)
+        # log-mel error = relative error of a mel band's power. float32 FFT of a frame is off by
+        # ~log2(n_fft) eps of the frame's energy (~5e-7); these white-noise bands each hold
+        # >= ~1/200 of it, so |d log| <~ 1e-4, well inside 2e-3.
         np.testing.assert_allclose(ours[row], reference, atol=2e-3, rtol=1e-4)
 
 
@@ -170,7 +175,7 @@ def test_log_mel_runs_in_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = front(wave.bfloat16())
     assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, front(wave.bfloat16().float()))
+    torch.testing.assert_close(mixed, front(wave.bfloat16().float()))  # the same float32 computation
     assert plain.shape == (2, 26, 32)
 
 
@@ -214,7 +219,8 @@ def test_audio_tower_embeds_clips_and_trains(name, tmp_path):
     assert batch.shape == (3, prepare.clip_samples)
     embeddings = tower(batch)
     assert embeddings.shape == (3, EMBED_DIM)
-    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(3))
+    # float32 norm of a normalised vector of size 24: at most 24 + 3 roundings of 1, < 2e-6
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(3), rtol=0, atol=2e-6)
     target = torch.randn(3, EMBED_DIM)  # |e|^2 is constant after L2-normalisation: use a direction instead
     (embeddings * target).sum().backward()
     grads = [p.grad for p in tower.parameters() if p.requires_grad]
@@ -251,8 +257,11 @@ def test_hf_audio_feeds_our_log_mel_to_ast(tmp_path):
     padded = torch.cat([frames, torch.zeros(2, 100 - frames.shape[1], 64)], dim=1)
     reference_model = ASTModel(config).eval()
     reference_model.load_state_dict(tower.trunk.state_dict())
+    # Both trunks in float64 (the log-mel stays float32 on both sides, the same computation):
+    # they agree to float64 rounding on any CPU's kernels.
+    tower.trunk.double(), reference_model.double()
     with torch.no_grad():
-        expected = reference_model(input_values=padded).pooler_output
+        expected = reference_model(input_values=padded.double()).pooler_output
         torch.testing.assert_close(tower.features(wave), expected)
 
 
@@ -287,7 +296,7 @@ def test_hf_audio_takes_waveform_models(tmp_path):
     tower = HFAudioTower(HFAudioTower.Config(path=str(path), clip_seconds=0.25), EMBED_DIM)
     quiet = torch.randn(2, 4000)
     loud = quiet * 100  # per-clip normalisation: gain does not change the embedding
-    tower.eval()
+    tower.eval().double()  # float64: only the 1e-7 in the normaliser's variance tells them apart
     with torch.no_grad():
-        torch.testing.assert_close(tower(quiet), tower(loud), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(tower(quiet.double()), tower(loud.double()), atol=1e-4, rtol=1e-4)
     assert len(tower.trunk_blocks()) == 1

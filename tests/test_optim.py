@@ -19,11 +19,11 @@ class Toy(nn.Module):
 
 def run_steps(implementation: str, steps: int = 5) -> nn.Module:
     torch.manual_seed(0)
-    model = Toy()
+    model = Toy().double()  # float64: the kernels agree to rounding (~1e-16) on any CPU
     optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1, implementation=implementation),
                                 {"image": 0.5})
     for _ in range(steps):
-        tokens, pixels = torch.randint(0, 50, (6,)), torch.randn(6, 12)
+        tokens, pixels = torch.randint(0, 50, (6,)), torch.randn(6, 12).double()
         loss = (model.towers["text"](tokens) * model.towers["image"](pixels)).sum() * model.log_logit_scale.exp()
         loss.backward()
         optimizer.step()
@@ -40,7 +40,8 @@ def test_auto_picks_the_fused_kernel_on_cpu():
 def test_every_kernel_gives_the_python_loops_update(implementation):
     reference, other = run_steps("loop"), run_steps(implementation)
     for (name, a), (_, b) in zip(reference.named_parameters(), other.named_parameters()):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+        # in float64 two correct kernels agree to ~1e-15; five AdamW steps of lr 1e-2 move weights by ~1e-2
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10), name
 
 
 def test_groups_split_decay_and_tower_scale():
