@@ -1,6 +1,7 @@
 """Our trainer beside open_clip's own (``open_clip_train``) on the same image-caption CSV.
 
-Same open_clip model config (a tiny ViT at 64 px, configs/models/demo-vit.json), same samples,
+Same open_clip model (``--model``: a name or JSON config; by default the tiny ViT at 64 px of
+configs/models/demo-vit.json; the shared embedding dimension follows it), same samples,
 batch size, workers, optimiser (AdamW, lr, wd, betas, eps), warmup + cosine schedule, epochs and
 precision. Throughput is each trainer's steady state: samples / sum of per-step wall times
 (data wait included) after the first ``--skip-steps`` steps, from each trainer's own per-step log.
@@ -11,7 +12,8 @@ never occur in training.
 Each trainer runs ``--repeats`` times, alternating which goes first, and the figures are the
 medians: on a shared machine one run of either can be 20% off its typical speed.
 
-    python benchmarks/peer_openclip.py [--epochs 3] [--batch-size 128] [--repeats 3] [--device cuda --precision bf16]
+    python benchmarks/peer_openclip.py [--epochs 3] [--batch-size 128] [--repeats 3] [--seed 0]
+        [--model configs/models/demo-vit.json] [--device cuda --precision bf16]
 
 The last line is JSON: {"ours_sps", "openclip_sps", "ratio", "ours_r1", "openclip_r1"}.
 """
@@ -30,7 +32,23 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_JSON = os.path.join(REPO, "configs", "models", "demo-vit.json")
-MODEL_NAME = "demo-vit"
+
+
+def register_model(model: str) -> str:
+    """The open_clip name of ``model``: a JSON config is registered under its file stem."""
+    import open_clip
+
+    if model.endswith(".json"):
+        open_clip.add_model_config(model)
+        return os.path.splitext(os.path.basename(model))[0]
+    return model
+
+
+def embed_dim_of(model: str) -> int:
+    """The model's own embedding width (open_clip's ``embed_dim``)."""
+    import open_clip
+
+    return open_clip.get_model_config(register_model(model))["embed_dim"]
 
 
 def write_pairs_csv(manifest: str, out: str) -> int:
@@ -66,18 +84,18 @@ def run_openclip(args, train_csv: str, work: str) -> dict:
     work = os.path.join(work, "openclip-runs", str(time.time_ns()))
     argv = [
         "--train-data", train_csv, "--dataset-type", "csv", "--csv-separator", "\t",
-        "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", MODEL_NAME,
+        "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", register_model(args.model),
         "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--workers", str(args.workers),
         "--lr", str(args.lr), "--wd", str(args.wd), "--warmup", str(args.warmup), "--beta1", "0.9",
         "--beta2", "0.98", "--eps", "1e-6", "--precision", "amp_bf16" if args.precision == "bf16" else "fp32",
         "--logs", work, "--name", "openclip", "--log-every-n-steps", "1", "--save-frequency", "1",
-        "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "", "--seed", "0",
+        "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "", "--seed", str(args.seed),
         "--device", args.device,
     ]
-    code = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+    code = ("import sys, open_clip; sys.argv[1].endswith('.json') and open_clip.add_model_config(sys.argv[1]); "
             "from open_clip_train.main import main; main(sys.argv[2:])")
     started = time.time()
-    proc = subprocess.run([sys.executable, "-c", code, MODEL_JSON, *argv], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, args.model, *argv], capture_output=True, text=True)
     wall = time.time() - started
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -91,8 +109,9 @@ def run_openclip(args, train_csv: str, work: str) -> dict:
 def run_ours(args, manifest: str, work: str) -> dict:
     out = os.path.join(work, "ours", str(time.time_ns()))
     overrides = [
-        "model.embed_dim=128", "model.towers.image.type=open_clip_image", f"model.towers.image.model={MODEL_JSON}",
-        "model.towers.text.type=open_clip_text", f"model.towers.text.model={MODEL_JSON}",
+        f"model.embed_dim={embed_dim_of(args.model)}", "model.towers.image.type=open_clip_image",
+        f"model.towers.image.model={args.model}", "model.towers.text.type=open_clip_text",
+        f"model.towers.text.model={args.model}", f"train.seed={args.seed}",
         f"data.train={manifest}", "data.columns.text=[title]", f"data.batch_size={args.batch_size}",
         f"data.num_workers={args.workers}", f"optim.lr={args.lr}", f"optim.weight_decay={args.wd}",
         f"optim.warmup_steps={args.warmup}", "optim.grad_clip=0", f"train.epochs={args.epochs}",
@@ -138,16 +157,16 @@ def heldout_r1(model_image, model_text, preprocess, tokenize, test_csv: str, dev
     return results["text->image"]["R@1"]
 
 
-def evaluate_openclip(checkpoint: str, test_csv: str, device: str) -> float:
+def evaluate_openclip(model_name: str, checkpoint: str, test_csv: str, device: str) -> float:
     import open_clip
     import torch
 
-    open_clip.add_model_config(MODEL_JSON)
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME)
+    name = register_model(model_name)
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     model.eval().to(device)
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    tokenizer = open_clip.get_tokenizer(name)
     return heldout_r1(model.encode_image, lambda t: model.encode_text(t.to(device)), preprocess, tokenizer,
                       test_csv, device)
 
@@ -164,7 +183,7 @@ def evaluate_ours(checkpoint: str, test_csv: str, device: str) -> float:
                       test_csv, device)
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(REPO, "data", "demo"), help="demo catalogue folder")
     parser.add_argument("--epochs", type=int, default=3)
@@ -177,8 +196,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each trainer; medians are reported")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    args = parser.parse_args(argv)
+    parser.add_argument("--model", default=MODEL_JSON, help="open_clip model name or JSON config, for both trainers")
+    parser.add_argument("--seed", type=int, default=0, help="seeds both trainers (initial weights, order, augmentation)")
+    return parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Both trainers ``args.repeats`` times; the figures of the final JSON line."""
     if not os.path.exists(os.path.join(args.data, "train.csv")):
         from data_prep.demo import main as build_demo
 
@@ -205,11 +229,14 @@ def main(argv=None) -> int:
     print(f"median samples/s: ours {ours_sps:.1f}, open_clip {peer_sps:.1f}")
     # Both trainers are seeded, so every repeat ends in the same model; the first is evaluated.
     ours_r1 = evaluate_ours(runs["ours"][0]["checkpoint"], test_csv, args.device)
-    peer_r1 = evaluate_openclip(runs["open_clip"][0]["checkpoint"], test_csv, args.device)
+    peer_r1 = evaluate_openclip(args.model, runs["open_clip"][0]["checkpoint"], test_csv, args.device)
     print(f"held-out text->image R@1: ours {ours_r1:.3f}, open_clip {peer_r1:.3f}")
-    print(json.dumps({"ours_sps": round(ours_sps, 2), "openclip_sps": round(peer_sps, 2),
-                      "ratio": round(ours_sps / peer_sps, 3), "ours_r1": round(ours_r1, 4),
-                      "openclip_r1": round(peer_r1, 4)}))
+    return {"ours_sps": round(ours_sps, 2), "openclip_sps": round(peer_sps, 2), "ratio": round(ours_sps / peer_sps, 3),
+            "ours_r1": round(ours_r1, 4), "openclip_r1": round(peer_r1, 4)}
+
+
+def main(argv=None) -> int:
+    print(json.dumps(run(parse(argv))))
     return 0
 
 
