@@ -122,3 +122,14 @@ def test_saved_config_reloads_to_the_same_loss(tmp_path):
     save_config(config, str(tmp_path / "c.yaml"))
     again = load_config(str(tmp_path / "c.yaml"))
     assert again.loss == config.loss
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.towers.image.projection=linaer"], "model.towers.image.projection"),
+    (["model.towers.text.type=hf_text", "model.towers.text.pooling=max"], "model.towers.text.pooling"),
+    (["model.towers.audio.type=audio_transformer", "model.towers.audio.projection=MLP"], "model.towers.audio.projection"),
+    (["model.logit_scale_clamp=both"], "model.logit_scale_clamp"),
+])
+def test_free_string_choices_are_refused_at_load(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, TOWERS + override)

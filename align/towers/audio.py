@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from align.data.audio_io import AudioPreprocessor
-from align.towers.base import Tower, projection_head
+from align.towers.base import Projection, Tower, projection_head
 from align.towers.log_mel import LogMel, normalize_log_mel
 from align.towers.text import check_model_path, load_hf_trunk, resolve_path, save_hf_sources, saved_hf_config
 
@@ -46,7 +46,7 @@ class AudioTransformerConfig:
     patch_frames: int = 4  # each token is P consecutive frames x all mel bands
     dropout: float = 0.0
     pooling: Literal["mean", "cls"] = "mean"
-    projection: str = "auto"  # auto | none | linear | mlp (towers/base.py)
+    projection: Projection = "auto"  # see towers/base.py projection_head
     crop: Literal["random", "center", "start"] = "random"  # training crop; eval always centres
     pad: Literal["zero", "repeat"] = "zero"
     seed: Optional[int] = None  # reproducible random crops
@@ -143,7 +143,7 @@ class HFAudioConfig:
     norm_mean: float = -4.2677393  # AST AudioSet statistics; AST divides by 2 x std
     norm_std: float = 9.1379948
     pooling: Literal["mean", "cls", "pooler"] = "mean"
-    projection: str = "auto"
+    projection: Projection = "auto"
     crop: Literal["random", "center", "start"] = "random"
     pad: Literal["zero", "repeat"] = "zero"
     seed: Optional[int] = None

@@ -10,7 +10,7 @@ A registered tower is a class with a nested ``Config`` dataclass and the constru
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Union
+from typing import Any, Callable, Dict, List, Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +105,11 @@ class Tower(nn.Module):
         return []
 
 
-def projection_head(in_dim: int, out_dim: int, kind: str = "auto") -> nn.Module:
+# The projection into the shared space a tower's config chooses (see ``projection_head``).
+Projection = Literal["auto", "none", "linear", "mlp"]
+
+
+def projection_head(in_dim: int, out_dim: int, kind: Projection = "auto") -> nn.Module:
     """Projection into the shared space.
 
     ``auto`` keeps a pretrained alignment intact: identity when the trunk already emits the

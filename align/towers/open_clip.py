@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from align.errors import ConfigError
-from align.towers.base import TokenCache, Tower, projection_head, used_length
+from align.towers.base import Projection, TokenCache, Tower, projection_head, used_length
 
 
 @dataclass
@@ -35,7 +35,7 @@ class OpenClipConfig:
     pretrained: str = ""  # open_clip pretrained tag or local checkpoint file; "" = random init
     image_size: Optional[int] = None  # overrides the config's image size
     context_length: Optional[int] = None  # overrides the text context length
-    projection: str = "auto"  # auto | none | linear | mlp (see towers/base.py)
+    projection: Projection = "auto"  # see towers/base.py projection_head
     cache_dir: Optional[str] = None  # where open_clip keeps downloaded weights
 
 

