@@ -108,6 +108,16 @@ def siglip_grad_error(dim: int, cols: int, rows: int, scale: float, wrt_scale: b
     return (n / rows if wrt_scale else scale * n / rows) * weight
 
 
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """A 160 + 40 item demo catalogue at 32 px, one per test module (a module may damage its copy)."""
+    from align.data.demo_catalogue import build_demo_catalogue
+
+    out = tmp_path_factory.mktemp("small_demo")
+    build_demo_catalogue(str(out), seed=0, n_train=160, n_test=40, image_size=32, clip_seconds=0.5)
+    return str(out)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

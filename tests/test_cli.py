@@ -36,15 +36,6 @@ def test_info_logging_stays_on(monkeypatch):
     assert logging.getLogger("align.train").isEnabledFor(logging.INFO)
 
 
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory):
-    from align.data.demo_catalogue import build_demo_catalogue
-
-    out = tmp_path_factory.mktemp("small_demo")
-    build_demo_catalogue(str(out), seed=1, n_train=160, n_test=40, image_size=32, clip_seconds=0.5)
-    return str(out)
-
-
 def test_too_many_bad_samples_end_with_the_message_alone(small_demo, tmp_path, capsys):
     with open(os.path.join(small_demo, "train.csv"), newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))

@@ -19,15 +19,6 @@ from tests.conftest import REPO, launch_two_processes
 from tests.test_train_e2e import tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory):
-    from align.data.demo_catalogue import build_demo_catalogue
-
-    out = tmp_path_factory.mktemp("demo-dist")
-    build_demo_catalogue(str(out), seed=0, n_train=160, n_test=40, image_size=32, clip_seconds=0.5)
-    return str(out)
-
-
 def overrides(demo, out, batch_size):
     return tiny_overrides(demo, out, f"data.batch_size={batch_size}", "train.max_steps=3", "optim.warmup_steps=1",
                           "optim.grad_clip=1.0", "train.save_every=0", "train.keep_checkpoints=1")

@@ -20,7 +20,7 @@ from torch import nn
 from align.data.audio_io import AudioPreprocessor
 from align.towers.base import Projection, Tower, projection_head
 from align.towers.log_mel import LogMel, normalize_log_mel
-from align.towers.text import check_model_path, load_hf_trunk, resolve_path, save_hf_sources, saved_hf_config
+from align.towers.text import HFTrunkTower, load_hf_trunk, resolve_path, save_hf_sources
 
 # ------------------------------------------------------------------ ours
 
@@ -150,7 +150,7 @@ class HFAudioConfig:
     local_files_only: bool = True  # never reach a hub unless asked
 
 
-class HFAudioTower(Tower):
+class HFAudioTower(HFTrunkTower):
     """A transformers audio encoder (AST, wav2vec2, HuBERT, WavLM ...) pooled + projected.
 
     Spectrogram models (a config with ``num_mel_bins`` and ``max_length``, i.e. AST) get our
@@ -166,14 +166,6 @@ class HFAudioTower(Tower):
 
     modality = "audio"
     Config = HFAudioConfig
-
-    @classmethod
-    def check_sources(cls, config: HFAudioConfig, key: str) -> None:
-        check_model_path(config.path, config.local_files_only, f"{key}.path")
-
-    @classmethod
-    def saved_config(cls, config: HFAudioConfig, folder: str) -> HFAudioConfig:
-        return saved_hf_config(config, folder)
 
     def __init__(self, config: HFAudioConfig, embed_dim: int) -> None:
         super().__init__()

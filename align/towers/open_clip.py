@@ -228,14 +228,19 @@ def _params(config: OpenClipConfig) -> tuple:
     return config.model, config.pretrained, config.image_size, config.context_length, config.cache_dir
 
 
-class OpenClipImageTower(Tower):
-    """open_clip's vision trunk (ViT, ResNet or timm) + projection to the shared space."""
+class OpenClipTower(Tower):
+    """Either half of one open_clip CLIP (``load_clip_halves``): its config, sources and saving."""
 
-    modality = "image"
     Config = OpenClipConfig
     check_sources = staticmethod(check_open_clip_sources)
     saved_config = staticmethod(saved_open_clip_config)
     save_sources = save_open_clip_sources
+
+
+class OpenClipImageTower(OpenClipTower):
+    """open_clip's vision trunk (ViT, ResNet or timm) + projection to the shared space."""
+
+    modality = "image"
 
     def __init__(self, config: OpenClipConfig, embed_dim: int) -> None:
         super().__init__()
@@ -295,14 +300,10 @@ class OpenClipImageTower(Tower):
         return tail
 
 
-class OpenClipTextTower(Tower):
+class OpenClipTextTower(OpenClipTower):
     """open_clip's text transformer (or its HF text encoder) + projection to the shared space."""
 
     modality = "text"
-    Config = OpenClipConfig
-    check_sources = staticmethod(check_open_clip_sources)
-    saved_config = staticmethod(saved_open_clip_config)
-    save_sources = save_open_clip_sources
 
     def __init__(self, config: OpenClipConfig, embed_dim: int) -> None:
         super().__init__()

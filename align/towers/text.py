@@ -147,19 +147,24 @@ class HFTokenize:
         return self.cache(text)
 
 
-class HFTextTower(Tower):
+class HFTrunkTower(Tower):
+    """A tower whose trunk is a transformers model named by ``config.path`` (safetensors only);
+    its config has ``path`` and ``local_files_only``."""
+
+    @classmethod
+    def check_sources(cls, config: Any, key: str) -> None:
+        check_model_path(config.path, config.local_files_only, f"{key}.path")
+
+    @classmethod
+    def saved_config(cls, config: Any, folder: str) -> Any:
+        return saved_hf_config(config, folder)
+
+
+class HFTextTower(HFTrunkTower):
     """A transformers encoder (BERT, MiniLM, XLM-R ...) pooled to one vector + projection."""
 
     modality = "text"
     Config = HFTextConfig
-
-    @classmethod
-    def check_sources(cls, config: HFTextConfig, key: str) -> None:
-        check_model_path(config.path, config.local_files_only, f"{key}.path")
-
-    @classmethod
-    def saved_config(cls, config: HFTextConfig, folder: str) -> HFTextConfig:
-        return saved_hf_config(config, folder)
 
     def __init__(self, config: HFTextConfig, embed_dim: int) -> None:
         super().__init__()
