@@ -53,8 +53,22 @@ def build_pair_losses(modalities: List[str], config: LossConfig) -> Dict[Pair, T
     return losses
 
 
+@torch.no_grad()
+def batch_top1(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Share of this rank's valid rows whose own pair is the best-scoring of the rank's valid B
+    rows (A->B): a cheap training-health signal (rising from 1/n towards 1), NaN-free (0 when no
+    row is valid). Another positive of the same group that outscores the pair counts as a miss."""
+    rows = valid.nonzero(as_tuple=True)[0]
+    if rows.numel() == 0:
+        return a.new_zeros((), dtype=torch.float32)
+    scores = a[rows].float() @ b[rows].float().T  # (n, n)
+    hits = scores.argmax(dim=1) == torch.arange(rows.numel(), device=scores.device)
+    return hits.float().mean()
+
+
 class ContrastiveObjective(nn.Module):
-    """Model + pair losses. ``forward(batch)`` returns {"loss": total, "<a>-<b>": term, ...}.
+    """Model + pair losses. ``forward(batch)`` returns {"loss": total, "<a>-<b>": term,
+    "<a>-<b>/top1": batch_top1, ..., "logit_scale": s}.
 
     The objective (not the bare model) is what the optimiser and DDP see, so learnable loss
     parameters (SigLIP's bias) train and synchronise with the towers.
@@ -113,6 +127,7 @@ class ContrastiveObjective(nn.Module):
             # Every rank must call every pair's loss (it gathers across ranks), even with no valid rows.
             out = loss(embeddings[a], embeddings[b], logit_scale=scale, valid=valid, groups=groups, **kwargs)
             terms[name] = out["loss"].detach()
+            terms[f"{name}/top1"] = batch_top1(embeddings[a], embeddings[b], valid)
             weighted = self.weights[name] * out["loss"]
             total = weighted if total is None else total + weighted
         if total is None:

@@ -139,3 +139,15 @@ def test_empty_batch_and_missing_modality_still_give_a_differentiable_loss():
     terms = objective(no_audio)
     assert terms["text-image"].item() > 0
     terms["loss"].backward()
+
+
+def test_batch_top1_counts_rows_whose_pair_scores_best():
+    from align.objective import batch_top1
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    b = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
+    # valid columns 0, 1, 3. Row 0 scores 1.0 / 0.8 / 0.6: its pair wins -> hit. Row 1 scores
+    # 0 / 0.6 / 0.8: column 3 wins -> miss. Row 2 is invalid. Row 3 scores 0.6 / 0.96 / 1.0 -> hit.
+    valid = torch.tensor([True, True, False, True])
+    assert batch_top1(a, b, valid).item() == pytest.approx(2 / 3)
+    assert batch_top1(a, b, torch.zeros(4, dtype=torch.bool)).item() == 0.0

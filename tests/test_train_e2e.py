@@ -42,6 +42,15 @@ def test_short_run_lowers_loss_and_beats_chance(demo, tmp_path):
     summary = train(config)
     losses = [h["loss"] for h in summary["history"]]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    # training health, every logged step: temperature, learning rate, gradient norms per tower,
+    # and the share of rows whose pair is the top-1 in the batch (it rises as the model learns)
+    health = {"logit_scale", "lr", "grad_norm", "grad_norm/text", "grad_norm/image", "grad_norm/audio",
+              "text-image/top1", "text-audio/top1", "image-audio/top1"}
+    assert all(health <= set(h) for h in summary["history"])
+    top1 = [h["text-image/top1"] for h in summary["history"]]
+    assert sum(top1[-5:]) / 5 > sum(top1[:5]) / 5
+    saved = json.load(open(tmp_path / "run" / "summary.json"))
+    assert saved["history"][-1]["grad_norm/text"] == summary["history"][-1]["grad_norm/text"] > 0
     results = json.load(open(tmp_path / "run" / "eval.json"))
     assert {"text->image", "image->text", "text->audio", "audio->text", "image->audio", "audio->image"} <= set(results)
     t2i = results["text->image"]
