@@ -140,7 +140,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     tf32: bool = True  # CUDA: TF32 matmuls + cuDNN benchmark in fp32 (open_clip's default); false = bit-exact fp32
     seed: int = 0
-    accum_steps: int = 1  # exact large-batch accumulation (feature caching), see objective.py
+    accum_steps: int = 1  # exact large-batch accumulation (feature caching), see train/cached_step.py
     log_every: int = 10
     eval_every: int = 0  # steps; 0 = at the end of each epoch
     save_every: int = 0  # steps; 0 = at the end of each epoch
