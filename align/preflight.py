@@ -54,6 +54,10 @@ def check_run_inputs(config: Config) -> None:
             check_data_spec(key, spec)
     if config.data.root and not os.path.isdir(config.data.root):
         raise ConfigError(f"data.root: no such folder {config.data.root}")
+    resume = config.train.resume
+    if resume not in ("", "latest") and not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+        raise ConfigError(f"train.resume: {resume} is not a complete checkpoint (no trainer_state.json); "
+                          "give a checkpoint folder, 'latest' or ''")
     check_towers(config)
 
 

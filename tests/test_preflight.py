@@ -36,6 +36,7 @@ def run_overrides(manifest, out, *extra):
     ("data.val=/nowhere/test.jsonl", "data.val: manifest /nowhere/test.jsonl does not exist"),
     ("data.root=/nowhere", "data.root: no such folder /nowhere"),
     ("data.train=''", "data.train is required"),
+    ("train.resume=/nowhere/step-00000100", "train.resume: /nowhere/step-00000100 is not a complete checkpoint"),
 ])
 def test_train_refuses_what_does_not_exist_before_writing_anything(manifest, tmp_path, capsys, override, message):
     out = tmp_path / "run"

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from align.config import Config, save_config
-from align.errors import RunError, write_json_atomic
+from align.errors import ConfigError, RunError, write_json_atomic
 from align.loading import read_json, read_tensors
 
 log = logging.getLogger("align.train")
@@ -66,7 +66,8 @@ def resolve_resume(output_dir: str, resume: str) -> Optional[str]:
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
     if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
-        raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint (no trainer_state.json)")
+        raise ConfigError(f"train.resume: {resume} is not a complete checkpoint (no trainer_state.json); "
+                          "give a checkpoint folder, 'latest' or ''")
     return resume
 
 
