@@ -72,13 +72,13 @@ def load_model(folder: str, device: Optional[torch.device] = None) -> AlignModel
     folder = model_folder(folder)
     weights = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{folder}: no model.safetensors (is this an align checkpoint?)")
+        raise RunError(f"{folder}: no model.safetensors (give a checkpoint folder or its model/ folder)")
     config = read_saved_config(folder)
     model = build_model(rebuild_config(config.model, os.path.abspath(folder)))
     state, _ = read_tensors(weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{weights} does not match its config.yaml: {error}") from error
+        raise RunError(f"{weights} does not match its config.yaml: {error}") from None
     model.eval()
     return model.to(device) if device is not None else model
