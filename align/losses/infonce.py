@@ -29,7 +29,7 @@ Related: ``infonce_tiled`` (same value, O(tile^2) memory), ``hcl`` (re-weighted 
 
 Example::
 
-    loss = InfoNCE()(a, b, logit_scale=model.logit_scale.exp())["loss"]
+    loss = InfoNCE()(a, b, logit_scale=model.logit_scale())["loss"]
 """
 from __future__ import annotations
 
