@@ -7,7 +7,7 @@ failure into a ``BadSample`` naming the sample and modality, so loaders can coun
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping
 
 import torch
 

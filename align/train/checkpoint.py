@@ -25,13 +25,15 @@ safetensors or JSON with a ``RunError`` naming it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import random
 import re
 import shutil
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -69,6 +71,23 @@ def resolve_resume(output_dir: str, resume: str) -> Optional[str]:
         raise ConfigError(f"train.resume: {resume} is not a complete checkpoint (no trainer_state.json); "
                           "give a checkpoint folder, 'latest' or ''")
     return resume
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved as ``trainer_state.json`` in every checkpoint, read on resume."""
+
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # the epoch being read
+    batch_in_epoch: int = 0  # loader batches of that epoch consumed (resume skips them)
+    samples: int = 0  # samples trained on, all processes
+
+    def to_dict(self) -> Dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainState":
+        return cls(**{f.name: int(values[f.name]) for f in dataclasses.fields(cls)})
 
 
 # ------------------------------------------------------------------ safe files
@@ -150,12 +169,12 @@ def restore_rng(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> N
 
 
 def save_checkpoint(accelerator, objective, optimizer, scheduler, config: Config, output_dir: str,
-                    state: Dict[str, Any], keep: int) -> str:
-    """Write the checkpoint for ``state["step"]`` atomically; prune to ``keep`` newest.
+                    state: TrainState, keep: int) -> str:
+    """Write the checkpoint for ``state.step`` atomically; prune to ``keep`` newest.
 
     Every process calls this (each writes its RNG file); the main process writes the rest.
     """
-    final = checkpoint_dir(output_dir, state["step"])
+    final = checkpoint_dir(output_dir, state.step)
     tmp = final + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -184,7 +203,7 @@ def save_checkpoint(accelerator, objective, optimizer, scheduler, config: Config
 
 
 def _write_main_state(accelerator, objective, optimizer, scheduler, config: Config, folder: str,
-                      state: Dict[str, Any]) -> None:
+                      state: TrainState) -> None:
     unwrapped = accelerator.unwrap_model(objective)
     save_model(unwrapped.model, config, os.path.join(folder, MODEL_SUBDIR))
     write_tensors(unwrapped.state_dict(), os.path.join(folder, "model.safetensors"), metadata={"format": "align"})
@@ -196,7 +215,7 @@ def _write_main_state(accelerator, objective, optimizer, scheduler, config: Conf
     if getattr(accelerator, "scaler", None) is not None:
         write_json_atomic(accelerator.scaler.state_dict(), os.path.join(folder, "grad_scaler.json"))
     save_config(config, os.path.join(folder, "config.yaml"))
-    write_json_atomic(state, os.path.join(folder, "trainer_state.json"))
+    write_json_atomic(state.to_dict(), os.path.join(folder, "trainer_state.json"))
 
 
 def _raise_if_any_failed(accelerator, failure: Optional[OSError], doing: str) -> None:
@@ -211,11 +230,15 @@ def _raise_if_any_failed(accelerator, failure: Optional[OSError], doing: str) ->
         raise RunError(f"{doing}: another process failed (see its error)")
 
 
-def load_checkpoint(path: str, accelerator, objective, optimizer, scheduler) -> Dict[str, Any]:
+def load_checkpoint(path: str, accelerator, objective, optimizer, scheduler) -> TrainState:
     """Restore a checkpoint written by ``save_checkpoint`` into the prepared training objects;
     returns the trainer state. Only safetensors and JSON are read; ``*.pkl``/``*.bin`` files that
     Accelerate would have written are never opened."""
-    state = read_json(os.path.join(path, "trainer_state.json"))
+    state_file = os.path.join(path, "trainer_state.json")
+    try:
+        state = TrainState.from_dict(read_json(state_file))
+    except (KeyError, TypeError, ValueError) as error:
+        raise RunError(f"{state_file}: not a trainer state ({error!r})") from None
     weights, _ = read_tensors(os.path.join(path, "model.safetensors"))
     try:
         accelerator.unwrap_model(objective).load_state_dict(weights, strict=True)

@@ -3,23 +3,24 @@ resume -> loop -> evaluate -> save. ``train(config)`` is what ``align train`` an
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from align.config import Config, save_config, to_dict
 from align.data.loader import loader_from_config
-from align.errors import write_json_atomic
 from align.data.transforms import SampleProcessor
+from align.errors import write_json_atomic
 from align.model import build_model
 from align.objective import ContrastiveObjective, build_pair_losses
-from align.train.cached_step import cached_step
 from align.train import checkpoint
+from align.train.checkpoint import TrainState
+from align.train.cached_step import cached_step
+from align.train.health import SampleClock, gradient_norms, mean_over_processes
 from align.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("align.train")
@@ -55,43 +56,6 @@ def make_accelerator(config: Config):
         project_config=ProjectConfiguration(project_dir=config.train.output_dir),
         kwargs_handlers=[ddp],
     )
-
-
-@dataclass
-class TrainState:
-    """Where a run stands; saved as ``trainer_state.json`` in every checkpoint, read on resume."""
-
-    step: int = 0  # optimiser steps taken
-    epoch: int = 0  # the epoch being read
-    batch_in_epoch: int = 0  # loader batches of that epoch consumed (resume skips them)
-    samples: int = 0  # samples trained on, all processes
-
-    def to_dict(self) -> Dict[str, int]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainState":
-        return cls(**{f.name: int(values[f.name]) for f in dataclasses.fields(cls)})
-
-
-class SampleClock:
-    """Samples/s over a log window, measuring training only (data wait + step, as open_clip's
-    log does): evaluation and checkpointing run ``off_the_clock``."""
-
-    def __init__(self) -> None:
-        self.samples, self.start = 0, time.time()
-
-    def rate(self) -> float:
-        """Samples/s since the last call; starts the next window."""
-        rate = self.samples / max(time.time() - self.start, 1e-9)
-        self.samples, self.start = 0, time.time()
-        return rate
-
-    def off_the_clock(self, work: Callable, *args: Any) -> Any:
-        paused = time.time()
-        result = work(*args)
-        self.start += time.time() - paused
-        return result
 
 
 @dataclass
@@ -136,8 +100,7 @@ def train(config: Config) -> Dict[str, Any]:
     state = TrainState()
     resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
     if resume_from:  # safetensors + JSON only (align/train/checkpoint.py): resuming unpickles nothing
-        state = TrainState.from_dict(checkpoint.load_checkpoint(resume_from, accelerator, objective, optimizer,
-                                                                scheduler))
+        state = checkpoint.load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
     accelerator.init_trackers(config.train.wandb_project, config=to_dict(config),
@@ -209,7 +172,7 @@ def periodic_work(run: Run, state: TrainState, epoch_ended: bool) -> None:
         run.clock.off_the_clock(_evaluate, run.accelerator, model, run.config, state.step)
     if _due(train_config.save_every, state.step, epoch_ended):
         run.clock.off_the_clock(checkpoint.save_checkpoint, run.accelerator, run.objective, run.optimizer,
-                                run.scheduler, run.config, train_config.output_dir, state.to_dict(),
+                                run.scheduler, run.config, train_config.output_dir, state,
                                 train_config.keep_checkpoints)
 
 
@@ -234,7 +197,7 @@ def finish(run: Run, state: TrainState, started: float) -> Dict[str, Any]:
     accelerator, config, loader = run.accelerator, run.config, run.loader
     out_dir = config.train.output_dir
     final = checkpoint.save_checkpoint(accelerator, run.objective, run.optimizer, run.scheduler, config, out_dir,
-                                       state.to_dict(), config.train.keep_checkpoints)
+                                       state, config.train.keep_checkpoints)
     model = accelerator.unwrap_model(run.objective).model
     results = _evaluate(accelerator, model, config, state.step, final=True)
     summary = {"steps": state.step, "samples": state.samples, "seconds": time.time() - started,
@@ -272,30 +235,6 @@ def optimizer_step(accelerator, objective, optimizer, micro: List[dict], config:
     if config.model.logit_scale_clamp == "parameter":
         model.clamp_logit_scale_()
     return terms
-
-
-def gradient_norms(objective: ContrastiveObjective) -> Dict[str, torch.Tensor]:
-    """L2 norms of the current gradients: all of them, and each tower's."""
-    def norm(parameters) -> torch.Tensor:
-        grads = [p.grad for p in parameters if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else objective.model.log_logit_scale.new_zeros(())
-
-    norms = {"grad_norm": norm(objective.parameters())}
-    for modality, tower in objective.model.towers.items():
-        norms[f"grad_norm/{modality}"] = norm(tower.parameters())
-    return norms
-
-
-def mean_over_processes(accelerator, terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    """The step's loss terms as one process on the whole global batch would report them.
-
-    Under gathering each rank's loss is its share, scaled so that the mean over ranks is the
-    global value (align/losses/pairs.py); rank 0's own number alone would be a partial loss.
-    One all-reduce of the stacked scalars; every rank must call this at the same step.
-    """
-    names = list(terms)
-    values = accelerator.reduce(torch.stack([terms[k].float() for k in names]), reduction="mean")  # (n_terms,)
-    return dict(zip(names, values.tolist()))
 
 
 def _evaluate(accelerator, model, config: Config, step: int, final: bool = False) -> Optional[Dict[str, Any]]:
