@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from align.config import Config, ModelConfig, load_config
-from align.errors import RunError
+from align.errors import RunError, atomic_open
 from align.model import AlignModel, build_model
 
 
@@ -32,6 +32,26 @@ def read_tensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         raise RunError(f"{path}: not a readable safetensors file ({error}); it is refused, not unpickled") from None
 
 
+def write_tensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Tensors to a safetensors file, atomically (a crash leaves the old file or none, never half)."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_open(path, "wb") as handle:  # save_file streams into the temporary file by name
+        save_file(_dedupe_shared(cpu), handle.name, metadata=metadata)
+
+
+def _dedupe_shared(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied weights); clone so each stands alone.
+    seen: Dict[int, str] = {}
+    out = {}
+    for name, tensor in tensors.items():
+        key = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if key in seen else tensor
+        seen.setdefault(key, name)
+    return out
+
+
 def read_json(path: str) -> Any:
     """A JSON file's value; anything else is a ``RunError`` naming it."""
     try:
@@ -42,9 +62,19 @@ def read_json(path: str) -> Any:
 
 
 def model_folder(folder: str) -> str:
-    """A checkpoint's ``model/`` folder, or ``folder`` itself when it holds the model."""
+    """A checkpoint's ``model/`` folder, or ``folder`` itself when it holds the model; a run's
+    output folder stands for its newest complete checkpoint (``checkpoints/step-N/``)."""
     inner = os.path.join(folder, "model")
-    return inner if os.path.isfile(os.path.join(inner, "model.safetensors")) else folder
+    if os.path.isfile(os.path.join(inner, "model.safetensors")):
+        return inner
+    steps = os.path.join(folder, "checkpoints")
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")) and os.path.isdir(steps):
+        done = sorted(name for name in os.listdir(steps)  # step-XXXXXXXX sorts by step; .tmp ones are partial
+                      if name.startswith("step-") and not name.endswith(".tmp")
+                      and os.path.isfile(os.path.join(steps, name, "model", "model.safetensors")))
+        if done:
+            return os.path.join(steps, done[-1], "model")
+    return folder
 
 
 def read_saved_config(folder: str, overrides: Optional[List[str]] = None) -> Config:

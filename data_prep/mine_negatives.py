@@ -1,5 +1,5 @@
 """``align prep mine-negatives``: embed a catalogue with a checkpoint, find look-alike items with
-FAISS, and write them into the manifest as explicit hard negatives.
+FAISS (``align.index.index.ExactIndex``), and write them into the manifest as explicit hard negatives.
 
 For every item, its anchor embedding (``--anchor``, e.g. image) is searched against the other
 items' text embeddings. A candidate is kept when it
@@ -25,6 +25,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from align.index.index import ExactIndex
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align prep mine-negatives", description=__doc__,
@@ -47,20 +49,16 @@ def mine(anchor: np.ndarray, texts: np.ndarray, has_anchor: np.ndarray, has_text
          groups: List[Optional[str]], text_keys: List[Optional[str]], k: int, per_item: int,
          min_score: float, max_score: float, margin: float) -> List[List[int]]:
     """Indices of kept negatives per item. ``anchor`` (N, D) and ``texts`` (N, D) are L2-normalised."""
-    import faiss
-
-    pool = np.flatnonzero(has_text)
-    index = faiss.IndexFlatIP(texts.shape[1])
-    index.add(np.ascontiguousarray(texts[pool], dtype=np.float32))
+    # Items are rows here: the index's ids are row numbers, and only items with a text are candidates.
+    index = ExactIndex(texts, [str(row) for row in range(len(texts))], allowed=has_text)
     queries = np.flatnonzero(has_anchor)
-    scores, found = index.search(np.ascontiguousarray(anchor[queries], dtype=np.float32), min(k + 1, len(pool)))
+    scores, found = index.search(anchor[queries], k + 1)  # (Q, k + 1); one may be the item itself
     result: List[List[int]] = [[] for _ in range(len(anchor))]
     for row, item in enumerate(queries):
         positive = float(anchor[item] @ texts[item]) if has_text[item] else None
-        for score, position in zip(scores[row], found[row]):
-            if position < 0 or len(result[item]) >= per_item:
+        for score, other in zip(scores[row], found[row].tolist()):
+            if other < 0 or len(result[item]) >= per_item:
                 continue
-            other = int(pool[position])
             same_group = groups[item] is not None and groups[item] == groups[other]
             same_text = text_keys[item] is not None and text_keys[item] == text_keys[other]
             if other == item or same_group or same_text:

@@ -84,3 +84,16 @@ def test_hf_audio_tower_is_rebuilt_from_its_saved_config(tmp_path):
     wave = torch.randn(2, 16000)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode("audio", wave), model.encode("audio", wave), rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_folder_stands_for_its_newest_complete_checkpoint(tmp_path):
+    from align.loading import model_folder
+
+    for name in ("step-00000010", "step-00000020", "step-00000030.tmp"):  # .tmp: a save cut short
+        (tmp_path / "checkpoints" / name / "model").mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "model" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoints" / "step-00000040").mkdir()  # no model inside: not complete
+    assert model_folder(str(tmp_path)) == str(tmp_path / "checkpoints" / "step-00000020" / "model")
+    assert model_folder(str(tmp_path / "checkpoints" / "step-00000010")) == str(
+        tmp_path / "checkpoints" / "step-00000010" / "model")
+    assert model_folder(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")

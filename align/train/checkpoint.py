@@ -40,7 +40,7 @@ import torch
 
 from align.config import Config, save_config
 from align.errors import ConfigError, RunError, write_json_atomic
-from align.loading import read_json, read_tensors
+from align.loading import read_json, read_tensors, write_tensors
 
 log = logging.getLogger("align.train")
 
@@ -91,24 +91,6 @@ class TrainState:
 
 
 # ------------------------------------------------------------------ safe files
-
-
-def write_tensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
-    from safetensors.torch import save_file
-
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(_dedupe_shared(cpu), path, metadata=metadata)
-
-
-def _dedupe_shared(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    # safetensors refuses tensors that share storage (tied weights); clone so each stands alone.
-    seen: Dict[int, str] = {}
-    out = {}
-    for name, tensor in tensors.items():
-        key = tensor.untyped_storage().data_ptr()
-        out[name] = tensor.clone() if key in seen else tensor
-        seen.setdefault(key, name)
-    return out
 
 
 # ------------------------------------------------------------------ state <-> files
