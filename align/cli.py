@@ -12,6 +12,8 @@ PREP_TOOLS = {
     "demo": ("data_prep.demo", "build the embedded demo catalogue (deterministic, cached)"),
     "shards": ("data_prep.shards", "catalogue manifest -> webdataset shards + stats.json"),
     "mine-negatives": ("data_prep.mine_negatives", "mine hard negatives with a checkpoint and FAISS"),
+    "interactions": ("data_prep.interactions", "validate an interaction log against the catalogue"),
+    "shop-sim": ("data_prep.shop_sim", "simulate a shop's users and interactions over a catalogue"),
 }
 
 

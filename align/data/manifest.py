@@ -85,6 +85,23 @@ def _present(value: Any) -> bool:
     return True
 
 
+def jsonl_objects(path: Any) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file; a line that is not a JSON
+    object is a ValueError naming the file and line."""
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error}); fix or delete the line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object (one key per column), "
+                                 f"got {type(row).__name__}")
+            yield line_number, row
+
+
 def _read_rows(path: Path) -> Tuple[List[str], List[Tuple[int, Dict[str, Any]]]]:
     """(columns, [(line_or_row_number, row dict)]) for CSV / JSONL / Parquet."""
     suffix = path.suffix.lower()
@@ -97,21 +114,12 @@ def _read_rows(path: Path) -> Tuple[List[str], List[Tuple[int, Dict[str, Any]]]]
         return columns, rows
     if suffix == ".jsonl":
         rows, columns, seen = [], [], set()
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-                for key in row:
-                    if key not in seen:
-                        seen.add(key)
-                        columns.append(key)
-                rows.append((line_number, row))
+        for line_number, row in jsonl_objects(path):
+            for key in row:
+                if key not in seen:
+                    seen.add(key)
+                    columns.append(key)
+            rows.append((line_number, row))
         return columns, rows
     if suffix == ".parquet":
         try:

@@ -1,0 +1,1 @@
+"""Recommender head on the aligned item space."""
