@@ -21,6 +21,12 @@ demo: $(STAMP)
 	$(BIN)/align prep demo --out data/demo
 	$(BIN)/align train --config configs/demo.yaml
 	@echo "zero-shot retrieval on held-out combinations: runs/demo/eval.json"
+	$(BIN)/align embed --checkpoint runs/demo --manifest data/demo/train.csv data/demo/test.csv --out runs/demo/items
+	$(BIN)/align prep shop-sim --catalogue data/demo/train.csv data/demo/test.csv --new data/demo/test.csv \
+		--out data/demo/shop --seed 0
+	$(BIN)/align rec-train --config configs/rec/demo.yaml
+	$(BIN)/align rec-eval --checkpoint runs/demo/rec --output runs/demo/rec_eval.json
+	@echo "recommender on the simulated shop: runs/demo/rec_eval.json, runs/demo/rec_mmr.png, runs/demo/rec_recall.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""The ``align`` command: ``align train | eval | prep ...``."""
+"""The ``align`` command: ``align train | eval | embed | rec-train | rec-eval | recommend | prep ...``."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,12 @@ PREP_TOOLS = {
     "mine-negatives": ("data_prep.mine_negatives", "mine hard negatives with a checkpoint and FAISS"),
     "interactions": ("data_prep.interactions", "validate an interaction log against the catalogue"),
     "shop-sim": ("data_prep.shop_sim", "simulate a shop's users and interactions over a catalogue"),
+}
+# Verbs that own their arguments: name -> (module with main(argv), help).
+TOOL_VERBS = {
+    "embed": ("align.index.embed", "embed a catalogue with a checkpoint: item vectors per modality and fused"),
+    "rec-eval": ("align.rec.evaluate", "evaluate a recommender head and its peers on the held-out interactions"),
+    "recommend": ("align.rec.recommend", "top-k items for a user id or a history of item ids"),
 }
 
 
@@ -39,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.batch_size=512")
 
+    rec_train = verbs.add_parser("rec-train", help="train the recommender head from a YAML config",
+                                 description="Train the recommender head on item vectors from `align embed` and an "
+                                             "interaction log (configs/rec/).")
+    rec_train.add_argument("--config", "-c", help="YAML config (see configs/rec/)")
+    rec_train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
+
+    for verb, (_, text) in TOOL_VERBS.items():  # listed for --help; main() hands them their arguments
+        verbs.add_parser(verb, help=text)
+
     prep = verbs.add_parser("prep", help="make training data", description="Data preparation tools.")
     prep.add_argument("tool", choices=sorted(PREP_TOOLS), help="; ".join(f"{k}: {v[1]}" for k, v in PREP_TOOLS.items()))
     prep.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own arguments (see align prep TOOL --help)")
@@ -50,6 +65,18 @@ def _run(args: argparse.Namespace) -> int:
         import importlib
 
         return int(importlib.import_module(PREP_TOOLS[args.tool][0]).main(args.args) or 0)
+    if args.verb in TOOL_VERBS:
+        import importlib
+
+        return int(importlib.import_module(TOOL_VERBS[args.verb][0]).main(args.tool_args) or 0)
+    if args.verb == "rec-train":
+        from align.rec.config import load_rec_config
+
+        rec_config = load_rec_config(args.config, args.overrides)  # refused here, before any data is read
+        from align.rec.train import train_head
+
+        train_head(rec_config)
+        return 0
     if args.verb == "train":
         from align.config import load_config
 
@@ -71,7 +98,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for chatty in ("accelerate", "open_clip"):  # their INFO lines drown the progress bar
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOL_VERBS:  # these parse their own arguments, --help included
+        args = argparse.Namespace(verb=argv[0], tool_args=argv[1:])
+    else:
+        args = _parser().parse_args(argv)
     verb = args.verb if args.verb != "prep" else f"prep {args.tool}"
     try:
         return _run(args)

@@ -392,6 +392,15 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     return config_from_dict(data)
 
 
+def load_dataclass(cls: Any, path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Any:
+    """Any typed config dataclass (the recommender's, for one) from YAML with its ``base`` chain
+    and dotted overrides, as strictly as ``load_config``: unknown keys and wrong types name the key."""
+    data = _read_yaml(path) if path else {}
+    for override in overrides or []:
+        apply_override(data, override)
+    return _to_dataclass(cls, data, "")
+
+
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     if not config.model.towers:
@@ -453,6 +462,6 @@ def to_dict(config: Any) -> Dict[str, Any]:
     return config
 
 
-def save_config(config: Config, path: str) -> None:
+def save_config(config: Any, path: str) -> None:
     with atomic_open(path) as handle:
         yaml.safe_dump(to_dict(config), handle, sort_keys=False)

@@ -64,4 +64,5 @@ LOSSES = Registry("loss", {
     "siglip_tiled": "align.losses.siglip_tiled:SigLIPTiled",
     "hcl": "align.losses.hcl:HardNegativeInfoNCE",
     "vsepp": "align.losses.vsepp:MaxViolation",
+    "sampled_softmax": "align.losses.sampled_softmax:SampledSoftmax",
 })

@@ -7,14 +7,15 @@ A module holds only its loss's maths (the ``terms`` hook). Parameters are keywor
 typed; ``Loss.Config`` is the dataclass of them (made from the constructor) and
 ``Loss.from_config(config)`` builds the loss from one.
 
-=================  ======================================================  ================
-``infonce``        symmetric InfoNCE / CLIP                                infonce.py
-``infonce_tiled``  the same, tiled (Inf-CL): O(tile^2) logit memory        infonce_tiled.py
-``siglip``         sigmoid loss with learnable bias                        siglip.py
-``siglip_tiled``   the same, tiled                                         siglip_tiled.py
-``hcl``            hard-negative re-weighted, debiased InfoNCE             hcl.py
-``vsepp``          VSE++ max-violation hinge (+ optional InfoNCE term)     vsepp.py
-=================  ======================================================  ================
+===================  =======================================================  ==================
+``infonce``          symmetric InfoNCE / CLIP                                 infonce.py
+``infonce_tiled``    the same, tiled (Inf-CL): O(tile^2) logit memory         infonce_tiled.py
+``siglip``           sigmoid loss with learnable bias                         siglip.py
+``siglip_tiled``     the same, tiled                                          siglip_tiled.py
+``hcl``              hard-negative re-weighted, debiased InfoNCE              hcl.py
+``vsepp``            VSE++ max-violation hinge (+ optional InfoNCE term)      vsepp.py
+``sampled_softmax``  user -> item softmax with logQ correction (recommender)  sampled_softmax.py
+===================  =======================================================  ==================
 
 ``base.py`` owns the signature, gathering and masks; the tiled kernels (custom autograd
 Functions) live in ``tiled.py``.
@@ -25,6 +26,7 @@ from align.losses.infonce import InfoNCE
 from align.losses.infonce_tiled import InfoNCETiled
 from align.losses.siglip import SigLIP
 from align.losses.siglip_tiled import SigLIPTiled
+from align.losses.sampled_softmax import SampledSoftmax
 from align.losses.vsepp import MaxViolation
 
-__all__ = ["PairLoss", "InfoNCE", "InfoNCETiled", "SigLIP", "SigLIPTiled", "HardNegativeInfoNCE", "MaxViolation"]
+__all__ = ["PairLoss", "InfoNCE", "InfoNCETiled", "SigLIP", "SigLIPTiled", "HardNegativeInfoNCE", "MaxViolation", "SampledSoftmax"]

@@ -1,0 +1,165 @@
+"""Recommend with a trained head: ``align recommend --checkpoint R --user U`` (or ``--history``).
+
+The item side is rebuilt from the item embeddings folder each time it is loaded, so items added
+to the catalogue after training (``align embed --append``) are scored from their content, with
+no retraining: an item the head never saw has no ID vector and is content only, as cold items
+were during training (ID dropout). Scores come from an exact inner-product index over the item
+vectors; a user's own history is never recommended back; the pool is re-ranked by the config's
+popularity penalty and MMR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from align.config import load_dataclass
+from align.errors import RunError
+from align.index.embed import load_item_embeddings
+from align.index.index import ExactIndex
+from align.loading import read_json, read_tensors
+from align.rec.config import RecConfig, validate_rec
+from align.rec.head import RecHead
+from align.rec.rerank import rerank
+
+
+@dataclass
+class Recommender:
+    """A trained head with its item side built over the current catalogue."""
+
+    head: RecHead
+    config: RecConfig
+    item_ids: List[str]  # current catalogue (the embeddings folder's rows)
+    content: torch.Tensor  # (N, Dc) aligned vectors, unit rows (zero without the modality)
+    present: torch.Tensor  # (N,) bool: the item has a vector to score
+    id_rows: torch.Tensor  # (N,) ID-table row, -1 for items the head had no ID for
+    item_vectors: torch.Tensor  # (N, dim) head item vectors
+    log_counts: torch.Tensor  # (N,) log(1 + training count), 0 for new items
+
+    @classmethod
+    def load(cls, folder: str, items: Optional[str] = None, device: Optional[torch.device] = None) -> "Recommender":
+        """The head saved in ``folder`` over the item vectors in ``items`` (default: the folder it
+        was trained on). Reads safetensors, YAML and JSON only."""
+        config = validate_rec(load_dataclass(RecConfig, os.path.join(folder, "rec_config.yaml")))
+        meta = read_json(os.path.join(folder, "items.json"))
+        state, _ = read_tensors(os.path.join(folder, "head.safetensors"))
+        embeddings = load_item_embeddings(items or meta["items"])
+        modality = config.head.modality
+        if modality not in embeddings.vectors:
+            raise RunError(f"{items or meta['items']}: no {modality!r} vectors; the head was trained on them")
+        content = embeddings.vectors[modality].float()
+        if content.shape[1] != meta["content_dim"]:
+            raise RunError(f"{items or meta['items']}: vectors of dimension {content.shape[1]}, the head was trained "
+                           f"on {meta['content_dim']}; embed with the same checkpoint")
+        head = RecHead(meta["content_dim"], len(meta["ids"]), config.head)
+        try:
+            head.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise RunError(f"{folder}/head.safetensors does not match its rec_config.yaml: {error}") from None
+        head.eval()
+        known = {item: row for row, (item, count) in enumerate(zip(meta["ids"], meta["train_counts"])) if count > 0}
+        counts = dict(zip(meta["ids"], meta["train_counts"]))
+        id_rows = torch.tensor([known.get(i, -1) for i in embeddings.ids], dtype=torch.long)
+        log_counts = torch.log1p(torch.tensor([float(counts.get(i, 0)) for i in embeddings.ids]))
+        with torch.no_grad():
+            vectors = torch.cat([head.encode_items(content[s:s + 8192], id_rows[s:s + 8192])
+                                 for s in range(0, len(content), 8192)])
+        return cls(head=head, config=config, item_ids=list(embeddings.ids), content=content,
+                   present=embeddings.masks[modality].bool(), id_rows=id_rows, item_vectors=vectors,
+                   log_counts=log_counts)
+
+    @torch.no_grad()
+    def user_vectors(self, histories: np.ndarray) -> torch.Tensor:
+        """(U, L) item rows left-padded with -1 -> (U, dim) unit user vectors."""
+        length = self.config.head.history
+        hist = torch.from_numpy(histories[:, -length:]).long()
+        if hist.shape[1] < length:
+            hist = torch.cat([torch.full((hist.shape[0], length - hist.shape[1]), -1), hist], 1)
+        mask = hist >= 0
+        safe = hist.clamp(min=0)
+        return self.head.encode_users(self.content[safe], torch.where(mask, self.id_rows[safe], -1), mask)
+
+    def recommend(self, histories: Sequence[Sequence[int]], k: int, exclude_history: bool = True,
+                  allowed: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (rows (U, k) int64, -1 pad; scores (U, k)) for each history of item rows."""
+        histories = [list(h) for h in histories]
+        padded = np.full((len(histories), self.config.head.history), -1, dtype=np.int64)
+        for row, items in enumerate(histories):
+            items = items[-self.config.head.history:]
+            if items:
+                padded[row, -len(items):] = items
+        users = self.user_vectors(padded).numpy()
+        mask = self.present.numpy() if allowed is None else (self.present.numpy() & allowed)
+        index = ExactIndex(self.item_vectors.numpy(), self.item_ids, allowed=mask)
+        pool = max(k, self.config.rerank.pool)
+        scores, rows = index.search(users, pool, exclude=histories if exclude_history else None)
+        scores_t = torch.from_numpy(scores).float().masked_fill(torch.from_numpy(rows) < 0, -torch.inf)
+        unit_content = torch.nn.functional.normalize(self.content, dim=1)
+        chosen = rerank(scores_t, torch.from_numpy(rows), unit_content, k, self.config.rerank.mmr_lambda,
+                        self.config.rerank.popularity_penalty, self.log_counts).numpy()
+        picked = torch.from_numpy(chosen)
+        chosen_scores = torch.einsum("ud,ukd->uk", torch.from_numpy(users), self.item_vectors[picked.clamp(min=0)])
+        chosen_scores = chosen_scores.masked_fill(picked < 0, float("nan")).numpy()  # the head's cosine
+        return chosen, chosen_scores
+
+    def rows_of(self, ids: Sequence[str], where: str) -> List[int]:
+        """Catalogue rows of item ids; an unknown id is a ``RunError`` naming it and ``where``."""
+        row_of: Dict[str, int] = {item: row for row, item in enumerate(self.item_ids)}
+        unknown = [i for i in ids if i not in row_of]
+        if unknown:
+            raise RunError(f"{where}: unknown item id(s) {', '.join(unknown[:5])}; they are not in the item "
+                           "embeddings (run `align embed --append` on them)")
+        return [row_of[i] for i in ids]
+
+
+def user_history(recommender: Recommender, user: str) -> List[str]:
+    """The user's items in time order from the head's interaction log (validated as in training)."""
+    from align.rec.interactions import read_catalogue_ids, read_interactions
+
+    data = recommender.config.data
+    interactions, _ = read_interactions(data.interactions, read_catalogue_ids(data.catalogue, data.id_column),
+                                        data.columns, data.max_bad_fraction)
+    if user not in interactions.user_ids:
+        raise RunError(f"{data.interactions}: no user {user!r}; give --history item1,item2,... for a new user")
+    code = interactions.user_ids.index(user)
+    rows = np.flatnonzero(interactions.users == code)
+    rows = rows[np.lexsort((rows, interactions.times[rows]))]
+    return [interactions.item_ids[i] for i in interactions.items[rows]]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align recommend", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="folder written by `align rec-train`")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a user id of the interaction log")
+    who.add_argument("--history", help="comma-separated item ids, oldest first (a new user)")
+    parser.add_argument("--items", help="item embeddings folder (default: the one the head was trained on)")
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.k < 1:
+        raise RunError(f"-k {args.k}: ask for at least one item")
+    recommender = Recommender.load(args.checkpoint, args.items)
+    if args.user is not None:
+        history = user_history(recommender, args.user)
+    else:
+        history = [i.strip() for i in args.history.split(",") if i.strip()]
+    rows, scores = recommender.recommend([recommender.rows_of(history, "--history" if args.user is None else
+                                                              f"user {args.user}")], args.k)
+    picked = [(recommender.item_ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
+    if args.json:
+        print(json.dumps({"history": history, "items": [{"id": i, "score": s} for i, s in picked]}))
+    else:
+        for rank, (item, score) in enumerate(picked, 1):
+            print(f"{rank:3d}  {item}  {score:.4f}")
+    return 0

@@ -1,0 +1,241 @@
+"""The recommender head: its loss against a float64 reference, the (history -> next item)
+examples against brute force, MMR on a hand-made case, and the whole path on a simulated shop:
+train, evaluate against peers, recommend, add a cold item with no retraining, two processes."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from align.index.embed import ItemEmbeddings, append_item_embeddings, load_item_embeddings, save_item_embeddings
+from align.losses.sampled_softmax import SampledSoftmax
+from align.rec.config import load_rec_config
+from align.rec.data import last_items, training_examples
+from align.rec.interactions import Interactions
+from align.rec.rerank import mmr
+from tests.conftest import EPS32, REPO, launch_two_processes
+
+
+def test_sampled_softmax_matches_a_float64_reference_with_logq_and_repeated_items():
+    g = torch.Generator().manual_seed(0)
+    users = F.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=1)
+    items = F.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=1)
+    item_ids = torch.tensor([3, 1, 3, 0, 2, 1, 4])  # rows 0/2 and 1/5 hold the same item
+    items[2], items[5] = items[0], items[1]
+    log_q = torch.log(torch.tensor([0.1, 0.3, 0.2, 0.3, 0.1], dtype=torch.float64))[item_ids]
+    scale = 20.0
+    expected = 0.0
+    for i in range(7):  # the definition, row by row
+        logits = [scale * float(users[i] @ items[j]) - float(log_q[j]) for j in range(7)
+                  if j == i or item_ids[j] != item_ids[i]]
+        positive = scale * float(users[i] @ items[i]) - float(log_q[i])
+        expected += math.log(sum(math.exp(z) for z in logits)) - positive
+    expected /= 7
+    loss = SampledSoftmax(gather=False)(users, items, logit_scale=torch.tensor(scale, dtype=torch.float64),
+                                        log_q=log_q, groups=item_ids)["loss"]
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    # float32 inputs: 7 logits of size-5 unit vectors at scale 20 (each within 20 * 8 eps of the
+    # exact cosine), a logsumexp and a mean: well inside 1e3 eps of the loss's magnitude
+    loss32 = SampledSoftmax(gather=False)(users.float(), items.float(), logit_scale=torch.tensor(scale),
+                                          log_q=log_q.float(), groups=item_ids)["loss"]
+    assert loss32.item() == pytest.approx(expected, abs=1e3 * EPS32 * max(1.0, abs(expected)))
+
+
+def interactions(users, items, times, n_users, n_items):
+    return Interactions(users=np.asarray(users, dtype=np.int64), items=np.asarray(items, dtype=np.int64),
+                        times=np.asarray(times, dtype=np.float64), weights=np.ones(len(users), dtype=np.float32),
+                        events=None, user_ids=[f"u{i}" for i in range(n_users)],
+                        item_ids=[f"i{i}" for i in range(n_items)])
+
+
+def test_training_examples_are_each_users_previous_items_in_time_order():
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 5, 60)
+    items = rng.integers(0, 9, 60)
+    times = rng.permutation(60).astype(float)
+    log = interactions(users, items, times, 5, 9)
+    histories, targets = training_examples(log, history=3)
+    got = sorted(zip(targets.tolist(), map(tuple, histories.tolist())))
+    expected = []
+    for user in range(5):  # brute force: each interaction with the <= 3 before it, left-padded
+        mine = sorted((t, i) for u, i, t in zip(users, items, times) if u == user)
+        for n, (_, item) in enumerate(mine):
+            before = [i for _, i in mine[max(0, n - 3):n]]
+            expected.append((int(item), tuple([-1] * (3 - len(before)) + before)))
+    assert got == sorted(expected)
+    last = last_items(log, history=3)
+    for user in range(5):
+        mine = [i for _, i in sorted((t, i) for u, i, t in zip(users, items, times) if u == user)][-3:]
+        assert last[user].tolist() == [-1] * (3 - len(mine)) + mine
+
+
+def test_mmr_picks_by_relevance_minus_similarity_to_the_picked():
+    vectors = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # items 0 and 1 are the same look
+    scores = torch.tensor([[0.9, 0.85, 0.5]])
+    candidates = torch.tensor([[0, 1, 2]])
+    assert mmr(scores, candidates, vectors, 3, lam=1.0).tolist() == [[0, 1, 2]]
+    # lambda 0.5: after item 0, item 1 is worth 0.5*0.85 - 0.5*1 = -0.075, item 2 0.5*0.5 - 0 = 0.25
+    assert mmr(scores, candidates, vectors, 3, lam=0.5).tolist() == [[0, 2, 1]]
+    # a pool shorter than k pads with -1
+    assert mmr(torch.tensor([[0.3, -torch.inf, -torch.inf]]), candidates, vectors, 2, lam=0.5).tolist() == [[0, -1]]
+
+
+# ---------------------------------------------------------------- the whole path on a simulated shop
+
+ATTRIBUTES = ("kind", "colour", "pattern", "size")
+
+
+def attribute_vectors(values):
+    """A stand-in aligned space: items one-hot over their attribute values, plus a little noise
+    (the real path, `align embed` with a checkpoint, is tested in test_index.py)."""
+    vocab = sorted({(a, v) for a in ATTRIBUTES for v in values[a]})
+    column = {key: n for n, key in enumerate(vocab)}
+    n = len(values[ATTRIBUTES[0]])
+    x = torch.zeros(n, len(vocab) + 8)
+    for a in ATTRIBUTES:
+        for row, v in enumerate(values[a]):
+            x[row, column[(a, v)]] = 1.0
+    x[:, len(vocab):] = 0.1 * torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
+    return F.normalize(x, dim=1)
+
+
+def embeddings_for(ids, vectors):
+    mask = torch.ones(len(ids), dtype=torch.bool)
+    meta = {"format": "align-item-embeddings/1", "checkpoint": "synthetic", "dim": str(vectors.shape[1]),
+            "modalities": "text", "fusion": "mean"}
+    return ItemEmbeddings(list(ids), {"text": vectors, "fused": vectors.clone()}, {"text": mask, "fused": mask.clone()},
+                          meta)
+
+
+@pytest.fixture(scope="module")
+def shop(small_demo, tmp_path_factory):
+    """The small demo catalogue, its attribute vectors as item embeddings, 400 simulated users."""
+    from data_prep.shop_sim import main as shop_sim
+    from align.rec.interactions import read_catalogue_columns
+
+    out = tmp_path_factory.mktemp("shop")
+    manifests = [os.path.join(small_demo, "train.csv"), os.path.join(small_demo, "test.csv")]
+    assert shop_sim(["--catalogue", *manifests, "--new", manifests[1], "--out", str(out / "shop"),
+                     "--users", "400", "--seed", "0"]) == 0
+    ids, values = read_catalogue_columns(manifests, ATTRIBUTES)
+    save_item_embeddings(embeddings_for(ids, attribute_vectors(values)), str(out / "items"))
+    return {"root": out, "manifests": manifests, "ids": ids, "values": values}
+
+
+def rec_overrides(shop, out, *extra):
+    return [f"data.interactions={shop['root'] / 'shop' / 'interactions.csv'}",
+            f"data.catalogue=[{','.join(shop['manifests'])}]", f"data.items={shop['root'] / 'items'}",
+            f"train.output_dir={out}", "train.epochs=3", "train.batch_size=64", "train.wandb=disabled",
+            "train.progress=false", "head.dim=32", "head.hidden=64", "rerank.pool=30", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(shop):
+    from align.rec.train import train_head
+
+    out = shop["root"] / "head"
+    summary = train_head(load_rec_config(None, rec_overrides(shop, out)))
+    return out, summary
+
+
+def test_the_head_trains_and_is_saved_without_pickle(trained):
+    out, summary = trained
+    assert {"head.safetensors", "rec_config.yaml", "items.json", "summary.json"} <= set(os.listdir(out))
+    losses = [h["loss"] for h in summary["history"]]
+    assert losses[-1] < losses[0]  # it learns something from the log
+    assert summary["examples"] > 0 and summary["steps"] == 3 * (summary["examples"] // 64)
+
+
+def test_rec_eval_reports_every_segment_for_the_head_and_its_peers(trained):
+    from align.rec.evaluate import main as rec_eval
+
+    out, _ = trained
+    assert rec_eval(["--checkpoint", str(out), "--peers", "most_pop,content_knn"]) == 0
+    report = json.loads((out / "rec_eval.json").read_text())
+    for segment in ("all", "warm", "cold_items"):
+        assert set(report["segments"][segment]) == {"ours", "most_pop", "content_knn"}
+        for name, figures in report["segments"][segment].items():
+            assert 0 <= figures["ndcg@10"] <= 1 and 0 <= figures["recall@10"] <= 1
+            assert 0 < figures["coverage@10"] <= 1 or (name, segment) == ("most_pop", "cold_items")
+    # popularity cannot rank items nobody touched in training: its cold-item lists hold nothing
+    assert report["segments"]["cold_items"]["most_pop"]["ndcg@10"] == 0
+    assert report["segments"]["cold_items"]["most_pop"]["coverage@10"] == 0
+    assert report["segments"]["cold_items"]["ours"]["ndcg@10"] > 0
+    assert [p["mmr_lambda"] for p in report["mmr_sweep"]] == [1.0, 0.99, 0.97, 0.95, 0.9, 0.8, 0.5]
+    assert (out / "rec_mmr.png").stat().st_size > 0 and (out / "rec_recall.png").stat().st_size > 0
+
+
+def test_a_new_item_is_recommended_after_align_embed_with_no_retraining(trained, shop, capsys):
+    from align.rec.recommend import Recommender, main as recommend
+
+    out, _ = trained
+    ids = shop["ids"]
+    history = ids[:3]
+    before = Recommender.load(str(out))
+    rows, _ = before.recommend([before.rows_of(history, "test")], len(ids))
+    ranked = [before.item_ids[r] for r in rows[0] if r >= 0]
+    # the best-ranked item the head has no ID for (no training interaction): content alone
+    cold = next(i for i in ranked if before.id_rows[before.item_ids.index(i)] < 0)
+    # a new product that looks exactly like it arrives through `align embed --append`
+    vectors = load_item_embeddings(str(shop["root"] / "items"))
+    new = embeddings_for(["brand-new"], vectors.vectors["fused"][vectors.row_of()[cold]][None].clone())
+    items = shop["root"] / "items-plus"
+    save_item_embeddings(append_item_embeddings(vectors, new), str(items))
+    k = ranked.index(cold) + 2
+    assert recommend(["--checkpoint", str(out), "--items", str(items), "--history", ",".join(history), "-k", str(k),
+                      "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["items"]
+    scores = {entry["id"]: entry["score"] for entry in listed}
+    assert "brand-new" in scores and cold in scores and not set(history) & set(scores)
+    assert scores["brand-new"] == pytest.approx(scores[cold], abs=1e-6)  # the same content, the same score
+    # the head folder's own items (no --items) do not know it
+    assert recommend(["--checkpoint", str(out), "--history", ",".join(history), "-k", str(k), "--json"]) == 0
+    assert "brand-new" not in {entry["id"] for entry in json.loads(capsys.readouterr().out)["items"]}
+
+
+def test_an_unknown_history_item_is_an_error_naming_it(trained):
+    from align.cli import main
+
+    out, _ = trained
+    assert main(["recommend", "--checkpoint", str(out), "--history", "nope-1", "-k", "5"]) == 1
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_the_same_head_as_one(shop, tmp_path):
+    from align.rec.train import train_head
+
+    exact = ["head.dropout=0", "head.id_dropout=0", "train.log_every=1", "train.epochs=1"]
+    single = train_head(load_rec_config(None, rec_overrides(shop, tmp_path / "one", *exact)))
+    two = rec_overrides(shop, tmp_path / "two", *exact)
+    two = [o.replace("train.batch_size=64", "train.batch_size=32") for o in two]
+    launched = launch_two_processes(os.path.join(REPO, "align", "cli.py"), "rec-train", *two, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["global_batch"] == 64 and summary["steps"] == single["steps"]
+    ones = [h["loss"] for h in single["history"]]
+    twos = [h["loss"] for h in summary["history"]]
+    assert twos == pytest.approx(ones, rel=1e-4)  # float32 summation order aside, the same steps
+
+
+def test_every_peer_runs_on_the_same_split_and_scores_cold_items_only_if_it_can(trained):
+    """The real libraries (cornac, implicit) on our split: collaborative models cannot rank an
+    item nobody touched in training, so their cold-item figures are 0; content-kNN's are not."""
+    from align.rec.baselines import PEERS
+    from align.rec.evaluate import evaluate_head
+
+    out, _ = trained
+    report = evaluate_head(str(out), list(PEERS), str(out / "all_peers.json"), plots=False)
+    assert set(report["segments"]["warm"]) == {"ours", *PEERS}
+    for name in PEERS:
+        warm, cold = report["segments"]["warm"][name], report["segments"]["cold_items"][name]
+        assert 0 <= warm["ndcg@10"] <= 1
+        if name != "content_knn":
+            assert cold["ndcg@10"] == 0 and cold["coverage@10"] == 0, name
+    assert report["segments"]["cold_items"]["content_knn"]["ndcg@10"] > 0
+    # popularity is popularity, whichever library computes it
+    assert report["segments"]["warm"]["cornac_mostpop"]["ndcg@10"] == pytest.approx(
+        report["segments"]["warm"]["most_pop"]["ndcg@10"], abs=0.02)
