@@ -32,6 +32,9 @@ class HeadConfig:
     hidden: int = 256  # width of the item adapter and of the user MLP
     id_embeddings: bool = True  # a learned vector per warm item, beside the content
     id_dropout: float = 0.5  # chance a training item's ID vector is dropped: content alone must score
+    # the item's log training count (scaled to [0, 1]) joins its content: content alone cannot
+    # tell what sells, and users with one or two items are best served by what does
+    popularity_feature: bool = True
     user_encoder: Literal["mean", "sasrec"] = "mean"
     history: int = 20  # most recent items the user encoder reads
     layers: int = 2  # sasrec

@@ -46,6 +46,20 @@ class RecData:
         return torch.where(warm, torch.arange(len(self.item_ids)), torch.full((len(self.item_ids),), -1))
 
 
+def popularity_scale(counts: np.ndarray) -> float:
+    """The divisor that maps log(1 + training count) into [0, 1] for this training log."""
+    return float(np.log1p(max(int(counts.max(initial=0)), 1)))
+
+
+def item_features(content: torch.Tensor, counts: np.ndarray, scale: float, popularity: bool) -> torch.Tensor:
+    """What the head's item tower reads: the aligned vector (N, Dc), plus with ``popularity`` a
+    last column log(1 + training count) / scale (0 for an item nobody touched): (N, Dc + 1)."""
+    if not popularity:
+        return content
+    column = torch.from_numpy(np.log1p(counts.astype(np.float64)) / scale).float()[:, None]  # (N, 1)
+    return torch.cat([content, column], dim=1)
+
+
 def item_content(folder: str, item_ids: List[str], modality: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(content (N, Dc) float32, present (N,) bool) of ``item_ids`` from an ``align embed`` folder;
     an item the folder lacks is a ``RunError`` naming a few of them and the fix."""

@@ -24,6 +24,7 @@ from align.index.embed import load_item_embeddings
 from align.index.index import ExactIndex
 from align.loading import read_json, read_tensors
 from align.rec.config import RecConfig, validate_rec
+from align.rec.data import item_features
 from align.rec.head import RecHead
 from align.rec.rerank import rerank
 
@@ -36,6 +37,7 @@ class Recommender:
     config: RecConfig
     item_ids: List[str]  # current catalogue (the embeddings folder's rows)
     content: torch.Tensor  # (N, Dc) aligned vectors, unit rows (zero without the modality)
+    features: torch.Tensor  # (N, F) what the item tower reads (content, and popularity if configured)
     present: torch.Tensor  # (N,) bool: the item has a vector to score
     id_rows: torch.Tensor  # (N,) ID-table row, -1 for items the head had no ID for
     item_vectors: torch.Tensor  # (N, dim) head item vectors
@@ -56,20 +58,22 @@ class Recommender:
         if content.shape[1] != meta["content_dim"]:
             raise RunError(f"{items or meta['items']}: vectors of dimension {content.shape[1]}, the head was trained "
                            f"on {meta['content_dim']}; embed with the same checkpoint")
-        head = RecHead(meta["content_dim"], len(meta["ids"]), config.head)
+        counts = dict(zip(meta["ids"], meta["train_counts"]))
+        current = np.array([counts.get(i, 0) for i in embeddings.ids], dtype=np.int64)  # new items: 0
+        features = item_features(content, current, meta["popularity_scale"], config.head.popularity_feature)
+        head = RecHead(features.shape[1], len(meta["ids"]), config.head)
         try:
             head.load_state_dict(state, strict=True)
         except RuntimeError as error:
             raise RunError(f"{folder}/head.safetensors does not match its rec_config.yaml: {error}") from None
         head.eval()
         known = {item: row for row, (item, count) in enumerate(zip(meta["ids"], meta["train_counts"])) if count > 0}
-        counts = dict(zip(meta["ids"], meta["train_counts"]))
         id_rows = torch.tensor([known.get(i, -1) for i in embeddings.ids], dtype=torch.long)
-        log_counts = torch.log1p(torch.tensor([float(counts.get(i, 0)) for i in embeddings.ids]))
+        log_counts = torch.log1p(torch.from_numpy(current).double()).float()
         with torch.no_grad():
-            vectors = torch.cat([head.encode_items(content[s:s + 8192], id_rows[s:s + 8192])
-                                 for s in range(0, len(content), 8192)])
-        return cls(head=head, config=config, item_ids=list(embeddings.ids), content=content,
+            vectors = torch.cat([head.encode_items(features[s:s + 8192], id_rows[s:s + 8192])
+                                 for s in range(0, len(features), 8192)])
+        return cls(head=head, config=config, item_ids=list(embeddings.ids), content=content, features=features,
                    present=embeddings.masks[modality].bool(), id_rows=id_rows, item_vectors=vectors,
                    log_counts=log_counts)
 
@@ -82,7 +86,7 @@ class Recommender:
             hist = torch.cat([torch.full((hist.shape[0], length - hist.shape[1]), -1), hist], 1)
         mask = hist >= 0
         safe = hist.clamp(min=0)
-        return self.head.encode_users(self.content[safe], torch.where(mask, self.id_rows[safe], -1), mask)
+        return self.head.encode_users(self.features[safe], torch.where(mask, self.id_rows[safe], -1), mask)
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int, exclude_history: bool = True,
                   allowed: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ from align.errors import RunError, write_json_atomic
 from align.loading import write_tensors
 from align.losses.sampled_softmax import SampledSoftmax
 from align.rec.config import RecConfig
-from align.rec.data import RecData, load_rec_data, training_examples
+from align.rec.data import RecData, item_features, load_rec_data, popularity_scale, training_examples
 from align.rec.head import RecHead
 
 log = logging.getLogger("align.rec")
@@ -69,12 +69,14 @@ def train_head(config: RecConfig) -> Dict[str, Any]:
     total = steps_per_epoch * config.train.epochs
     device = accelerator.device
 
-    head = RecHead(data.content.shape[1], len(data.item_ids), config.head)
+    scale = popularity_scale(data.train_counts)
+    features = item_features(data.content, data.train_counts, scale, config.head.popularity_feature)  # (N, F)
+    head = RecHead(features.shape[1], len(data.item_ids), config.head)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, config.train.warmup_steps, total))
     # The schedule stays ours: a prepared one steps once per process per optimiser step.
     model, optimizer = accelerator.prepare(head, optimizer)
-    content, id_rows = data.content.to(device), data.id_rows.to(device)
+    content, id_rows = features.to(device), data.id_rows.to(device)
     counts = torch.from_numpy(np.bincount(targets, minlength=len(data.item_ids))).double()
     log_q = torch.log(counts.clamp(min=1) / len(targets)).float().to(device)  # (N,) in-batch sampling odds
     loss_fn = SampledSoftmax(gather=True)
@@ -124,7 +126,7 @@ def train_head(config: RecConfig) -> Dict[str, Any]:
                "bad_rows": dict(data.bad.counts)}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_head(accelerator.unwrap_model(model), config, data, out_dir)
+        save_head(accelerator.unwrap_model(model), config, data, scale, out_dir)
         write_json_atomic(summary, os.path.join(out_dir, "summary.json"))
     accelerator.end_training()
     return summary
@@ -143,10 +145,11 @@ def step_loss(model, history: torch.Tensor, target: torch.Tensor, content: torch
                    groups=target)["loss"]
 
 
-def save_head(head: RecHead, config: RecConfig, data: RecData, folder: str) -> None:
+def save_head(head: RecHead, config: RecConfig, data: RecData, popularity_scale: float, folder: str) -> None:
     """``head.safetensors`` + ``rec_config.yaml`` + ``items.json``, each written atomically."""
     write_tensors(head.state_dict(), os.path.join(folder, "head.safetensors"), metadata={"format": "align-rec-head/1"})
     save_config(config, os.path.join(folder, "rec_config.yaml"))
     write_json_atomic({"ids": data.item_ids, "train_counts": data.train_counts.tolist(),
-                       "content_dim": int(data.content.shape[1]), "items": os.path.abspath(config.data.items),
+                       "content_dim": int(data.content.shape[1]), "popularity_scale": popularity_scale,
+                       "items": os.path.abspath(config.data.items),
                        "cutoff": data.split.cutoff}, os.path.join(folder, "items.json"))
