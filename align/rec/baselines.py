@@ -120,8 +120,8 @@ class ImplicitModel:
         matrix = csr_matrix((np.ones(len(data.train), dtype=np.float32), (data.train.users, data.train.items)),
                             shape=(len(data.train.user_ids), data.n_items))
         matrix.data[:] = 1.0  # repeated interactions count once (duplicates were summed)
-        self.model = self.build()
         with threadpool_limits(1, "blas"):  # implicit parallelises itself; a threaded BLAS underneath thrashes
+            self.model = self.build()  # (it checks the BLAS threads when built)
             self.model.fit(matrix, show_progress=False)
         self.known_items = data.counts > 0  # an item without interactions keeps its random factors
         self.known_users = np.array([len(s) > 0 for s in data.seen])

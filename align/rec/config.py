@@ -70,7 +70,7 @@ class RerankConfig:
 @dataclass
 class RecEvalConfig:
     ks: List[int] = field(default_factory=lambda: [5, 10, 20])
-    mmr_sweep: List[float] = field(default_factory=lambda: [1.0, 0.99, 0.97, 0.95, 0.9, 0.8, 0.5])
+    mmr_sweep: List[float] = field(default_factory=lambda: [1.0, 0.99, 0.97, 0.95, 0.93, 0.9, 0.8, 0.5])
     batch_size: int = 1024  # users scored at a time
     peers: List[str] = field(default_factory=lambda: ["most_pop", "content_knn"])
     output: str = ""  # default: <output_dir>/rec_eval.json
