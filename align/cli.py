@@ -96,8 +96,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     failure during the run (too many bad samples, a missing file, a full disk, an unsafe
     checkpoint file) with its message and exit 1. Anything else is a bug and keeps its traceback."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for chatty in ("accelerate", "open_clip"):  # their INFO lines drown the progress bar
+    for chatty in ("accelerate", "open_clip", "faiss"):  # their INFO lines drown the progress bar
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    # open_clip logs its INFO lines on the root logger itself; ours all have names (align.*)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOL_VERBS:  # these parse their own arguments, --help included
         args = argparse.Namespace(verb=argv[0], tool_args=argv[1:])

@@ -164,6 +164,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         print(json.dumps({"history": history, "items": [{"id": i, "score": s} for i, s in picked]}))
     else:
+        rerank = recommender.config.rerank
+        print(f"rank  item  cosine (ranked after popularity_penalty={rerank.popularity_penalty:g}, "
+              f"mmr_lambda={rerank.mmr_lambda:g})")
         for rank, (item, score) in enumerate(picked, 1):
-            print(f"{rank:3d}  {item}  {score:.4f}")
+            print(f"{rank:4d}  {item}  {score:.4f}")
     return 0
