@@ -19,7 +19,7 @@ from align.errors import RunError
 from align.index.embed import load_item_embeddings
 from align.rec.config import RecConfig
 from align.rec.interactions import BadRows, Interactions, read_catalogue_ids, read_interactions
-from align.rec.split import Split, leave_last_out, temporal_split
+from align.rec.split import Split, leave_last_out, temporal_split, time_order, user_histories
 
 log = logging.getLogger("align.rec")
 
@@ -95,11 +95,6 @@ def load_rec_data(config: RecConfig) -> RecData:
     return RecData(item_ids=item_ids, content=content, has_content=present, split=split, bad=bad)
 
 
-def time_order(inter: Interactions) -> np.ndarray:
-    """Row order by (user, time, row): each user's interactions contiguous and in time order."""
-    return np.lexsort((np.arange(len(inter)), inter.times, inter.users))
-
-
 def training_examples(train: Interactions, history: int) -> Tuple[np.ndarray, np.ndarray]:
     """Every training interaction as (the user's previous ``history`` items, this item).
 
@@ -133,7 +128,4 @@ def last_items(inter: Interactions, history: int) -> np.ndarray:
 
 def seen_items(inter: Interactions) -> List[np.ndarray]:
     """Per user code, the distinct items they interacted with in ``inter``."""
-    order = np.lexsort((inter.items, inter.users))
-    users, items = inter.users[order], inter.items[order]
-    bounds = np.searchsorted(users, np.arange(len(inter.user_ids) + 1))
-    return [np.unique(items[bounds[u]:bounds[u + 1]]) for u in range(len(inter.user_ids))]
+    return [np.unique(items) for items in user_histories(inter)]

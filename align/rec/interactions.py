@@ -352,7 +352,7 @@ def read_catalogue_columns(manifests: Sequence[str], columns: Sequence[str] = ()
     for path in manifests:
         path = os.fspath(path)
         table = _read_columns(path, [id_column, *columns],
-                              hint=f"Name the id column with id_column (align prep: --id-column).")
+                              hint="Name the id column with id_column (align prep: --id-column).")
         file_ids = _text(table[id_column])
         empty = np.flatnonzero(file_ids == "")
         if empty.size:

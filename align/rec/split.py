@@ -65,7 +65,7 @@ def temporal_split(inter: Interactions, cutoff: Optional[float] = None, test_qua
     return _split(inter, inter.times >= cutoff, cold_user_max, float(cutoff))
 
 
-def _time_order(inter: Interactions) -> np.ndarray:
+def time_order(inter: Interactions) -> np.ndarray:
     """Row indices sorted by user, then time, then row order (a stable tie-break)."""
     return np.lexsort((np.arange(len(inter)), inter.times, inter.users))
 
@@ -74,7 +74,7 @@ def leave_last_out(inter: Interactions, cold_user_max: int = 2) -> Split:
     """Each user's last interaction (by time; of equal times, the later row) tests, the rest
     trains. A user with one interaction keeps it in test and has an empty training history
     (and so counts as a cold user)."""
-    order = _time_order(inter)
+    order = time_order(inter)
     users = inter.users[order]
     last = np.r_[users[1:] != users[:-1], True] if len(order) else np.zeros(0, dtype=bool)
     test_mask = np.zeros(len(inter), dtype=bool)
@@ -85,6 +85,6 @@ def leave_last_out(inter: Interactions, cold_user_max: int = 2) -> Split:
 def user_histories(inter: Interactions) -> List[np.ndarray]:
     """Item codes of every user (index = user code, ``len(user_ids)`` entries, empty for users
     without rows), in time order; equal times keep row order."""
-    order = _time_order(inter)
+    order = time_order(inter)
     counts = np.bincount(inter.users, minlength=inter.n_users)
     return np.split(inter.items[order], np.cumsum(counts)[:-1])
