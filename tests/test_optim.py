@@ -65,3 +65,15 @@ def test_warmup_then_cosine_to_the_floor():
     assert lrs[:2] == [0.5, 1.0]
     assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_warmup_then_cosine_multiplier_by_hand():
+    from align.schedule import warmup_cosine
+
+    # warm-up 4 of 14 steps: 1/4, 2/4, 3/4, 4/4; then cos over the 10 remaining steps
+    assert [warmup_cosine(s, 14, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(4, 14, 4) == 1.0  # progress 0
+    assert warmup_cosine(9, 14, 4) == pytest.approx(0.5, abs=1e-15)  # half way: (1 + cos(pi/2)) / 2
+    assert warmup_cosine(14, 14, 4) == pytest.approx(0.0, abs=1e-15)
+    assert warmup_cosine(14, 14, 4, min_ratio=0.1) == pytest.approx(0.1, abs=1e-15)
+    assert warmup_cosine(9, 14, 4, decay=False) == 1.0

@@ -14,7 +14,6 @@ safetensors, YAML and JSON only.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Any, Dict, List
@@ -30,6 +29,7 @@ from align.losses.sampled_softmax import SampledSoftmax
 from align.rec.config import RecConfig
 from align.rec.data import RecData, item_features, load_rec_data, popularity_scale, training_examples
 from align.rec.head import RecHead
+from align.schedule import warmup_cosine
 
 log = logging.getLogger("align.rec")
 
@@ -43,13 +43,6 @@ def make_accelerator(config: RecConfig):
         log_with=None if config.train.wandb == "disabled" else "wandb",
         project_config=ProjectConfiguration(project_dir=config.train.output_dir),
     )
-
-
-def schedule(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine to zero: the learning-rate multiplier at ``step``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def train_head(config: RecConfig) -> Dict[str, Any]:
@@ -73,7 +66,7 @@ def train_head(config: RecConfig) -> Dict[str, Any]:
     features = item_features(data.content, data.train_counts, scale, config.head.popularity_feature)  # (N, F)
     head = RecHead(features.shape[1], len(data.item_ids), config.head)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, config.train.warmup_steps, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, config.train.warmup_steps))
     # The schedule stays ours: a prepared one steps once per process per optimiser step.
     model, optimizer = accelerator.prepare(head, optimizer)
     content, id_rows = features.to(device), data.id_rows.to(device)

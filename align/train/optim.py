@@ -1,13 +1,13 @@
 """AdamW parameter groups and the warmup + cosine schedule."""
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Set
 
 import torch
 from torch import nn
 
 from align.config import OptimConfig
+from align.schedule import warmup_cosine
 
 # What is not decayed is decided by what a parameter is, not by its name (a name is whatever a
 # tower's author chose: our audio tower's positional embedding is ``position``). Decaying these
@@ -86,12 +86,7 @@ def build_optimizer(objective: nn.Module, config: OptimConfig, tower_lr_scale: D
 
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
     """Linear warmup to 1, then cosine (or constant) decay to ``min_lr_ratio``."""
-    if config.warmup_steps > 0 and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, total_steps, config.warmup_steps, config.min_lr_ratio, config.schedule == "cosine")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: OptimConfig):
