@@ -20,7 +20,7 @@ import argparse
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -57,23 +57,31 @@ class HeadMethod:
         return (self.recommender.user_vectors(hist) @ self.item_vectors.T).numpy()
 
 
-def top_lists(method, users: np.ndarray, candidates: np.ndarray, seen: List[np.ndarray], k: int,
-              chunk: int) -> tuple:
-    """(scores (U, k), rows (U, k)) of each user's best candidates, training items left out;
-    -1 where the method had nothing it could score."""
-    all_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-    all_rows = np.full((len(users), k), -1, dtype=np.int64)
+def top_lists(method, segments: Dict[str, Dict[str, Any]], seen: List[np.ndarray], k: int,
+              chunk: int) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Per segment, (scores (U, k), rows (U, k)) of each of its users' best candidates, training
+    items left out; -1 where the method had nothing it could score. A user is scored once,
+    whatever the number of segments they are in (each segment's users are sorted and among "all")."""
+    users = segments["all"]["users"]
+    place = {name: np.searchsorted(users, segment["users"]) for name, segment in segments.items()}
+    out = {name: (np.full((len(segment["users"]), k), -np.inf, dtype=np.float32),
+                  np.full((len(segment["users"]), k), -1, dtype=np.int64)) for name, segment in segments.items()}
     for start in range(0, len(users), chunk):
         block = users[start:start + chunk]
         scores = np.asarray(method.scores(block), dtype=np.float32)  # (u, N)
-        scores[:, ~candidates] = UNSCORABLE
         for row, user in enumerate(block):
             scores[row, seen[user]] = UNSCORABLE
-        values, rows = torch.from_numpy(scores).topk(min(k, scores.shape[1]), dim=1)
-        rows = torch.where(torch.isinf(values), -1, rows)
-        all_scores[start:start + len(block), :values.shape[1]] = values.numpy()
-        all_rows[start:start + len(block), :rows.shape[1]] = rows.numpy()
-    return all_scores, all_rows
+        for name, segment in segments.items():
+            inside = (place[name] >= start) & (place[name] < start + len(block))  # its users in this block
+            if not inside.any():
+                continue
+            mine = scores[place[name][inside] - start]  # (u_s, N), a copy
+            mine[:, ~segment["candidates"]] = UNSCORABLE
+            values, rows = torch.from_numpy(mine).topk(min(k, mine.shape[1]), dim=1)
+            rows = torch.where(torch.isinf(values), -1, rows)
+            out[name][0][inside, :values.shape[1]] = values.numpy()
+            out[name][1][inside, :rows.shape[1]] = rows.numpy()
+    return out
 
 
 def segment_users(data: RecData, seen: List[np.ndarray]) -> Dict[str, Dict[str, Any]]:
@@ -117,11 +125,11 @@ def evaluate_methods(methods: Sequence[Any], data: RecData, config: RecConfig, h
     curves: Dict[str, List[float]] = {}
     sweep: List[Dict[str, float]] = []
     for method in methods:
+        tops = top_lists(method, segments, seen, pool, config.eval.batch_size)
         for name, segment in segments.items():
             if not len(segment["users"]):
                 continue
-            scores, rows = top_lists(method, segment["users"], segment["candidates"], seen, pool,
-                                     config.eval.batch_size)
+            scores, rows = tops[name]
             if method is head:
                 lists = rerank(torch.from_numpy(scores), torch.from_numpy(rows), content, k_max,
                                config.rerank.mmr_lambda, config.rerank.popularity_penalty, log_counts).numpy()
