@@ -109,7 +109,7 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--data", default=os.path.join(REPO, "data", "demo"), help="demo catalogue folder")
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mmr-lambda", type=float, default=0.93, help="the MMR setting the README recommends")
+    parser.add_argument("--mmr-lambda", type=float, default=0.95, help="the MMR setting the README recommends")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--override", nargs="*", default=[], help="dotted overrides of configs/rec/demo.yaml")
     args = parser.parse_args(argv)

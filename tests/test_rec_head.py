@@ -1,5 +1,5 @@
 """The recommender head: its loss against a float64 reference, the (history -> next item)
-examples against brute force, MMR on a hand-made case, and the whole path on a simulated shop:
+examples against brute force, MMR and the hub penalty on hand-made cases, and the whole path on a simulated shop:
 train, evaluate against peers, recommend, add a cold item with no retraining, two processes."""
 import json
 import math
@@ -15,7 +15,7 @@ from align.losses.sampled_softmax import SampledSoftmax
 from align.rec.config import load_rec_config
 from align.rec.data import last_items, training_examples
 from align.rec.interactions import Interactions
-from align.rec.rerank import mmr
+from align.rec.rerank import hub_weights, hubness, mmr
 from tests.conftest import EPS32, REPO, launch_two_processes
 
 
@@ -84,6 +84,18 @@ def test_mmr_picks_by_relevance_minus_similarity_to_the_picked():
     assert mmr(torch.tensor([[0.3, -torch.inf, -torch.inf]]), candidates, vectors, 2, lam=0.5).tolist() == [[0, -1]]
 
 
+def test_hubness_is_the_mean_cosine_to_the_nearest_users_and_weights_grow_with_history():
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    users = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    # item 0: cosines 1, 0.8, 0 -> best two 1 and 0.8; item 1: 0, 0.6, 1; item 2: 0.6, 0.96, 0.8
+    expected = torch.tensor([0.9, 0.8, 0.88])
+    assert torch.allclose(hubness(items, users, k=2, chunk=2), expected, atol=1e-6)
+    assert torch.allclose(hubness(items, users, k=10), items.mm(users.T).mean(1), atol=1e-6)  # k capped at M
+    weights = hub_weights(torch.tensor([0, 1, 4, 12]), strength=2.0, half_history=4.0)
+    assert torch.allclose(weights, torch.tensor([0.0, 0.4, 1.0, 1.5]))
+    assert torch.equal(hub_weights(torch.tensor([0, 3]), 2.0, 0.0), torch.tensor([2.0, 2.0]))
+
+
 # ---------------------------------------------------------------- the whole path on a simulated shop
 
 ATTRIBUTES = ("kind", "colour", "pattern", "size")
@@ -144,7 +156,8 @@ def trained(shop):
 
 def test_the_head_trains_and_is_saved_without_pickle(trained):
     out, summary = trained
-    assert {"head.safetensors", "rec_config.yaml", "items.json", "summary.json"} <= set(os.listdir(out))
+    assert {"head.safetensors", "rec_config.yaml", "items.json", "summary.json",
+            "reference_users.safetensors"} <= set(os.listdir(out))
     losses = [h["loss"] for h in summary["history"]]
     assert losses[-1] < losses[0]  # it learns something from the log
     assert summary["examples"] > 0 and summary["steps"] == 3 * (summary["examples"] // 64)
@@ -195,6 +208,71 @@ def test_a_new_item_is_recommended_after_align_embed_with_no_retraining(trained,
     # the head folder's own items (no --items) do not know it
     assert recommend(["--checkpoint", str(out), "--history", ",".join(history), "-k", str(k), "--json"]) == 0
     assert "brand-new" not in {entry["id"] for entry in json.loads(capsys.readouterr().out)["items"]}
+
+
+def with_rerank(out, folder, **rerank):
+    """A copy of the trained head whose saved config re-ranks with ``rerank``."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(out, folder)
+    config = yaml.safe_load((folder / "rec_config.yaml").read_text())
+    config["rerank"].update(rerank)
+    (folder / "rec_config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def test_recommend_and_rec_eval_rank_by_cosine_minus_the_users_hub_penalty(trained, tmp_path):
+    """Against a float64 reference built from the saved files: each list is a top k of
+    cos(u, i) - w(n_u) * r(i), and rec-eval scores users exactly as recommend ranks them."""
+    from safetensors.torch import load_file
+
+    from align.rec.data import load_rec_data
+    from align.rec.evaluate import HeadMethod
+    from align.rec.recommend import Recommender
+
+    out, _ = trained
+    folder = with_rerank(out, tmp_path / "hub", hub_penalty=1.5, hub_k=5, hub_half_history=2.0, pool=200)
+    rec = Recommender.load(str(folder))
+    users64 = load_file(str(folder / "reference_users.safetensors"))["users"].double()
+    items64 = rec.item_vectors.double()
+    r64 = (items64 @ users64.T).topk(5, dim=1).values.mean(1)  # (N,)
+    assert torch.allclose(rec.hub.double(), r64, atol=1e-5)
+    data = load_rec_data(rec.config)
+    method = HeadMethod(rec, data)
+    # float32 cosines of unit vectors of width 32 and a mean of 5 of them: |error| far below 1e-5
+    bound = 1e-5
+    for user in np.flatnonzero(method.lengths > 0)[:20]:
+        hist = method.histories[user][method.histories[user] >= 0]
+        history = [int(method.to_recommender[c]) for c in hist]
+        n = int(method.lengths[user])
+        padded = np.full((1, rec.config.head.history), -1, dtype=np.int64)
+        padded[0, -len(history):] = history
+        u64 = rec.user_vectors(padded)[0].double()
+        w = 1.5 * n / (n + 2.0)
+        ref = items64 @ u64 - w * r64  # (N,)
+        evaluated = method.scores(np.array([user]))[0]  # catalogue order
+        assert np.allclose(evaluated, ref[method.to_recommender].numpy(), atol=bound)
+        # recommend() with the full history (its length is n, repeats included)
+        full = [int(method.to_recommender[c]) for c in data.split.train.items[data.split.train.users == user]]
+        rows, _ = rec.recommend([full], 10)
+        allowed = torch.ones(len(ref), dtype=torch.bool)
+        allowed[full] = False
+        kth = ref[allowed].topk(10).values[-1]
+        assert all(ref[r] >= kth - bound for r in rows[0]) and not set(rows[0].tolist()) & set(full)
+
+
+def test_the_hub_penalty_without_the_saved_users_is_an_error_naming_the_file(trained, tmp_path):
+    from align.errors import RunError
+    from align.rec.recommend import Recommender
+
+    out, _ = trained
+    folder = with_rerank(out, tmp_path / "hub", hub_penalty=1.0)
+    (folder / "reference_users.safetensors").unlink()
+    with pytest.raises(RunError, match="reference_users.safetensors: missing"):
+        Recommender.load(str(folder))
+    assert Recommender.load(str(with_rerank(out, tmp_path / "off", hub_penalty=0.0))).hub.abs().sum() == 0
 
 
 def test_an_unknown_history_item_is_an_error_naming_it(trained):

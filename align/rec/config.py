@@ -65,6 +65,14 @@ class RerankConfig:
     mmr_lambda: float = 1.0  # 1 = relevance only; lower trades relevance for list diversity (MMR)
     popularity_penalty: float = 0.0  # subtracted x log(1 + training count) from each score
     pool: int = 100  # candidates re-ranked per user
+    # Hub penalty (CSLS): score - weight * r(item), r = the item's mean cosine to its hub_k nearest
+    # training users: items close to everyone stop filling everyone's list (align/rec/rerank.py).
+    hub_penalty: float = 0.0
+    hub_k: int = 50
+    # A user with n training interactions gets hub_penalty * n / (n + hub_half_history): one with a
+    # single item has little taste to go on, and the items everyone likes are their best bet.
+    hub_half_history: float = 4.0
+    hub_users: int = 20000  # training users (a seeded sample) whose vectors r is measured against
 
 
 @dataclass
@@ -119,6 +127,10 @@ def validate_rec(config: RecConfig) -> RecConfig:
         raise ConfigError("rerank.mmr_lambda and eval.mmr_sweep values must lie in [0, 1]")
     if config.rerank.popularity_penalty < 0:
         raise ConfigError("rerank.popularity_penalty must be >= 0")
+    if config.rerank.hub_penalty < 0 or config.rerank.hub_half_history < 0:
+        raise ConfigError("rerank.hub_penalty and rerank.hub_half_history must be >= 0")
+    if config.rerank.hub_k < 1 or config.rerank.hub_users < 1:
+        raise ConfigError("rerank.hub_k and rerank.hub_users must be >= 1")
     from align.rec.baselines import PEERS
 
     unknown = [p for p in config.eval.peers if p not in PEERS]

@@ -50,11 +50,17 @@ class HeadMethod:
         # the recommender's rows are its embeddings folder's; evaluation speaks catalogue codes
         self.to_recommender = np.asarray(rows)
         self.histories = last_items(data.split.train, recommender.config.head.history)  # catalogue codes
+        self.lengths = np.bincount(data.split.train.users, minlength=len(data.split.train.user_ids))  # (U,)
+        self.hub = recommender.hub[rows]  # (N,)
 
     def scores(self, users: np.ndarray) -> np.ndarray:
+        """(u, N) what ``Recommender.recommend`` ranks by: cosine minus the user's hub penalty."""
         hist = self.histories[users]
         hist = np.where(hist >= 0, self.to_recommender[np.clip(hist, 0, None)], -1)
-        return (self.recommender.user_vectors(hist) @ self.item_vectors.T).numpy()
+        scores = self.recommender.user_vectors(hist) @ self.item_vectors.T  # (u, N)
+        if self.recommender.config.rerank.hub_penalty > 0:
+            scores -= self.recommender.hub_weights(self.lengths[users])[:, None] * self.hub[None, :]
+        return scores.numpy()
 
 
 def top_lists(method, segments: Dict[str, Dict[str, Any]], seen: List[np.ndarray], k: int,
@@ -239,7 +245,7 @@ def evaluate_head(checkpoint: str, peers: Optional[List[str]] = None, output: Op
     report = evaluate_methods(methods, data, config, head)
     report.update(split=config.data.split, cutoff=data.split.cutoff, checkpoint=os.path.abspath(checkpoint),
                   fit_seconds=fit_seconds, mmr_lambda=config.rerank.mmr_lambda,
-                  popularity_penalty=config.rerank.popularity_penalty,
+                  popularity_penalty=config.rerank.popularity_penalty, hub_penalty=config.rerank.hub_penalty,
                   counts={"train": len(data.split.train), "test": len(data.split.test),
                           "items": len(data.item_ids), "cold_items": int(data.split.cold_items.sum()),
                           "cold_users": int(data.split.cold_users.sum()), "bad_rows": dict(data.bad.counts)})

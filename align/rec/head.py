@@ -25,6 +25,11 @@ from torch import Tensor, nn
 from align.rec.config import HeadConfig
 
 
+# Saved beside the head by `align rec-train`: (M, dim) unit vectors of a seeded sample of training
+# users at the cut-off, what the hub penalty measures each item against (align/rec/rerank.py).
+REFERENCE_USERS_FILE = "reference_users.safetensors"
+
+
 class ResidualMLP(nn.Module):
     """x -> proj(x) + MLP(x): the projection keeps the aligned geometry, the MLP bends it."""
 

@@ -4,8 +4,8 @@ The item side is rebuilt from the item embeddings folder each time it is loaded,
 to the catalogue after training (``align embed --append``) are scored from their content, with
 no retraining: an item the head never saw has no ID vector and is content only, as cold items
 were during training (ID dropout). Scores come from an exact inner-product index over the item
-vectors; a user's own history is never recommended back; the pool is re-ranked by the config's
-popularity penalty and MMR.
+vectors (ranked after the hub penalty when it is on); a user's own history is never recommended
+back; the pool is re-ranked by the config's popularity penalty and MMR.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from align.index.index import ExactIndex
 from align.loading import read_json, read_tensors
 from align.rec.config import RecConfig, validate_rec
 from align.rec.data import item_features
-from align.rec.head import RecHead
-from align.rec.rerank import rerank
+from align.rec.head import REFERENCE_USERS_FILE, RecHead
+from align.rec.rerank import hub_weights, hubness, rerank
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Recommender:
     id_rows: torch.Tensor  # (N,) ID-table row, -1 for items the head had no ID for
     item_vectors: torch.Tensor  # (N, dim) head item vectors
     log_counts: torch.Tensor  # (N,) log(1 + training count), 0 for new items
+    hub: torch.Tensor  # (N,) the hub penalty's r(i): mean cosine to the nearest reference users; 0 when off
 
     @classmethod
     def load(cls, folder: str, items: Optional[str] = None, device: Optional[torch.device] = None) -> "Recommender":
@@ -73,9 +74,24 @@ class Recommender:
         with torch.no_grad():
             vectors = torch.cat([head.encode_items(features[s:s + 8192], id_rows[s:s + 8192])
                                  for s in range(0, len(features), 8192)])
+        hub = torch.zeros(len(vectors))
+        if config.rerank.hub_penalty > 0:
+            path = os.path.join(folder, REFERENCE_USERS_FILE)
+            if not os.path.isfile(path):
+                raise RunError(f"{path}: missing; rerank.hub_penalty needs the training users' vectors that "
+                               f"`align rec-train` saves: train the head again, or set rerank.hub_penalty=0")
+            users, _ = read_tensors(path)
+            if "users" not in users or users["users"].shape[-1] != vectors.shape[1]:
+                raise RunError(f"{path}: expected a 'users' matrix of width {vectors.shape[1]}")
+            hub = hubness(vectors, users["users"], config.rerank.hub_k)  # new items get theirs too
         return cls(head=head, config=config, item_ids=list(embeddings.ids), content=content, features=features,
                    present=embeddings.masks[modality].bool(), id_rows=id_rows, item_vectors=vectors,
-                   log_counts=log_counts)
+                   log_counts=log_counts, hub=hub)
+
+    def hub_weights(self, history_lengths: np.ndarray) -> torch.Tensor:
+        """(U,) each user's weight on the hub penalty (``rerank.hub_weights``)."""
+        rerank = self.config.rerank
+        return hub_weights(torch.from_numpy(np.asarray(history_lengths)), rerank.hub_penalty, rerank.hub_half_history)
 
     @torch.no_grad()
     def user_vectors(self, histories: np.ndarray) -> torch.Tensor:
@@ -97,11 +113,19 @@ class Recommender:
             items = items[-self.config.head.history:]
             if items:
                 padded[row, -len(items):] = items
-        users = self.user_vectors(padded).numpy()
+        users = self.user_vectors(padded)
         mask = self.present.numpy() if allowed is None else (self.present.numpy() & allowed)
-        index = ExactIndex(self.item_vectors.numpy(), self.item_ids, allowed=mask)
+        # With the hub penalty, cos(u, i) - w_u * r(i) is the inner product of [u, -w_u] and [i, r(i)]:
+        # one more column, and the exact search ranks by the penalised score.
+        weights = self.hub_weights(np.array([len(h) for h in histories]))  # (U,)
+        items, queries = self.item_vectors, users
+        if self.config.rerank.hub_penalty > 0:
+            items = torch.cat([self.item_vectors, self.hub[:, None]], dim=1)  # (N, dim + 1)
+            queries = torch.cat([users, -weights[:, None]], dim=1)  # (U, dim + 1)
+        index = ExactIndex(items.numpy(), self.item_ids, allowed=mask)
         pool = max(k, self.config.rerank.pool)
-        scores, rows = index.search(users, pool, exclude=histories if exclude_history else None)
+        scores, rows = index.search(queries.numpy(), pool, exclude=histories if exclude_history else None)
+        users = users.numpy()
         scores_t = torch.from_numpy(scores).float().masked_fill(torch.from_numpy(rows) < 0, -torch.inf)
         unit_content = torch.nn.functional.normalize(self.content, dim=1)
         chosen = rerank(scores_t, torch.from_numpy(rows), unit_content, k, self.config.rerank.mmr_lambda,
@@ -165,8 +189,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps({"history": history, "items": [{"id": i, "score": s} for i, s in picked]}))
     else:
         rerank = recommender.config.rerank
-        print(f"rank  item  cosine (ranked after popularity_penalty={rerank.popularity_penalty:g}, "
-              f"mmr_lambda={rerank.mmr_lambda:g})")
+        print(f"rank  item  cosine (ranked after hub_penalty={rerank.hub_penalty:g}, "
+              f"popularity_penalty={rerank.popularity_penalty:g}, mmr_lambda={rerank.mmr_lambda:g})")
         for rank, (item, score) in enumerate(picked, 1):
             print(f"{rank:4d}  {item}  {score:.4f}")
     return 0

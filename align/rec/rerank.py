@@ -10,12 +10,41 @@ at a time, each time the candidate with the highest
 
 over the aligned item vectors (the same ones ILD@K is measured on). lambda = 1 is the plain
 ranking; lower values trade relevance for a list whose items look less alike.
+
+Hub penalty: in a high-dimensional space a few items ("hubs", Radovanovic et al. 2010,
+https://jmlr.org/papers/v11/radovanovic10a.html) sit close to most users and fill most lists,
+however the ranking is trained. CSLS (Conneau et al. 2018, https://arxiv.org/abs/1710.04087)
+scores ``cos(u, i) - r(i)`` up to a per-user constant, with ``r(i)`` the item's mean cosine to its
+k nearest users: an item close to everyone loses what it gains from being close to this user.
+We weigh ``r`` per user (``hub_weights``), so a user with one or two items, whose vector says
+little, keeps the items everyone likes.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+
+@torch.no_grad()
+def hubness(items: torch.Tensor, users: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """(N,) mean cosine of each item (N, D) to its ``k`` nearest users (M, D), unit rows; chunked
+    over items, so the largest matrix is (chunk, M)."""
+    k = min(k, users.shape[0])
+    out = torch.empty(items.shape[0])
+    for start in range(0, items.shape[0], chunk):
+        block = items[start:start + chunk].float() @ users.float().T  # (c, M)
+        out[start:start + chunk] = block.topk(k, dim=1).values.mean(dim=1)
+    return out
+
+
+def hub_weights(history_lengths: torch.Tensor, strength: float, half_history: float) -> torch.Tensor:
+    """(U,) ``strength * n / (n + half_history)`` for users with n items of history (all
+    ``strength`` when ``half_history`` is 0)."""
+    n = history_lengths.double()
+    if half_history == 0:
+        return torch.full_like(n, strength).float()
+    return (strength * n / (n + half_history)).float()
 
 
 def popularity_penalised(scores: torch.Tensor, candidates: torch.Tensor, log_counts: torch.Tensor,

@@ -8,7 +8,8 @@ permutation per epoch and cut into per-process slices of the global batch, so N 
 exactly the batch one process would: their step is the same step.
 
 The head is saved to ``train.output_dir`` as ``head.safetensors`` + ``rec_config.yaml`` +
-``items.json`` (the ID table's item ids, training counts, where the item vectors came from):
+``items.json`` (the ID table's item ids, training counts, where the item vectors came from) +
+``reference_users.safetensors`` (a sample of training users' vectors, for the hub penalty):
 safetensors, YAML and JSON only.
 """
 from __future__ import annotations
@@ -27,8 +28,8 @@ from align.errors import RunError, write_json_atomic
 from align.loading import write_tensors
 from align.losses.sampled_softmax import SampledSoftmax
 from align.rec.config import RecConfig
-from align.rec.data import RecData, item_features, load_rec_data, popularity_scale, training_examples
-from align.rec.head import RecHead
+from align.rec.data import RecData, item_features, last_items, load_rec_data, popularity_scale, training_examples
+from align.rec.head import REFERENCE_USERS_FILE, RecHead
 from align.schedule import warmup_cosine
 
 log = logging.getLogger("align.rec")
@@ -120,6 +121,8 @@ def train_head(config: RecConfig) -> Dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_head(accelerator.unwrap_model(model), config, data, scale, out_dir)
+        write_tensors({"users": reference_users(accelerator.unwrap_model(model), data, features, config)},
+                      os.path.join(out_dir, REFERENCE_USERS_FILE), metadata={"format": "align-rec-users/1"})
         write_json_atomic(summary, os.path.join(out_dir, "summary.json"))
     accelerator.end_training()
     return summary
@@ -136,6 +139,25 @@ def step_loss(model, history: torch.Tensor, target: torch.Tensor, content: torch
     users, items = model(history, target, content, id_rows)
     return loss_fn(users, items, logit_scale=logit_scale, log_q=log_q[target] if config.train.logq else None,
                    groups=target)["loss"]
+
+
+@torch.no_grad()
+def reference_users(head: RecHead, data: RecData, features: torch.Tensor, config: RecConfig) -> torch.Tensor:
+    """(M, dim) vectors of up to ``rerank.hub_users`` training users (a seeded sample), from their
+    last ``head.history`` training items, as ``Recommender.user_vectors`` computes them."""
+    head.eval()
+    histories = last_items(data.split.train, config.head.history)  # (U, L) item codes, -1 padded
+    users = np.flatnonzero(histories[:, -1] >= 0)  # users with training interactions
+    if len(users) > config.rerank.hub_users:
+        users = np.sort(np.random.default_rng(config.train.seed).choice(users, config.rerank.hub_users, replace=False))
+    device = next(head.parameters()).device
+    features, id_rows = features.to(device), data.id_rows.to(device)
+    out = []
+    for start in range(0, len(users), 4096):
+        hist = torch.from_numpy(histories[users[start:start + 4096]]).to(device)  # (u, L)
+        mask, safe = hist >= 0, hist.clamp(min=0)
+        out.append(head.encode_users(features[safe], torch.where(mask, id_rows[safe], -1), mask).cpu())
+    return torch.cat(out) if out else torch.zeros(0, config.head.dim)
 
 
 def save_head(head: RecHead, config: RecConfig, data: RecData, popularity_scale: float, folder: str) -> None:
