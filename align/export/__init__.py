@@ -1,0 +1,7 @@
+"""``align export``: a trained model's towers in formats that load without our code, each checked
+by loading it with its own library (open_clip, sentence-transformers, onnxruntime).
+
+``command.py`` is the verb; ``open_clip.py``, ``sentence_transformers.py`` and ``onnx.py`` write
+and check one format each; ``card.py`` writes the model card. Heavy libraries are imported inside
+the functions that use them, so importing this package costs nothing.
+"""

@@ -1,0 +1,268 @@
+"""``align export --checkpoint C --out D [--formats open_clip,sentence_transformers,onnx]``: a trained
+model's towers as folders that load with their own libraries, each checked by loading it that way::
+
+    D/open_clip/              open_clip_config.json + open_clip_model.safetensors  (image + text pair)
+    D/sentence_transformers/  a SentenceTransformer folder                          (hf_text tower)
+    D/onnx/                   <modality>.onnx per tower + preprocess.json + tokenizer/
+    D/README.md               model card: towers, training data, evaluation, how to load, sha256 of files
+
+Without ``--formats`` every format the towers allow is written, and the others are named with the
+reason; a format asked for by name that the towers do not allow is a ``ConfigError`` (exit 2), as
+are a missing checkpoint, an unknown format and an existing non-empty ``D`` (``--overwrite``
+replaces it), all before anything is written.
+
+Everything is written into a temporary folder beside ``D``, renamed to ``D`` at the end, so ``D``
+is either the old folder or a complete new export. Before the rename each format is loaded by its
+library (open_clip, SentenceTransformer, onnxruntime at batch 1 and 5 in one session) and its
+embeddings of probe inputs compared with ours; a difference above ``--tolerance`` is a
+``RunError`` (exit 1) and nothing is kept. The checkpoint is read through align/loading.py
+(safetensors, YAML, JSON): nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from align.errors import ConfigError, RunError
+from align.loading import load_model, model_folder, read_saved_config
+from align.model import AlignModel
+
+FORMATS = ("open_clip", "sentence_transformers", "onnx")
+DEFAULT_TOLERANCE = 1e-4  # max |difference| of unit-vector entries; float32 rounding stays far below it
+PROBE_TEXTS = ["a red star", "blue cube, large, with a striped pattern and a long description that goes on",
+               "Ünïcödé — the sound of rain on a tin roof", "x", "green"]
+PROBE_BATCHES = (1, len(PROBE_TEXTS))  # one onnxruntime session runs both: the batch axis is dynamic
+
+
+def parse_formats(text: Optional[str]) -> Optional[List[str]]:
+    """``open_clip,onnx`` -> the names in order; an unknown one is a ``ConfigError``."""
+    if text is None:
+        return None
+    names = [name.strip().replace("-", "_") for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise ConfigError(f"--formats: unknown format {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(names))
+
+
+def checked_model_folder(checkpoint: str) -> str:
+    """The model folder ``checkpoint`` stands for; a ``ConfigError`` when there is none."""
+    folder = model_folder(checkpoint)
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        raise ConfigError(f"--checkpoint {checkpoint}: no model.safetensors there (give a run folder, a "
+                          "checkpoints/step-N folder or its model/ folder)")
+    return folder
+
+
+def format_problems(model: AlignModel) -> Dict[str, Optional[str]]:
+    """Each format -> why the model's towers do not allow it, or None."""
+    from align.export.onnx import onnx_problem
+    from align.export.open_clip import open_clip_problem
+    from align.export.sentence_transformers import sentence_transformers_problem
+
+    tower_problems = [p for p in (onnx_problem(m, t) for m, t in model.towers.items()) if p]
+    return {"open_clip": open_clip_problem(model), "sentence_transformers": sentence_transformers_problem(model),
+            "onnx": "; ".join(tower_problems) or None}
+
+
+def choose_formats(problems: Dict[str, Optional[str]], asked: Optional[List[str]]) -> Tuple[List[str], Dict[str, str]]:
+    """(formats to write, {skipped format: reason}); one asked for by name and not allowed is a ConfigError."""
+    if asked is not None:
+        refused = {name: problems[name] for name in asked if problems[name]}
+        if refused:
+            raise ConfigError("--formats: " + "; ".join(f"{name} is not possible for this model: {why}"
+                                                         for name, why in refused.items()))
+        return asked, {}
+    return [n for n in FORMATS if not problems[n]], {n: why for n in FORMATS if (why := problems[n])}
+
+
+# ------------------------------------------------------------------ probes and our embeddings
+
+
+def probe_inputs(model: AlignModel, n: int, seed: int = 0) -> Dict[str, Any]:
+    """Inputs for ``n`` probes: texts (str), images (normalised float32 (n, 3, H, W)), waveforms
+    (float32 (n, T) at the tower's rate and clip length)."""
+    from align.export.onnx import _pair, clip_samples
+
+    generator = torch.Generator().manual_seed(seed)
+    probes: Dict[str, Any] = {}
+    if "text" in model.towers:
+        probes["text"] = [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(n)]
+    if "image" in model.towers:
+        height, width = _pair(model.towers["image"].image_size)
+        probes["image"] = torch.randn(n, 3, height, width, generator=generator)
+    if "audio" in model.towers:
+        _, samples, _ = clip_samples(model.towers["audio"])
+        probes["audio"] = 0.1 * torch.randn(n, samples, generator=generator)
+    return probes
+
+
+def model_inputs(model: AlignModel, modality: str, values: Any) -> Any:
+    """What the tower's ``encode`` takes: texts through its own preprocessor; tensors as they are."""
+    if modality != "text":
+        return values
+    prepare = model.preprocessors(train=False)["text"]
+    tokens = [prepare(text) for text in values]
+    if isinstance(tokens[0], dict):
+        return {key: torch.stack([t[key] for t in tokens]) for key in tokens[0]}
+    return torch.stack(tokens)  # (B, L)
+
+
+@torch.no_grad()
+def our_embeddings(model: AlignModel, probes: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    return {m: model.encode(m, model_inputs(model, m, values)) for m, values in probes.items()}
+
+
+def onnx_feeds(model: AlignModel, modality: str, values: Any) -> Dict[str, Any]:
+    """The ONNX graph's numpy inputs for ``values`` (names as in preprocess.json)."""
+    inputs = model_inputs(model, modality, values)
+    if modality == "image":
+        return {"pixel_values": inputs.numpy()}
+    if modality == "audio":
+        return {"waveform": inputs.numpy()}
+    if isinstance(inputs, dict):  # hf_text: cut to the longest text, as a user padding to "longest" would
+        length = int(inputs["attention_mask"].sum(1).max())
+        return {k: v[:, :length].numpy() for k, v in inputs.items()}
+    return {"input_ids": inputs.numpy()}
+
+
+# ------------------------------------------------------------------ the export
+
+
+def write_format(name: str, model: AlignModel, folder: str) -> List[str]:
+    if name == "open_clip":
+        from align.export.open_clip import export_open_clip
+
+        return export_open_clip(model, folder)
+    if name == "sentence_transformers":
+        from align.export.sentence_transformers import export_sentence_transformers
+
+        return export_sentence_transformers(model, folder)
+    from align.export.onnx import export_onnx
+
+    return export_onnx(dict(model.towers.items()), model.embed_dim or 0, folder)
+
+
+def check_format(name: str, model: AlignModel, folder: str) -> float:
+    """Load the written ``folder`` with the format's own library; max |difference| from ours."""
+    probes = probe_inputs(model, max(PROBE_BATCHES))
+    ours = our_embeddings(model, probes)
+    if name == "open_clip":
+        from align.export.open_clip import check_open_clip
+
+        return check_open_clip(folder, probes["text"], probes["image"], ours["text"], ours["image"])
+    if name == "sentence_transformers":
+        from align.export.sentence_transformers import check_sentence_transformers
+
+        return check_sentence_transformers(folder, probes["text"], ours["text"])
+    from align.export.onnx import check_graph
+
+    worst = 0.0
+    for modality, values in probes.items():
+        batches = [values[:n] for n in PROBE_BATCHES]
+        feeds = [onnx_feeds(model, modality, batch) for batch in batches]
+        expected = [ours[modality][:n].numpy() for n in PROBE_BATCHES]
+        worst = max(worst, check_graph(os.path.join(folder, f"{modality}.onnx"), feeds, expected))
+    return worst
+
+
+def export(checkpoint: str, out: str, formats: Optional[List[str]] = None, overwrite: bool = False,
+           tolerance: float = DEFAULT_TOLERANCE) -> Dict[str, Any]:
+    """Export ``checkpoint`` to ``out``; {"written": {format: files}, "skipped": {format: why},
+    "max_abs_diff": {format: figure}, "out": out}."""
+    folder = checked_model_folder(checkpoint)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise ConfigError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    config = read_saved_config(folder)
+    model = load_model(folder)
+    chosen, skipped = choose_formats(format_problems(model), formats)
+    if not chosen:
+        raise ConfigError("no format is possible for this model: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".tmp", dir=parent)
+    written, checks = {}, {}
+    try:
+        for name in chosen:
+            subdir = os.path.join(staging, name)
+            written[name] = write_format(name, model, subdir)
+            checks[name] = check_format(name, model, subdir)
+            if not checks[name] <= tolerance:
+                raise RunError(f"the {name} export differs from the model by {checks[name]:.3g} (> --tolerance "
+                               f"{tolerance:g}) when loaded with its own library; nothing was written to {out}")
+        from align.export.card import write_card
+
+        dims = {m: str(e.shape[-1]) for m, e in our_embeddings(model, probe_inputs(model, 1)).items()}
+        write_card(staging, config, folder, dims, written, skipped, checks)
+        _replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"written": written, "skipped": skipped, "max_abs_diff": checks, "out": out}
+
+
+def _replace_folder(staging: str, out: str) -> None:
+    """Rename ``staging`` to ``out``; an old ``out`` is moved aside first and removed after."""
+    _usual_modes(staging)
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".old",
+                               dir=os.path.dirname(os.path.abspath(out)))
+        os.rmdir(old)
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _usual_modes(folder: str) -> None:
+    """The umask's usual modes for ``folder`` and everything in it: mkdtemp makes a private folder
+    and some writers (safetensors) private files, but an export is for others to read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="align export",
+        description="Export a checkpoint's towers as open_clip, sentence-transformers and ONNX folders, each "
+                    "checked by loading it with its own library, plus a model card (README.md).")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run folder (its newest checkpoint), checkpoint folder or its model/ folder")
+    parser.add_argument("--out", required=True, help="export folder to create")
+    parser.add_argument("--formats",
+                        help=f"comma-separated subset of {','.join(FORMATS)} (default: all the towers allow)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help="largest |difference| of embedding entries accepted from an export (default 1e-4)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``align export``; a ``ConfigError`` or ``RunError`` is left to align/cli.py to report."""
+    args = _parser().parse_args(argv)
+    formats = parse_formats(args.formats)
+    start = time.perf_counter()
+    result = export(args.checkpoint, args.out, formats, args.overwrite, args.tolerance)
+    lines = [f"exported {model_folder(args.checkpoint)} -> {args.out} in {time.perf_counter() - start:.1f} s"]
+    for name, files in result["written"].items():
+        lines.append(f"  {name + '/':24s} {len(files):3d} files, loaded by its own library: max |diff| "
+                     f"{result['max_abs_diff'][name]:.2e}")
+    for name, why in result["skipped"].items():
+        lines.append(f"  {name + '/':24s} skipped: {why}")
+    lines.append(f"  {'README.md':24s} model card (towers, data, evaluation, loading, sha256 of every file)")
+    print("\n".join(lines), flush=True)
+    return 0
