@@ -317,3 +317,153 @@ def test_every_peer_runs_on_the_same_split_and_scores_cold_items_only_if_it_can(
     # popularity is popularity, whichever library computes it
     assert report["segments"]["warm"]["cornac_mostpop"]["ndcg@10"] == pytest.approx(
         report["segments"]["warm"]["most_pop"]["ndcg@10"], abs=0.02)
+
+
+# --- head.fusion: learned ---------------------------------------------------------------------
+
+def two_modality_embeddings(ids, text, image, image_mask):
+    """Item embeddings with a text and an image modality (image missing where ``image_mask`` is
+    False) and their plain-mean fused vector, as `align embed` writes them."""
+    from align.index.embed import fuse
+
+    text_mask = torch.ones(len(ids), dtype=torch.bool)
+    image = image * image_mask[:, None]
+    vectors, masks = {"text": text, "image": image}, {"text": text_mask, "image": image_mask}
+    fused, present = fuse(vectors, masks)
+    meta = {"format": "align-item-embeddings/1", "checkpoint": "synthetic", "dim": str(text.shape[1]),
+            "modalities": "text,image", "fusion": "mean"}
+    return ItemEmbeddings(list(ids), {**vectors, "fused": fused}, {**masks, "fused": present}, meta)
+
+
+@pytest.fixture(scope="module")
+def noisy_items(shop):
+    """The shop's items with two modalities: text = the attribute vectors (what the simulated users
+    choose by), image = pure noise: each item gets one of 4 random unit vectors by a coin that
+    ignores the item, so it tells neither the item's attributes nor, for a warm item, which item it
+    is (per-item random vectors would act as ID vectors). One item in 10 has no image."""
+    text = attribute_vectors(shop["values"])
+    g = torch.Generator().manual_seed(1)
+    choices = F.normalize(torch.randn(4, text.shape[1], generator=g), dim=1)
+    image = choices[torch.randint(0, 4, (len(text),), generator=g)]
+    image_mask = torch.rand(len(text), generator=g) >= 0.1
+    folder = shop["root"] / "items-two"
+    save_item_embeddings(two_modality_embeddings(shop["ids"], text, image, image_mask), str(folder))
+    return folder
+
+
+def test_learned_fusion_starts_as_the_mean_align_embed_computes():
+    from align.index.embed import fuse
+    from align.rec.head import ModalityFusion
+
+    g = torch.Generator().manual_seed(0)
+    n, d, names = 50, 16, ("image", "text", "audio")
+    vectors = {m: F.normalize(torch.randn(n, d, generator=g), dim=1) for m in names}
+    masks = {m: torch.rand(n, generator=g) > 0.3 for m in names}
+    for m in names:
+        masks[m][0] = False  # item 0 has no modality: a zero vector, as embed gives it
+        vectors[m] = vectors[m] * masks[m][:, None]
+    stacked = torch.stack([vectors[m] for m in names], dim=1)  # (N, M, D)
+    stacked_masks = torch.stack([masks[m] for m in names], dim=1)  # (N, M)
+    fused = ModalityFusion(names)(stacked, stacked_masks)
+    # float64 reference: the plain mean of the unit vectors an item has, normalised
+    v64, m64 = stacked.double(), stacked_masks.double()
+    mean64 = (v64 * m64[..., None]).sum(1) / m64.sum(1, keepdim=True).clamp(min=1)
+    ref = mean64 / mean64.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    # unit-scale entries through a normalise per modality (d + 3 roundings each), a sum of M terms,
+    # a division and the final normalise (d + 3 more): far below (M + 2) * (d + 4) * EPS32
+    bound = (len(names) + 2) * (d + 4) * EPS32
+    assert (fused.double() - ref).abs().max() <= bound
+    assert fused[0].abs().sum() == 0 and torch.equal(fused.norm(dim=1) > 0, stacked_masks.any(1))
+    expected, present = fuse(vectors, masks)
+    assert (fused - expected).abs().max() <= bound and torch.equal(present, stacked_masks.any(1))
+
+
+def test_learned_fusion_needs_the_fused_modality_and_two_modalities(shop, tmp_path):
+    from align.errors import ConfigError
+    from align.rec.data import load_rec_data
+
+    with pytest.raises(ConfigError, match="head.fusion"):
+        load_rec_config(None, rec_overrides(shop, tmp_path, "head.fusion=learned", "head.modality=text"))
+    one = load_rec_config(None, rec_overrides(shop, tmp_path, "head.fusion=learned"))  # items: text only
+    with pytest.raises(ConfigError, match=r"head.fusion.*data.items"):
+        load_rec_data(one)
+
+
+@pytest.fixture(scope="module")
+def trained_learned(shop, noisy_items):
+    from align.rec.train import train_head
+
+    # No ID vectors (content alone must score) and a faster, undecayed lr: in 3 epochs the weights
+    # move well clear of their start (text 0.63-0.71 over seeds 0-2; 0.58 with IDs at lr 3e-3)
+    out = shop["root"] / "head-learned"
+    summary = train_head(load_rec_config(None, rec_overrides(
+        shop, out, "head.fusion=learned", f"data.items={noisy_items}", "head.id_embeddings=false", "train.lr=1e-2",
+        "train.weight_decay=0")))
+    return out, summary
+
+
+def test_a_learned_fusion_head_reloads_with_the_same_item_vectors_and_reports_its_weights(trained_learned):
+    from safetensors.torch import load_file
+
+    from align.rec.data import item_features, load_rec_data, popularity_scale
+    from align.rec.head import RecHead
+    from align.rec.recommend import Recommender
+
+    out, summary = trained_learned
+    weights = summary["fusion_weights"]
+    assert list(weights) == ["text", "image"] == json.loads((out / "items.json").read_text())["modalities"]
+    assert sum(weights.values()) == pytest.approx(1, abs=1e-6) and all(w > 0 for w in weights.values())
+    rec = Recommender.load(str(out))
+    assert rec.fusion_weights() == pytest.approx(weights, abs=0)
+    # the training path: the same features from load_rec_data, the saved head on them
+    data = load_rec_data(rec.config)
+    features = item_features(data.content, data.train_counts, popularity_scale(data.train_counts),
+                             rec.config.head.popularity_feature, data.modality_vectors, data.modality_masks)
+    head = RecHead(features.shape[1], len(data.item_ids), rec.config.head, data.modalities)
+    head.load_state_dict(load_file(str(out / "head.safetensors")))
+    head.eval()
+    with torch.no_grad():
+        trained = head.encode_items(features, data.id_rows)  # (N, dim) catalogue order
+    rows = rec.rows_of(data.item_ids, "test")
+    assert torch.equal(rec.item_vectors[rows], trained)  # the same float32 operations on the same inputs
+    # and against float64: the weighted mean of the saved weights, then the adapter in float64
+    w64 = torch.tensor([weights["text"], weights["image"]], dtype=torch.float64)
+    masks64 = data.modality_masks.double() * w64  # (N, M)
+    fused64 = (data.modality_vectors.double() * masks64[..., None]).sum(1) / masks64.sum(1, keepdim=True)
+    fused64 = F.normalize(fused64, dim=1)
+    head64 = head.double()
+    with torch.no_grad():
+        x64 = head64.items.adapter(torch.cat([fused64, features[:, -1:].double()], dim=1))  # no ID vectors here
+    ref = F.normalize(x64, dim=1)
+    # float32 through a normalise and two small matrix products (width <= 64 + 33): a few hundred
+    # roundings of unit-scale terms, far below 1e-4; a wrong modality order or mask is off by O(0.1)
+    assert (rec.item_vectors[rows].double() - ref).abs().max() < 1e-4
+
+
+def test_a_learned_fusion_head_scores_an_appended_item_and_refuses_other_modalities(trained_learned, noisy_items,
+                                                                                     shop):
+    from align.errors import RunError
+    from align.rec.recommend import Recommender
+
+    out, _ = trained_learned
+    rec = Recommender.load(str(out))
+    cold = next(r for r in range(len(rec.item_ids)) if rec.id_rows[r] < 0)
+    existing = load_item_embeddings(str(noisy_items))
+    row = existing.row_of()[rec.item_ids[cold]]
+    new = existing.select([row])
+    new.ids = ["brand-new"]
+    folder = shop["root"] / "items-two-plus"
+    save_item_embeddings(append_item_embeddings(existing, new), str(folder))
+    plus = Recommender.load(str(out), str(folder))
+    assert plus.item_ids[-1] == "brand-new"
+    assert torch.equal(plus.item_vectors[-1], plus.item_vectors[cold])  # same modalities, same vector
+    with pytest.raises(RunError, match=r"modalities text.*fuses text, image"):
+        Recommender.load(str(out), str(shop["root"] / "items"))  # a text-only folder
+
+
+def test_the_learned_weight_of_the_informative_modality_ends_higher(trained_learned):
+    """text carries what users choose by, image is noise: training moves weight from image to text
+    (from 0.5 each at init)."""
+    _, summary = trained_learned
+    weights = summary["fusion_weights"]
+    assert weights["text"] > 0.55 > weights["image"], weights

@@ -28,6 +28,10 @@ class RecDataConfig:
 @dataclass
 class HeadConfig:
     modality: str = "fused"  # which item vectors feed the head: fused, text, image or audio
+    # given: the fused vectors as `align embed` wrote them (a plain or --fusion-weights mean);
+    # learned: the head fuses the item's modality vectors itself, one softmax weight per modality
+    # trained from the interactions, starting from the plain mean (head.modality must be fused)
+    fusion: Literal["given", "learned"] = "given"
     dim: int = 128  # output dimension of the user and item vectors
     hidden: int = 256  # width of the item adapter and of the user MLP
     id_embeddings: bool = True  # a learned vector per warm item, beside the content
@@ -108,6 +112,9 @@ def validate_rec(config: RecConfig) -> RecConfig:
         raise ConfigError("data.items: the item embeddings folder (from `align embed`) is required")
     if config.head.modality not in MODALITY_CHOICES:
         raise ConfigError(f"head.modality: {config.head.modality!r}; use one of {', '.join(MODALITY_CHOICES)}")
+    if config.head.fusion == "learned" and config.head.modality != "fused":
+        raise ConfigError(f"head.fusion: learned fuses the modality vectors itself; it needs head.modality=fused "
+                          f"(got {config.head.modality!r}), or set head.fusion=given")
     for key in ("dim", "hidden", "history", "layers", "heads"):
         if getattr(config.head, key) < 1:
             raise ConfigError(f"head.{key} must be >= 1")

@@ -5,18 +5,22 @@ interaction log split in time, the aligned item vectors in catalogue order, and 
 Items are integer codes in catalogue order everywhere below; a user's history is their item
 codes in time order. Every array of histories is left-padded with -1 to ``history`` columns, so
 the newest item is always the last column.
+
+With ``head.fusion: learned`` the item tower fuses the modality vectors itself, so it reads them
+all: ``item_features`` lays an item's row out as [M modality vectors of width D (M*D) | M masks |
+popularity], the modalities in the embeddings folder's order (recorded in ``items.json``).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from align.errors import RunError
-from align.index.embed import load_item_embeddings
+from align.errors import ConfigError, RunError
+from align.index.embed import ItemEmbeddings, load_item_embeddings
 from align.rec.config import RecConfig
 from align.rec.interactions import BadRows, Interactions, read_catalogue_ids, read_interactions
 from align.rec.split import Split, leave_last_out, temporal_split, time_order, user_histories
@@ -33,6 +37,10 @@ class RecData:
     has_content: torch.Tensor  # (N,) bool
     split: Split
     bad: BadRows
+    # head.fusion learned only (else empty / None): what the head fuses, modalities in this order
+    modalities: Tuple[str, ...] = ()
+    modality_vectors: Optional[torch.Tensor] = None  # (N, M, D) float32, zero rows where masked out
+    modality_masks: Optional[torch.Tensor] = None  # (N, M) bool, the item has that modality
 
     @property
     def train_counts(self) -> np.ndarray:
@@ -51,28 +59,62 @@ def popularity_scale(counts: np.ndarray) -> float:
     return float(np.log1p(max(int(counts.max(initial=0)), 1)))
 
 
-def item_features(content: torch.Tensor, counts: np.ndarray, scale: float, popularity: bool) -> torch.Tensor:
+def item_features(content: torch.Tensor, counts: np.ndarray, scale: float, popularity: bool,
+                  modality_vectors: Optional[torch.Tensor] = None,
+                  modality_masks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """What the head's item tower reads: the aligned vector (N, Dc), plus with ``popularity`` a
-    last column log(1 + training count) / scale (0 for an item nobody touched): (N, Dc + 1)."""
+    last column log(1 + training count) / scale (0 for an item nobody touched): (N, Dc + 1).
+
+    With ``modality_vectors`` (N, M, D) and ``modality_masks`` (N, M) (learned fusion) the
+    tower fuses them itself and ``content`` is not read: (N, M*D + M [+ 1])."""
+    if modality_vectors is not None:
+        if modality_masks is None:
+            raise ValueError("modality_vectors need their modality_masks")
+        content = torch.cat([modality_vectors.flatten(1), modality_masks.float()], dim=1)  # (N, M*D + M)
     if not popularity:
         return content
     column = torch.from_numpy(np.log1p(counts.astype(np.float64)) / scale).float()[:, None]  # (N, 1)
     return torch.cat([content, column], dim=1)
 
 
-def item_content(folder: str, item_ids: List[str], modality: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(content (N, Dc) float32, present (N,) bool) of ``item_ids`` from an ``align embed`` folder;
-    an item the folder lacks is a ``RunError`` naming a few of them and the fix."""
-    embeddings = load_item_embeddings(folder)
-    if modality not in embeddings.vectors:
-        raise RunError(f"{folder}: no {modality!r} vectors (it has {', '.join(sorted(embeddings.vectors))}); "
-                       "set head.modality to one of those")
+def stack_modalities(embeddings: ItemEmbeddings, rows: torch.Tensor,
+                     order: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(vectors (n, M, D) float32, masks (n, M) bool) of the items at ``rows``, modalities in ``order``."""
+    vectors = torch.stack([embeddings.vectors[m][rows].float() for m in order], dim=1)
+    masks = torch.stack([embeddings.masks[m][rows].bool() for m in order], dim=1)
+    return vectors * masks.unsqueeze(-1), masks  # a masked-out row is zero whatever the file holds
+
+
+def learned_modalities(embeddings: ItemEmbeddings, folder: str) -> Tuple[str, ...]:
+    """The modalities a learned fusion weighs: the folder's, in its order; fewer than two leave
+    nothing to weigh (a ``ConfigError`` naming the keys)."""
+    names = tuple(embeddings.modalities)
+    if len(names) < 2:
+        raise ConfigError(f"head.fusion: learned weighs two or more modalities, and data.items ({folder}) holds "
+                          f"{', '.join(names) or 'none'}; embed with a multi-modal checkpoint or set head.fusion=given")
+    return names
+
+
+def item_rows(embeddings: ItemEmbeddings, folder: str, item_ids: List[str]) -> torch.Tensor:
+    """(N,) the folder's row of each of ``item_ids``; an item the folder lacks is a ``RunError``
+    naming a few of them and the fix."""
     row_of = embeddings.row_of()
     missing = [i for i in item_ids if i not in row_of]
     if missing:
         raise RunError(f"{folder}: {len(missing)} catalogue items have no embedding (e.g. {', '.join(missing[:5])}); "
                        f"run `align embed --append` on the manifests that hold them")
-    rows = torch.tensor([row_of[i] for i in item_ids], dtype=torch.long)
+    return torch.tensor([row_of[i] for i in item_ids], dtype=torch.long)
+
+
+def item_content(folder: str, item_ids: List[str], modality: str,
+                 embeddings: Optional[ItemEmbeddings] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(content (N, Dc) float32, present (N,) bool) of ``item_ids`` from an ``align embed`` folder;
+    an item the folder lacks is a ``RunError`` naming a few of them and the fix."""
+    embeddings = embeddings if embeddings is not None else load_item_embeddings(folder)
+    if modality not in embeddings.vectors:
+        raise RunError(f"{folder}: no {modality!r} vectors (it has {', '.join(sorted(embeddings.vectors))}); "
+                       "set head.modality to one of those")
+    rows = item_rows(embeddings, folder, item_ids)
     return embeddings.vectors[modality][rows].float(), embeddings.masks[modality][rows].bool()
 
 
@@ -80,6 +122,9 @@ def load_rec_data(config: RecConfig) -> RecData:
     """Catalogue ids, the validated log (bad rows counted, over the threshold refused), its split
     and the item vectors, as ``config.data`` names them."""
     data = config.data
+    embeddings = load_item_embeddings(data.items)  # first: a learned fusion needs >= 2 modalities
+    learned = config.head.fusion == "learned"
+    modalities = learned_modalities(embeddings, data.items) if learned else ()
     item_ids = read_catalogue_ids(data.catalogue, data.id_column)
     interactions, bad = read_interactions(data.interactions, item_ids, data.columns, data.max_bad_fraction)
     if bad.n_bad:
@@ -91,8 +136,12 @@ def load_rec_data(config: RecConfig) -> RecData:
     if len(split.train) == 0 or len(split.test) == 0:
         raise RunError(f"{data.interactions}: the {data.split} split left {len(split.train)} training and "
                        f"{len(split.test)} test interactions; both must be non-empty (data.cutoff, data.test_quantile)")
-    content, present = item_content(data.items, item_ids, config.head.modality)
-    return RecData(item_ids=item_ids, content=content, has_content=present, split=split, bad=bad)
+    content, present = item_content(data.items, item_ids, config.head.modality, embeddings)
+    vectors = masks = None
+    if learned:
+        vectors, masks = stack_modalities(embeddings, item_rows(embeddings, data.items, item_ids), modalities)
+    return RecData(item_ids=item_ids, content=content, has_content=present, split=split, bad=bad,
+                   modalities=modalities, modality_vectors=vectors, modality_masks=masks)
 
 
 def training_examples(train: Interactions, history: int) -> Tuple[np.ndarray, np.ndarray]:

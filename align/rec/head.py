@@ -13,10 +13,15 @@ User side: the user's most recent items (their head vectors), left-padded to ``h
 A user with no history gets a learned vector (the model's "anyone" taste).
 
 Both sides end L2-normalised; the score is their cosine (times 1 / temperature in the loss).
+
+With ``head.fusion: learned`` the item tower first fuses the item's modality vectors itself
+(``ModalityFusion``: one softmax weight per modality, trained with the rest of the head from the
+interactions), where ``given`` reads the fused vector ``align embed`` computed. The weights start
+equal, so a learned head starts from exactly the vector ``align embed`` fuses.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +47,63 @@ class ResidualMLP(nn.Module):
         return self.proj(x) + self.mlp(x)
 
 
-class ItemTower(nn.Module):
-    """Content adapter plus an optional per-item ID vector (zero for items without one)."""
+class ModalityFusion(nn.Module):
+    """A learned weighted mean of an item's modality vectors, one logit per modality:
 
-    def __init__(self, content_dim: int, n_ids: int, config: HeadConfig) -> None:
+        fused_i = normalize( sum_m [i has m] w_m v_im / sum_m [i has m] w_m ),  w = softmax(logits),
+        v_im = normalize(row)
+
+    the formula of ``align.index.embed.fuse`` with weights that train. The logits start at zero
+    (equal weights): training starts from the plain mean ``align embed`` writes. An item with no
+    modality gets a zero vector, as ``fuse`` gives it. The softmax keeps the weights positive and
+    summing to 1, so they read as each modality's share.
+    """
+
+    def __init__(self, modalities: Sequence[str]) -> None:
         super().__init__()
+        self.modalities = tuple(modalities)
+        self.logits = nn.Parameter(torch.zeros(len(self.modalities)))
+
+    def weights(self) -> Tensor:
+        """(M,) the modalities' weights, positive, summing to 1."""
+        return torch.softmax(self.logits, dim=0)
+
+    def named_weights(self) -> Dict[str, float]:
+        """Modality name -> its weight (what the run summary reports)."""
+        return {name: float(w) for name, w in zip(self.modalities, self.weights().detach().cpu())}
+
+    def forward(self, vectors: Tensor, masks: Tensor) -> Tensor:
+        """vectors (..., M, D), masks (..., M) bool or 0/1 -> (..., D) unit rows (zero without a modality)."""
+        weight = masks.to(vectors.dtype) * self.weights().to(vectors.dtype)  # (..., M)
+        total = (weight.unsqueeze(-1) * F.normalize(vectors, dim=-1)).sum(-2)  # (..., D)
+        mean = total / weight.sum(-1, keepdim=True).clamp_min(1e-12)
+        return F.normalize(mean, dim=-1)
+
+
+def fusion_layout(feature_dim: int, modalities: int, extras: int) -> int:
+    """The modality width D of learned-fusion features [M*D vectors | M masks | extras] of width
+    ``feature_dim`` (``align.rec.data.item_features``)."""
+    dim, rest = divmod(feature_dim - extras, modalities)
+    if rest or dim < 2:
+        raise ValueError(f"{feature_dim} feature columns do not hold {modalities} modality vectors, their masks "
+                         f"and {extras} more columns")
+    return dim - 1
+
+
+class ItemTower(nn.Module):
+    """Content adapter plus an optional per-item ID vector (zero for items without one); with
+    learned fusion, the content is first fused from the item's modality vectors."""
+
+    def __init__(self, content_dim: int, n_ids: int, config: HeadConfig, modalities: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.fusion = None
+        if config.fusion == "learned":
+            if len(modalities) < 2:
+                raise ValueError("head.fusion=learned needs the names of two or more modalities")
+            self.extras = int(config.popularity_feature)  # the columns after the masks (popularity)
+            self.modality_dim = fusion_layout(content_dim, len(modalities), self.extras)
+            self.fusion = ModalityFusion(modalities)
+            content_dim = self.modality_dim + self.extras  # the adapter reads [fused | extras], as for given
         self.adapter = ResidualMLP(content_dim, config.dim, config.hidden, config.dropout)
         self.id_dropout = config.id_dropout
         self.ids = nn.Embedding(max(n_ids, 1), config.dim) if config.id_embeddings else None
@@ -55,13 +112,23 @@ class ItemTower(nn.Module):
 
     def forward(self, content: Tensor, id_rows: Tensor) -> Tensor:
         """content (..., Dc), id_rows (...) int64, -1 = no ID -> (..., dim) unit vectors."""
-        x = self.adapter(content)
+        x = self.adapter(self.fuse(content))
         if self.ids is not None:
             keep = id_rows >= 0
             if self.training and self.id_dropout > 0:
                 keep = keep & (torch.rand(id_rows.shape, device=id_rows.device) >= self.id_dropout)
             x = x + self.ids(id_rows.clamp(min=0)) * keep.unsqueeze(-1).to(x.dtype)
         return F.normalize(x, dim=-1)
+
+
+    def fuse(self, content: Tensor) -> Tensor:
+        """Learned fusion: (..., M*D + M + extras) -> (..., D + extras) [fused | extras]; given: as is."""
+        if self.fusion is None:
+            return content
+        m, d = len(self.fusion.modalities), self.modality_dim
+        vectors = content[..., :m * d].unflatten(-1, (m, d))  # (..., M, D)
+        masks = content[..., m * d:m * d + m]  # (..., M) 0/1
+        return torch.cat([self.fusion(vectors, masks), content[..., m * d + m:]], dim=-1)
 
 
 class MeanUserEncoder(nn.Module):
@@ -117,15 +184,21 @@ class SASRecUserEncoder(nn.Module):
 class RecHead(nn.Module):
     """Item tower + user encoder; ``score = <user, item>`` of unit vectors."""
 
-    def __init__(self, content_dim: int, n_ids: int, config: HeadConfig) -> None:
+    def __init__(self, content_dim: int, n_ids: int, config: HeadConfig, modalities: Sequence[str] = ()) -> None:
+        """``content_dim``: the width of ``item_features``; ``modalities``: what a learned fusion weighs, in
+        the order of the features' modality vectors (ignored with ``head.fusion: given``)."""
         super().__init__()
         self.config = config
-        self.items = ItemTower(content_dim, n_ids, config)
+        self.items = ItemTower(content_dim, n_ids, config, modalities)
         self.users = MeanUserEncoder(config) if config.user_encoder == "mean" else SASRecUserEncoder(config)
 
     def encode_items(self, content: Tensor, id_rows: Tensor) -> Tensor:
         """(N, Dc), (N,) -> (N, dim)."""
         return self.items(content, id_rows)
+
+    def fusion_weights(self) -> Dict[str, float]:
+        """Learned fusion: modality -> weight (summing to 1); given: empty."""
+        return {} if self.items.fusion is None else self.items.fusion.named_weights()
 
     def encode_users(self, history_content: Tensor, history_ids: Tensor, mask: Tensor) -> Tensor:
         """history_content (B, L, Dc), history_ids (B, L) (-1 = no ID), mask (B, L) -> (B, dim)."""

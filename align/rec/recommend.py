@@ -5,7 +5,9 @@ to the catalogue after training (``align embed --append``) are scored from their
 no retraining: an item the head never saw has no ID vector and is content only, as cold items
 were during training (ID dropout). Scores come from an exact inner-product index over the item
 vectors (ranked after the hub penalty when it is on); a user's own history is never recommended
-back; the pool is re-ranked by the config's popularity penalty and MMR.
+back; the pool is re-ranked by the config's popularity penalty and MMR. A head with learned
+fusion (``head.fusion: learned``) reads every modality's vectors of the folder, in the order its
+``items.json`` records, and fuses them with its weights, new items included.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from align.index.embed import load_item_embeddings
 from align.index.index import ExactIndex
 from align.loading import read_json, read_tensors
 from align.rec.config import RecConfig, validate_rec
-from align.rec.data import item_features
+from align.rec.data import item_features, stack_modalities
 from align.rec.head import REFERENCE_USERS_FILE, RecHead
 from align.rec.rerank import hub_weights, hubness, rerank
 
@@ -61,8 +63,13 @@ class Recommender:
                            f"on {meta['content_dim']}; embed with the same checkpoint")
         counts = dict(zip(meta["ids"], meta["train_counts"]))
         current = np.array([counts.get(i, 0) for i in embeddings.ids], dtype=np.int64)  # new items: 0
-        features = item_features(content, current, meta["popularity_scale"], config.head.popularity_feature)
-        head = RecHead(features.shape[1], len(meta["ids"]), config.head)
+        present = embeddings.masks[modality].bool()
+        modalities, vectors, masks = learned_inputs(config, meta, embeddings, items or meta["items"], folder)
+        if masks is not None:
+            present = masks.any(1)  # the learned fusion scores an item with any modality
+        features = item_features(content, current, meta["popularity_scale"], config.head.popularity_feature,
+                                 vectors, masks)
+        head = RecHead(features.shape[1], len(meta["ids"]), config.head, modalities)
         try:
             head.load_state_dict(state, strict=True)
         except RuntimeError as error:
@@ -85,8 +92,12 @@ class Recommender:
                 raise RunError(f"{path}: expected a 'users' matrix of width {vectors.shape[1]}")
             hub = hubness(vectors, users["users"], config.rerank.hub_k)  # new items get theirs too
         return cls(head=head, config=config, item_ids=list(embeddings.ids), content=content, features=features,
-                   present=embeddings.masks[modality].bool(), id_rows=id_rows, item_vectors=vectors,
+                   present=present, id_rows=id_rows, item_vectors=vectors,
                    log_counts=log_counts, hub=hub)
+
+    def fusion_weights(self) -> Dict[str, float]:
+        """Learned fusion: modality -> weight (summing to 1); given: empty."""
+        return self.head.fusion_weights()
 
     def hub_weights(self, history_lengths: np.ndarray) -> torch.Tensor:
         """(U,) each user's weight on the hub penalty (``rerank.hub_weights``)."""
@@ -143,6 +154,23 @@ class Recommender:
             raise RunError(f"{where}: unknown item id(s) {', '.join(unknown[:5])}; they are not in the item "
                            "embeddings (run `align embed --append` on them)")
         return [row_of[i] for i in ids]
+
+
+def learned_inputs(config: RecConfig, meta: Dict, embeddings, where: str, folder: str
+                   ) -> Tuple[Tuple[str, ...], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(modalities, vectors (N, M, D), masks (N, M)) a learned-fusion head reads from ``embeddings``,
+    in the order the head was trained with; ((), None, None) for a given-fusion head. A folder
+    whose modalities are not the head's is a ``RunError`` naming both."""
+    if config.head.fusion != "learned":
+        return (), None, None
+    order = tuple(meta.get("modalities") or ())
+    if len(order) < 2:
+        raise RunError(f"{folder}/items.json: no 'modalities' list for its head.fusion=learned head; train it again")
+    if set(embeddings.modalities) != set(order):
+        raise RunError(f"{where}: modalities {', '.join(embeddings.modalities)}; the head in {folder} fuses "
+                       f"{', '.join(order)}: embed with the checkpoint the head was trained on")
+    vectors, masks = stack_modalities(embeddings, torch.arange(len(embeddings.ids)), order)
+    return order, vectors, masks
 
 
 def user_history(recommender: Recommender, user: str) -> List[str]:

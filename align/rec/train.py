@@ -10,7 +10,8 @@ exactly the batch one process would: their step is the same step.
 The head is saved to ``train.output_dir`` as ``head.safetensors`` + ``rec_config.yaml`` +
 ``items.json`` (the ID table's item ids, training counts, where the item vectors came from) +
 ``reference_users.safetensors`` (a sample of training users' vectors, for the hub penalty):
-safetensors, YAML and JSON only.
+safetensors, YAML and JSON only. With ``head.fusion: learned``, ``items.json`` also records the
+modality order of the head's fusion weights, and ``summary.json`` the weights by modality name.
 """
 from __future__ import annotations
 
@@ -64,8 +65,9 @@ def train_head(config: RecConfig) -> Dict[str, Any]:
     device = accelerator.device
 
     scale = popularity_scale(data.train_counts)
-    features = item_features(data.content, data.train_counts, scale, config.head.popularity_feature)  # (N, F)
-    head = RecHead(features.shape[1], len(data.item_ids), config.head)
+    features = item_features(data.content, data.train_counts, scale, config.head.popularity_feature,
+                             data.modality_vectors, data.modality_masks)  # (N, F)
+    head = RecHead(features.shape[1], len(data.item_ids), config.head, data.modalities)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, config.train.warmup_steps))
     # The schedule stays ours: a prepared one steps once per process per optimiser step.
@@ -107,7 +109,9 @@ def train_head(config: RecConfig) -> Dict[str, Any]:
                 record = {"step": step, "epoch": epoch, "loss": value, "lr": scheduler.get_last_lr()[0],
                           "examples_per_s": step * global_batch / (time.perf_counter() - started)}
                 history.append(record)
-                accelerator.log({f"rec/{k}": v for k, v in record.items() if k != "step"}, step=step)
+                fusion = accelerator.unwrap_model(model).fusion_weights()  # {} unless head.fusion is learned
+                weights = {f"rec/fusion_weight/{m}": w for m, w in fusion.items()}
+                accelerator.log({**{f"rec/{k}": v for k, v in record.items() if k != "step"}, **weights}, step=step)
                 if progress is not None:
                     progress.set_postfix(loss=f"{value:.3f}")
             if progress is not None:
@@ -118,6 +122,10 @@ def train_head(config: RecConfig) -> Dict[str, Any]:
     summary = {"steps": total, "examples": int(len(targets)), "global_batch": global_batch, "seconds": seconds,
                "examples_per_s": total * global_batch / seconds, "history": history,
                "bad_rows": dict(data.bad.counts)}
+    fusion_weights = accelerator.unwrap_model(model).fusion_weights()
+    if fusion_weights:  # head.fusion learned: each modality's share of the fused item vector
+        summary["fusion_weights"] = fusion_weights
+        log.info("learned fusion weights: %s", ", ".join(f"{m} {w:.3f}" for m, w in fusion_weights.items()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_head(accelerator.unwrap_model(model), config, data, scale, out_dir)
@@ -164,7 +172,9 @@ def save_head(head: RecHead, config: RecConfig, data: RecData, popularity_scale:
     """``head.safetensors`` + ``rec_config.yaml`` + ``items.json``, each written atomically."""
     write_tensors(head.state_dict(), os.path.join(folder, "head.safetensors"), metadata={"format": "align-rec-head/1"})
     save_config(config, os.path.join(folder, "rec_config.yaml"))
-    write_json_atomic({"ids": data.item_ids, "train_counts": data.train_counts.tolist(),
-                       "content_dim": int(data.content.shape[1]), "popularity_scale": popularity_scale,
-                       "items": os.path.abspath(config.data.items),
-                       "cutoff": data.split.cutoff}, os.path.join(folder, "items.json"))
+    meta = {"ids": data.item_ids, "train_counts": data.train_counts.tolist(),
+            "content_dim": int(data.content.shape[1]), "popularity_scale": popularity_scale,
+            "items": os.path.abspath(config.data.items), "cutoff": data.split.cutoff}
+    if data.modalities:  # learned fusion: the order of the head's fusion weights
+        meta["modalities"] = list(data.modalities)
+    write_json_atomic(meta, os.path.join(folder, "items.json"))
