@@ -82,7 +82,7 @@ def run(n_items: int, args: argparse.Namespace, work: str) -> Dict[str, Any]:
         f"data.items={files['items']}", f"data.cutoff={files['cutoff']}", f"train.output_dir={out}",
         "train.epochs=1", f"train.batch_size={args.batch_size}", "train.wandb=disabled", "train.progress=false",
         "head.dim=64", "head.hidden=128", "train.log_every=100", "eval.mmr_sweep=[1.0]", "eval.ks=[10]",
-        "rerank.pool=10"])
+        "rerank.pool=10", "rerank.hub_penalty=1.25"])  # the demo's hub penalty: r(i) over 20k reference users
     summary = train_head(config)
     started = time.perf_counter()
     recommender = Recommender.load(out)

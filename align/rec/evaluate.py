@@ -59,7 +59,8 @@ class HeadMethod:
         hist = np.where(hist >= 0, self.to_recommender[np.clip(hist, 0, None)], -1)
         scores = self.recommender.user_vectors(hist) @ self.item_vectors.T  # (u, N)
         if self.recommender.config.rerank.hub_penalty > 0:
-            scores -= self.recommender.hub_weights(self.lengths[users])[:, None] * self.hub[None, :]
+            # in place, a rank-one update: no second (u, N) matrix for the penalty
+            scores.addr_(self.recommender.hub_weights(self.lengths[users]), self.hub, alpha=-1.0)
         return scores.numpy()
 
 
