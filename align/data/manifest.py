@@ -102,7 +102,7 @@ def jsonl_objects(path: Any) -> Iterator[Tuple[int, Dict[str, Any]]]:
             yield line_number, row
 
 
-def _read_rows(path: Path) -> Tuple[List[str], List[Tuple[int, Dict[str, Any]]]]:
+def read_table_rows(path: Path) -> Tuple[List[str], List[Tuple[int, Dict[str, Any]]]]:
     """(columns, [(line_or_row_number, row dict)]) for CSV / JSONL / Parquet."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
@@ -148,7 +148,7 @@ def read_manifest(path: Union[str, os.PathLike], columns: Optional[ColumnsConfig
     columns = columns or ColumnsConfig()
     if not path.exists():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    header, rows = _read_rows(path)
+    header, rows = read_table_rows(path)
     present = set(header)
     unit = "line" if path.suffix.lower() in (".csv", ".jsonl") else "row"
     if columns.id not in present:

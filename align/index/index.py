@@ -35,7 +35,7 @@ def _faiss():
     return faiss
 
 
-def _as_matrix(values: Matrix, what: str) -> np.ndarray:
+def as_matrix(values: Matrix, what: str) -> np.ndarray:
     """A float32, C-contiguous (rows, D) array: what faiss reads, whatever was given."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().float().numpy()
@@ -70,7 +70,7 @@ class ExactIndex:
             raise ValueError(f"backend {backend!r}: use 'faiss' or 'torch'")
         if backend == "faiss" and faiss is None:
             raise ImportError("backend 'faiss' needs faiss: pip install faiss-cpu (or leave backend unset for torch)")
-        vectors = _as_matrix(vectors, "vectors")
+        vectors = as_matrix(vectors, "vectors")
         self.backend, self.dim = backend, vectors.shape[1]
         self.ids: List[str] = []
         self._known: set = set()
@@ -91,7 +91,7 @@ class ExactIndex:
             allowed: Optional[Union[np.ndarray, torch.Tensor]] = None) -> None:
         """Append rows (numbered after the existing ones); ``allowed`` as in the constructor. An id
         already present is a ``ValueError``: build a new index from ``append_item_embeddings``."""
-        vectors = _as_matrix(vectors, "vectors")
+        vectors = as_matrix(vectors, "vectors")
         ids = list(ids)
         if vectors.shape != (len(ids), self.dim):
             raise ValueError(f"vectors {vectors.shape} for {len(ids)} ids of dim {self.dim}")
@@ -125,7 +125,7 @@ class ExactIndex:
             (scores (Q, k) float32, rows (Q, k) int64). Each query gets k rows whenever that many
             allowed, non-excluded rows exist; the rest is padded with row -1 and score -inf.
         """
-        queries = _as_matrix(queries, "queries")
+        queries = as_matrix(queries, "queries")
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries have dim {queries.shape[1]}, the index {self.dim}")
         if k < 1:
