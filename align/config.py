@@ -152,11 +152,30 @@ class TrainConfig:
 
 
 @dataclass
+class ClassifyConfig:
+    """Zero-shot classification on the eval split (align/eval/classify.py): each class name goes
+    through every template into the text tower, their mean (renormalised) is the class vector, and
+    each sample of ``modality`` takes the nearest classes; top-k accuracy overall and per class."""
+
+    column: str = ""  # manifest column with each item's class name (e.g. kind); "" = off
+    modality: Literal["text", "image", "audio"] = "image"  # the samples that are classified
+    templates: List[str] = field(default_factory=lambda: ["{}"])  # "{}" stands for the class name
+    ks: List[int] = field(default_factory=lambda: [1, 5])
+
+
+@dataclass
 class EvalConfig:
     split: str = ""  # default: data.val
     batch_size: int = 256
     ks: List[int] = field(default_factory=lambda: [1, 5, 10])
     output: str = ""  # default: <output_dir>/eval.json
+    # Rank through a catalogue index too (align/index/build.py): "none", "auto" or a kind / FAISS
+    # factory ("exact", "hnsw", "IVF1024,PQ32x8"), for pairs with at least index_min_candidates
+    # candidates; its R@K are reported as approximate (R@K~) beside the exact figures.
+    index: str = "none"
+    index_min_candidates: int = 100_000
+    plots: bool = True  # recall_at_k.png beside eval.json (needs matplotlib)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
 
 @dataclass
@@ -435,6 +454,24 @@ def validate(config: Config) -> None:
         raise ConfigError("train.epochs or train.max_steps must be positive")
     if any(k < 1 for k in config.eval.ks):
         raise ConfigError("eval.ks must be positive integers")
+    if config.eval.index_min_candidates < 0:
+        raise ConfigError("eval.index_min_candidates must be >= 0")
+    _check_classify(config.eval.classify, config.model.towers)
+
+
+def _check_classify(classify: ClassifyConfig, towers: Dict[str, TowerConfig]) -> None:
+    if not classify.column:
+        return
+    if "text" not in towers or classify.modality not in towers:
+        raise ConfigError(f"eval.classify needs a text tower and a {classify.modality} tower "
+                          f"(eval.classify.modality); the model has {', '.join(towers)}")
+    if not classify.templates:
+        raise ConfigError('eval.classify.templates: give at least one, e.g. ["a photo of a {}."]')
+    for n, template in enumerate(classify.templates):
+        if "{}" not in template:
+            raise ConfigError(f"eval.classify.templates[{n}]: {template!r} has no {{}} for the class name")
+    if not classify.ks or any(k < 1 for k in classify.ks):
+        raise ConfigError("eval.classify.ks must be positive integers")
 
 
 def _check_columns(columns: ColumnsConfig) -> None:

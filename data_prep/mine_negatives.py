@@ -72,7 +72,7 @@ def mine(anchor: np.ndarray, texts: np.ndarray, has_anchor: np.ndarray, has_text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from align.eval.runner import embed_split
+    from align.encoding import embed_split
     from align.loading import load_model, read_saved_config
     from align.data.manifest import read_manifest
     from align.data.transforms import SampleProcessor

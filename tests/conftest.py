@@ -134,6 +134,18 @@ def small_demo(tmp_path_factory):
     return str(out)
 
 
+def one_step_checkpoint(small_demo: str, run, *extra: str) -> str:
+    """A text-image-audio tiny model trained for one step (or as ``extra`` overrides say) on the
+    small demo catalogue and saved as training saves it: the checkpoint folder."""
+    from align.config import load_config
+    from align.train.recipe import train
+    from tests.test_train_e2e import tiny_overrides
+
+    config = load_config(None, tiny_overrides(small_demo, run, "train.max_steps=1", "data.val=''",
+                                              "data.batch_size=32", *extra))
+    return train(config)["checkpoint"]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -15,15 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from align.config import load_config
 from align.errors import ConfigError, RunError
 from align.index import index as index_module
 from align.index.embed import (FORMAT, ItemEmbeddings, append_item_embeddings, embed_manifests, fuse,
                                load_item_embeddings, main, save_item_embeddings)
 from align.index.index import ExactIndex
-from align.train.recipe import train
-from tests.conftest import EPS32, logit_error
-from tests.test_train_e2e import tiny_overrides
+from tests.conftest import EPS32, logit_error, one_step_checkpoint
 
 DIM = 32  # model.embed_dim in tiny_overrides
 UNIT = 1e-5  # |norm - 1| of a float32 unit vector of DIM entries, with room to spare
@@ -36,10 +33,7 @@ BACKENDS = ["faiss", "torch"]
 @pytest.fixture(scope="module")
 def checkpoint(small_demo, tmp_path_factory):
     """A text-image-audio model trained for one step on the demo catalogue, saved as training saves it."""
-    run = tmp_path_factory.mktemp("run")
-    config = load_config(None, tiny_overrides(small_demo, run, "train.max_steps=1", "data.val=''",
-                                              "data.batch_size=32"))
-    return train(config)["checkpoint"]
+    return one_step_checkpoint(small_demo, tmp_path_factory.mktemp("run"))
 
 
 def read_rows(manifest):

@@ -34,8 +34,11 @@ safetensors, YAML and JSON only, nothing here is ever unpickled.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -48,7 +51,7 @@ from align.data.loader import loader_from_config
 from align.data.manifest import is_manifest
 from align.data.transforms import SampleProcessor
 from align.errors import MODALITIES, ConfigError, RunError, write_json_atomic
-from align.eval.runner import embed_split
+from align.encoding import Processes, embed_split, join_processes
 from align.loading import load_model, model_folder, read_json, read_saved_config, read_tensors, write_tensors
 
 FORMAT = "align-item-embeddings/1"
@@ -145,8 +148,8 @@ def fusion_metadata(weights: Optional[Dict[str, float]]) -> Dict[str, str]:
 class _ProgressLoader:
     """A loader whose batches pass through a tqdm bar: ``embed_split`` takes any loader and draws none."""
 
-    def __init__(self, loader: Any, label: str) -> None:
-        self.loader, self.label, self.bad = loader, label, loader.bad
+    def __init__(self, loader: Any, label: str, position: int = 0) -> None:
+        self.loader, self.label, self.bad, self.position = loader, label, loader.bad, position
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -155,39 +158,139 @@ class _ProgressLoader:
         from tqdm import tqdm
 
         yield from tqdm(self.loader.iterate(epoch, skip_batches), total=len(self.loader) - skip_batches,
-                        desc=f"embed {self.label}", unit="batch", leave=False)
+                        desc=f"embed {self.label}", unit="batch", leave=False, position=self.position)
 
 
-def _embed_manifest(model: Any, loader: Any, device: torch.device,
-                    progress: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """Embed the items of one manifest loader: ({modality: (N, D)}, {modality: (N,) bool}), rows in
-    manifest order. Media that cannot be read leave their (item, modality) masked out and are reported."""
-    dataset = loader.dataset
-    items = dataset.rows  # read_manifest rows, manifest order
-    row_of = {row["id"]: n for n, row in enumerate(items)}
-    vectors = {m: torch.zeros(len(items), model.embed_dim) for m in model.modalities}  # (N, D) each
-    masks = {m: torch.zeros(len(items), dtype=torch.bool) for m in model.modalities}  # (N,) each
+Sample = Tuple[int, str]  # (row in its manifest, modality): one file (or text) to encode
+
+
+@dataclass
+class Catalogue:
+    """The manifests to embed, read once: their rows and the order in which their samples are encoded.
+
+    Each manifest's samples run modality after modality (the model's order), rows in file order
+    within a modality; consecutive runs of ``batch_size`` of them are the batches, per manifest.
+    Shards are runs of whole batches, so a sample meets the same batch-mates however the catalogue
+    is sharded, and its vector comes out bit for bit the same (a transformer's float32 output
+    depends on its batch: the text tower cuts the padding after the batch's longest text, and
+    matmul kernels block by batch size).
+
+    Attributes:
+        manifests: the paths, in order; ``rows`` their read_manifest rows.
+        offsets: the catalogue row of each manifest's first row.
+        ids: every item id in catalogue row order (unique).
+        samples: per manifest, its samples in encoding order.
+        loaders: per manifest, a loader with the checkpoint's data settings (None when only merging).
+    """
+
+    manifests: List[str]
+    rows: List[List[Dict[str, Any]]]
+    offsets: List[int]
+    ids: List[str]
+    samples: List[List[Sample]]
+    batch_size: int
+    loaders: Optional[List[Any]] = None
+
+    def batches(self) -> List[Tuple[int, int, int]]:
+        """(manifest, first sample, end sample) of every batch, manifest after manifest."""
+        return [(k, start, min(start + self.batch_size, len(samples)))
+                for k, samples in enumerate(self.samples) for start in range(0, len(samples), self.batch_size)]
+
+
+def read_catalogue(manifests: Sequence[str], modalities: Sequence[str], batch_size: int, read_rows: Any,
+                   loaders: Optional[List[Any]] = None) -> Catalogue:
+    """A ``Catalogue`` from ``read_rows(manifest) -> rows``; an id in two manifests is a ``RunError``."""
+    rows, offsets, source = [], [], {}
+    for manifest in manifests:  # all read (and their ids checked) before anything is embedded
+        offsets.append(len(source))
+        rows.append(read_rows(manifest))
+        for row in rows[-1]:
+            if row["id"] in source:
+                raise RunError(f"item id {row['id']!r} is in {source[row['id']]} and {row['_where']}; ids must be "
+                               f"unique over the manifests (embed the later one with --append to replace the item)")
+            source[row["id"]] = row["_where"]
+    samples = [[(n, m) for m in modalities for n, row in enumerate(items) if row.get(m) is not None] for items in rows]
+    return Catalogue(list(manifests), rows, offsets, list(source), samples, batch_size, loaders)
+
+
+@dataclass
+class Part:
+    """The vectors of one shard: per modality, the catalogue rows it read and their vectors, and the
+    rows whose file could not be read (unreadable-file reports name them)."""
+
+    rows: Dict[str, torch.Tensor]  # modality -> (n_m,) int64 catalogue rows
+    vectors: Dict[str, torch.Tensor]  # modality -> (n_m, D) float32
+    lost: Dict[str, List[int]]  # modality -> catalogue rows left without that modality
+
+
+def _embed_portion(model: Any, catalogue: Catalogue, k: int, start: int, stop: int, device: torch.device,
+                   progress: Optional[str], position: int) -> Part:
+    """Encode samples ``start:stop`` of manifest ``k`` (whole batches) into a ``Part``, and report the
+    files that could not be read."""
+    from align.data.bad_samples import BadSampleTally
+
+    loader, items, offset = catalogue.loaders[k], catalogue.rows[k], catalogue.offsets[k]
+    dataset, samples = loader.dataset, catalogue.samples[k][start:stop]
     # One sample per (item, modality): the loader drops a whole sample when one of its files is bad,
-    # and a broken image must not cost the item its text. Modality after modality, so that batches
-    # stay single-modality and each tower still gets full batches. The rows are swapped on the loader's
-    # own dataset, so that columns, media root, workers and the bad-sample tally stay the config's.
-    dataset.rows = [{**row, **{other: None for other in MODALITIES if other != m}}
-                    for m in model.modalities for row in items if row[m] is not None]
-    if dataset.rows:
-        embedded = embed_split(model, _ProgressLoader(loader, os.path.basename(dataset.path)) if progress else loader,
-                               device)
-        for m in model.modalities:
-            got = embedded["masks"][m]  # (R,): the samples of modality m that were read
-            rows = torch.tensor([row_of[item] for item, has in zip(embedded["ids"], got.tolist()) if has],
-                                dtype=torch.long)
-            vectors[m][rows] = embedded["embeddings"][m][got]
-            masks[m][rows] = True
-    dataset.rows = items
-    lost = {m: [row["id"] for row in items if row[m] is not None and not masks[m][row_of[row["id"]]]]
-            for m in model.modalities}
-    if any(lost.values()):
+    # and a broken image must not cost the item its text. The rows are swapped on the loader's own
+    # dataset, so that columns, media root and workers stay the config's; the bad-sample tally
+    # (and its data.max_bad_fraction) counts this portion's samples.
+    dataset.rows = [{**items[n], **{other: None for other in MODALITIES if other != m}} for n, m in samples]
+    loader.bad = BadSampleTally(loader.bad.max_bad_fraction, source=dataset.path)
+    try:
+        embedded = embed_split(model, loader if progress is None else _ProgressLoader(loader, progress, position),
+                               device, require_samples=False)
+    finally:
+        dataset.rows = items
+    row_of = {row["id"]: n for n, row in enumerate(items)}
+    part = Part({}, {}, {})
+    for m in model.modalities:
+        got = embedded["masks"][m]  # (R,): the samples of modality m that were read
+        read = [row_of[item] for item, has in zip(embedded["ids"], got.tolist()) if has]
+        part.rows[m] = torch.tensor(read, dtype=torch.long) + offset
+        part.vectors[m] = embedded["embeddings"][m][got]
+        wanted = [n for n, modality in samples if modality == m]
+        part.lost[m] = sorted(set(wanted) - set(read))
+    if any(part.lost.values()):
+        lost = {m: [items[n]["id"] for n in rows] for m, rows in part.lost.items()}
         print(_unreadable_report(dataset.path, lost, loader.bad), flush=True)
-    return vectors, masks
+    part.lost = {m: [n + offset for n in rows] for m, rows in part.lost.items()}
+    return part
+
+
+def embed_batches(model: Any, catalogue: Catalogue, batches: Sequence[Tuple[int, int, int]], device: torch.device,
+                  progress: Optional[str] = None, position: int = 0) -> Part:
+    """Encode the catalogue's ``batches`` (consecutive ones, from ``Catalogue.batches``) into one ``Part``.
+    ``progress``: a label for a tqdm bar per manifest (None: no bar); ``position``: the bar's line."""
+    portions: Dict[int, List[int]] = {}  # manifest -> [first sample, end sample]
+    for k, start, stop in batches:
+        span = portions.setdefault(k, [start, stop])
+        span[0], span[1] = min(span[0], start), max(span[1], stop)
+    def label(k: int) -> Optional[str]:
+        return None if progress is None else f"{progress} {os.path.basename(catalogue.manifests[k])}".strip()
+
+    pieces = [_embed_portion(model, catalogue, k, start, stop, device, label(k), position)
+              for k, (start, stop) in portions.items()]
+    dim = model.embed_dim
+    return Part({m: torch.cat([p.rows[m] for p in pieces] + [torch.zeros(0, dtype=torch.long)])
+                 for m in model.modalities},
+                {m: torch.cat([p.vectors[m] for p in pieces] + [torch.zeros(0, dim)]) for m in model.modalities},
+                {m: [n for p in pieces for n in p.lost[m]] for m in model.modalities})
+
+
+def merge_parts(catalogue: Catalogue, parts: Sequence[Part], modalities: Sequence[str], dim: int,
+                metadata: Dict[str, str], fusion_weights: Optional[Dict[str, float]] = None) -> ItemEmbeddings:
+    """The catalogue's ``ItemEmbeddings`` from the parts of all its shards (rows in catalogue order,
+    zero rows and mask False where an item lacks a modality or its file could not be read), fused."""
+    count = len(catalogue.ids)
+    vectors = {m: torch.zeros(count, dim) for m in modalities}  # (N, D) each
+    masks = {m: torch.zeros(count, dtype=torch.bool) for m in modalities}  # (N,) each
+    for part in parts:
+        for m in modalities:
+            vectors[m][part.rows[m]] = part.vectors[m]
+            masks[m][part.rows[m]] = True
+    vectors[FUSED], masks[FUSED] = fuse(vectors, masks, fusion_weights)
+    return ItemEmbeddings(list(catalogue.ids), vectors, masks, dict(metadata))
 
 
 def _id_list(ids: Sequence[str]) -> str:
@@ -205,11 +308,50 @@ def _unreadable_report(manifest: str, lost: Dict[str, List[str]], tally: Any) ->
     return "\n".join(lines)
 
 
+def _check_inputs(checkpoint: str, manifests: Sequence[str], batch_size: int) -> None:
+    """``ConfigError`` for a path or value that cannot be used, before the model is loaded."""
+    if not os.path.isdir(checkpoint):
+        raise ConfigError(f"checkpoint {checkpoint}: no such folder")
+    if not manifests:
+        raise ConfigError("no manifest to embed: give at least one")
+    for manifest in manifests:
+        if not is_manifest(manifest):
+            raise ConfigError(f"{manifest}: not a manifest (.csv, .jsonl or .parquet); shards are not embedded here")
+        if not os.path.isfile(manifest):
+            raise ConfigError(f"{manifest}: no such manifest")
+    if batch_size < 1:
+        raise ConfigError(f"batch size {batch_size}: must be positive")
+
+
+def _space_metadata(folder: str, model: Any, fusion_weights: Optional[Dict[str, float]]) -> Dict[str, str]:
+    return {"format": FORMAT, "checkpoint": os.path.abspath(folder), "dim": str(model.embed_dim),
+            "modalities": ",".join(model.modalities), **fusion_metadata(fusion_weights)}
+
+
+def load_for_embedding(checkpoint: str, manifests: Sequence[str], batch_size: int, device: torch.device,
+                       fusion_weights: Optional[Dict[str, float]] = None) -> Tuple[Any, Catalogue, Dict[str, str]]:
+    """(model, catalogue with its loaders, embeddings metadata) for ``checkpoint`` and ``manifests``,
+    every input checked first (see ``embed_manifests``)."""
+    _check_inputs(checkpoint, manifests, batch_size)
+    folder = model_folder(checkpoint)
+    config = read_saved_config(folder, [f"eval.batch_size={batch_size}"])
+    model = load_model(folder, device=device)
+    check_fusion_weights(fusion_weights, model.modalities)  # before the long part
+    processor = SampleProcessor(model.preprocessors(train=False))
+    loaders = [loader_from_config(config, processor, train=False, spec=manifest, pin_memory=device.type == "cuda")
+               for manifest in manifests]
+    rows = iter([loader.dataset.rows for loader in loaders])
+    catalogue = read_catalogue(manifests, model.modalities, batch_size, lambda _: next(rows), loaders)
+    return model, catalogue, _space_metadata(folder, model, fusion_weights)
+
+
 def embed_manifests(checkpoint: str, manifests: Sequence[str], batch_size: int = 256,
                     device: Optional[Union[str, torch.device]] = None,
                     fusion_weights: Optional[Dict[str, float]] = None, progress: bool = True) -> ItemEmbeddings:
     """Embed every item of ``manifests`` (rows in order, manifest after manifest) with the model in
-    ``checkpoint`` (a checkpoint or its ``model/`` folder), and fuse the modalities (``fuse``).
+    ``checkpoint`` (a checkpoint or its ``model/`` folder), and fuse the modalities (``fuse``), in
+    memory. The vectors are bit for bit those of ``align embed`` at the same batch size, sharded
+    or not (``Catalogue``).
 
     Args:
         checkpoint: read through align/loading.py (safetensors, YAML and JSON only).
@@ -223,39 +365,10 @@ def embed_manifests(checkpoint: str, manifests: Sequence[str], batch_size: int =
         ConfigError for a path or value that cannot be used (before the model is loaded),
         RunError for an id in two manifests or a catalogue with too many unreadable files.
     """
-    if not os.path.isdir(checkpoint):
-        raise ConfigError(f"checkpoint {checkpoint}: no such folder")
-    if not manifests:
-        raise ConfigError("no manifest to embed: give at least one")
-    for manifest in manifests:
-        if not is_manifest(manifest):
-            raise ConfigError(f"{manifest}: not a manifest (.csv, .jsonl or .parquet); shards are not embedded here")
-        if not os.path.isfile(manifest):
-            raise ConfigError(f"{manifest}: no such manifest")
-    if batch_size < 1:
-        raise ConfigError(f"batch size {batch_size}: must be positive")
-    folder = model_folder(checkpoint)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = read_saved_config(folder, [f"eval.batch_size={batch_size}"])
-    model = load_model(folder, device=target)
-    check_fusion_weights(fusion_weights, model.modalities)  # before the long part
-    processor = SampleProcessor(model.preprocessors(train=False))
-    loaders, source = [], {}
-    for manifest in manifests:  # all read (and their ids checked) before anything is embedded
-        loader = loader_from_config(config, processor, train=False, spec=manifest, pin_memory=target.type == "cuda")
-        for row in loader.dataset.rows:
-            if row["id"] in source:
-                raise RunError(f"item id {row['id']!r} is in {source[row['id']]} and {row['_where']}; ids must be "
-                               f"unique over the manifests (embed the later one with --append to replace the item)")
-            source[row["id"]] = row["_where"]
-        loaders.append(loader)
-    parts = [_embed_manifest(model, loader, target, progress) for loader in loaders]
-    vectors = {m: torch.cat([p[0][m] for p in parts]) for m in model.modalities}  # (N, D) each
-    masks = {m: torch.cat([p[1][m] for p in parts]) for m in model.modalities}  # (N,) each
-    vectors[FUSED], masks[FUSED] = fuse(vectors, masks, fusion_weights)
-    metadata = {"format": FORMAT, "checkpoint": os.path.abspath(folder), "dim": str(model.embed_dim),
-                "modalities": ",".join(model.modalities), **fusion_metadata(fusion_weights)}
-    return ItemEmbeddings(list(source), vectors, masks, metadata)
+    model, catalogue, metadata = load_for_embedding(checkpoint, manifests, batch_size, target, fusion_weights)
+    part = embed_batches(model, catalogue, catalogue.batches(), target, "" if progress else None)
+    return merge_parts(catalogue, [part], model.modalities, model.embed_dim, metadata, fusion_weights)
 
 
 def _check_ids(ids: Sequence[str], where: str) -> None:
@@ -386,19 +499,198 @@ def parse_fusion_weights(text: str) -> Dict[str, float]:
     return weights
 
 
+# --- shards on disk: plan, parts, merge -----------------------------------------------------------
+
+PARTS = "parts"  # <out>/parts/: plan.json and the parts of an unfinished `align embed`
+PLAN_FILE = "plan.json"
+PLAN_FORMAT = "align-embed-plan/1"
+PART_FORMAT = "align-embed-part/1"
+MERGE_LOCK = "merge.lock"
+SHARD_SAMPLES = 50_000  # default shard size, in (item, modality) samples: minutes of work on one GPU
+
+
+def part_paths(parts: str, shard: int, shards: int) -> Tuple[str, str]:
+    """(tensors, listing) of shard ``shard`` of ``shards``: ``part-00003-of-00008.safetensors`` and ``.json``."""
+    stem = os.path.join(parts, f"part-{shard:05d}-of-{shards:05d}")
+    return stem + ".safetensors", stem + ".json"
+
+
+def shard_batches(batches: Sequence[Tuple[int, int, int]], shards: int) -> List[List[Tuple[int, int, int]]]:
+    """The batches cut into ``shards`` runs of consecutive batches, near-equal in count (some may be empty)."""
+    return [list(batches[j * len(batches) // shards:(j + 1) * len(batches) // shards]) for j in range(shards)]
+
+
+def default_shards(catalogue: Catalogue, workers: int) -> int:
+    """About ``SHARD_SAMPLES`` samples a shard, and a multiple of ``workers`` so that each has as many."""
+    wanted = max(1, math.ceil(sum(map(len, catalogue.samples)) / SHARD_SAMPLES))
+    return workers * math.ceil(wanted / workers)
+
+
+def _stamp(path: str) -> Dict[str, Any]:
+    status = os.stat(path)
+    return {"path": os.path.abspath(path), "bytes": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+def embedding_plan(catalogue: Catalogue, folder: str, metadata: Dict[str, str], shards: int) -> Dict[str, Any]:
+    """What a folder of parts was made from, and its digest: a part is reused only under the same
+    digest. The inputs are the manifests and the model's files (path, size and modification time),
+    the fusion, the batch size and the shard count: each changes which vectors a part holds."""
+    inputs = {"manifests": [_stamp(m) for m in catalogue.manifests],
+              "model": [_stamp(os.path.join(folder, name)) for name in ("model.safetensors", "config.yaml")],
+              "fusion": {k: v for k, v in metadata.items() if k.startswith("fusion")},
+              "batch_size": catalogue.batch_size, "shards": shards}
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return {"format": PLAN_FORMAT, "digest": digest, "shards": shards, "items": len(catalogue.ids),
+            "batches": len(catalogue.batches()), "dim": int(metadata["dim"]),
+            "modalities": metadata["modalities"].split(","), "metadata": metadata, "inputs": inputs}
+
+
+def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """What changed between two plans' inputs, in words."""
+    changed = []
+    for key in new:
+        if key in ("manifests", "model"):
+            before = {item["path"]: item for item in old.get(key, [])}
+            for item in new[key]:
+                if before.get(item["path"]) != item:
+                    changed.append(f"{item['path']} is new or changed (size or modification time)")
+            gone = set(before) - {item["path"] for item in new[key]}
+            changed += [f"{path} is no longer given" for path in sorted(gone)]
+        elif old.get(key) != new[key]:
+            changed.append(f"{key} was {old.get(key)!r}, now {new[key]!r}")
+    return changed or ["the plan's format"]
+
+
+def read_plan(parts: str) -> Optional[Dict[str, Any]]:
+    """The plan.json in ``parts``, or None when there is none."""
+    path = os.path.join(parts, PLAN_FILE)
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def check_plan(parts: str, plan: Dict[str, Any], restart: bool) -> None:
+    """A ``ConfigError`` when ``parts`` holds parts of other inputs and ``restart`` is off."""
+    old = read_plan(parts)
+    if old is None or restart or old.get("digest") == plan["digest"]:
+        return
+    changes = "; ".join(_differences(old.get("inputs", {}), plan["inputs"]))
+    raise ConfigError(f"{os.path.join(parts, PLAN_FILE)}: its parts were embedded from other inputs ({changes}); "
+                      f"give the same inputs to resume, or add --restart to discard them and embed again")
+
+
+def start_plan(parts: str, plan: Dict[str, Any], restart: bool) -> None:
+    """Write ``plan`` into ``parts`` (after ``check_plan``); ``restart`` first removes the old parts."""
+    if restart and os.path.isdir(parts):
+        shutil.rmtree(parts)
+    old = read_plan(parts)
+    if old is None or old.get("digest") != plan["digest"]:
+        write_json_atomic(plan, os.path.join(parts, PLAN_FILE))
+
+
+def part_done(parts: str, shard: int, plan: Dict[str, Any]) -> bool:
+    """Whether the part of ``shard`` was written whole for this plan (its listing, written last, names
+    the plan's digest and the byte size of its tensors)."""
+    tensors, listing = part_paths(parts, shard, plan["shards"])
+    if not (os.path.isfile(tensors) and os.path.isfile(listing)):
+        return False
+    try:
+        info = read_json(listing)
+    except RunError:
+        return False
+    return (isinstance(info, dict) and info.get("digest") == plan["digest"]
+            and info.get("bytes") == os.path.getsize(tensors))
+
+
+def write_part(parts: str, shard: int, plan: Dict[str, Any], part: Part, ids: Sequence[str]) -> None:
+    """The part of ``shard``, tensors first then its listing (ids of its rows, ids it lost), both atomic."""
+    tensors, listing = part_paths(parts, shard, plan["shards"])
+    write_tensors({**{f"rows.{m}": part.rows[m] for m in part.rows}, **{f"vectors.{m}": part.vectors[m]
+                                                                        for m in part.vectors}},
+                  tensors, metadata={"format": PART_FORMAT, "digest": plan["digest"], "shard": str(shard)})
+    write_json_atomic({"format": PART_FORMAT, "shard": shard, "shards": plan["shards"], "digest": plan["digest"],
+                       "bytes": os.path.getsize(tensors),
+                       "ids": {m: [ids[r] for r in rows.tolist()] for m, rows in part.rows.items()},
+                       "lost": {m: [ids[r] for r in rows] for m, rows in part.lost.items()}}, listing)
+
+
+def read_part(parts: str, shard: int, plan: Dict[str, Any], catalogue: Catalogue) -> Part:
+    """The part of ``shard``, checked against the plan and the catalogue (``RunError`` naming the file)."""
+    tensors_path, listing_path = part_paths(parts, shard, plan["shards"])
+    if not part_done(parts, shard, plan):
+        raise RunError(f"{listing_path}: missing, unfinished or of another plan; embed shard {shard} again "
+                       f"(run the same `align embed` command without --merge-only)")
+    tensors, _ = read_tensors(tensors_path)
+    info = read_json(listing_path)
+    dim, row_of, part = plan["dim"], None, Part({}, {}, {})
+    for m in plan["modalities"]:
+        rows, vectors = tensors.get(f"rows.{m}"), tensors.get(f"vectors.{m}")
+        if (rows is None or vectors is None or rows.dtype != torch.long or vectors.dtype != torch.float32
+                or tuple(vectors.shape) != (rows.shape[0], dim)):
+            raise RunError(f"{tensors_path}: rows.{m} and vectors.{m} must be int64 (n,) and float32 (n, {dim}); "
+                           f"embed shard {shard} again (remove the file)")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(catalogue.ids)
+                             or [catalogue.ids[r] for r in rows.tolist()] != info["ids"].get(m)):
+            raise RunError(f"{tensors_path}: its {m} rows are not the items {listing_path} lists in this catalogue; "
+                           f"embed with --restart")
+        row_of = row_of or {item: n for n, item in enumerate(catalogue.ids)}
+        part.rows[m], part.vectors[m] = rows, vectors
+        part.lost[m] = [row_of[item] for item in info.get("lost", {}).get(m, []) if item in row_of]
+    return part
+
+
+def _take_merge_lock(parts: str) -> bool:
+    """One `--part` job merges: the first to create the lock file (the others leave it to it)."""
+    try:
+        os.close(os.open(os.path.join(parts, MERGE_LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def parse_part(text: str) -> Tuple[int, int]:
+    """``"2/8"`` -> (2, 8) (``--part``: this job takes the shards j with j % 8 == 2)."""
+    index, _, count = text.partition("/")
+    try:
+        value = (int(index), int(count))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected i/n, e.g. 0/4 for the first of four jobs") from None
+    if not 0 <= value[0] < value[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: i must lie in 0 .. n-1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align embed", description=__doc__,
+    parser = argparse.ArgumentParser(prog="align embed", description=__doc__ + SHARDING_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint or its model/ folder (model.safetensors)")
     parser.add_argument("--manifest", required=True, nargs="+", help="CSV, JSONL or Parquet catalogue(s), in row order")
     parser.add_argument("--out", required=True, help="folder for embeddings.safetensors and ids.json")
     parser.add_argument("--batch-size", type=int, default=256, help="samples per batch (one modality of one item each)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under a multi-process "
+                                         "launch each rank's own GPU, or cpu for all)")
     parser.add_argument("--fusion-weights", type=parse_fusion_weights,
                         help="weighted mean for the fused vector, e.g. text=1,image=2,audio=0 (default: equal)")
     parser.add_argument("--append", action="store_true",
                         help="merge into the embeddings already in --out: new ids added, repeated ids replaced")
+    parser.add_argument("--shards", type=int, help=f"cut the catalogue into this many shards (default: one per "
+                                                   f"~{SHARD_SAMPLES} samples, or what <out>/parts/plan.json says)")
+    parser.add_argument("--part", type=parse_part, help="i/n: embed only the shards j with j %% n == i (one job of n, "
+                                                        "e.g. a SLURM array); the job that finds all parts merges")
+    parser.add_argument("--merge-only", action="store_true", help="merge the parts in <out>/parts; embed nothing")
+    parser.add_argument("--restart", action="store_true", help="discard parts made from other inputs and start again")
+    parser.add_argument("--keep-parts", action="store_true", help="keep <out>/parts after merging")
     return parser
+
+
+SHARDING_HELP = """
+Shards: the catalogue's batches are cut into S runs (--shards; a shard's part is written to
+<out>/parts/part-0000j-of-0000S.safetensors + .json, atomically, as soon as it is done), then merged
+in row order into the two files above, and parts/ is removed (--keep-parts keeps it). A rerun skips
+the parts already written for the same inputs (recorded in <out>/parts/plan.json; other inputs are
+refused unless --restart). Under `accelerate launch` rank r embeds the shards j with j % world == r
+and rank 0 merges; --part i/n runs one job of n (the last one to finish merges, or --merge-only).
+A sample meets the same batch-mates however the catalogue is sharded, so the vectors are the same
+bit for bit as one process's (same device type, threads and --batch-size).
+"""
 
 
 def _summary(emb: ItemEmbeddings, seconds: float) -> List[str]:
@@ -411,21 +703,79 @@ def _summary(emb: ItemEmbeddings, seconds: float) -> List[str]:
     return lines
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``align embed``; a ``ConfigError`` or ``RunError`` is left to align/cli.py to report."""
-    args = _parser().parse_args(argv)
-    start = time.perf_counter()
-    existing = None
-    if args.append:  # checked before the long embedding
-        if not os.path.isfile(os.path.join(args.out, TENSORS_FILE)):
-            raise ConfigError(f"--append: {args.out} holds no {TENSORS_FILE}; leave out --append to create it")
-        existing = load_item_embeddings(args.out)
-        expected = {"checkpoint": os.path.abspath(model_folder(args.checkpoint)),
-                    **fusion_metadata(args.fusion_weights)}
-        check_same_space(existing.metadata, expected, ("checkpoint", "fusion", "fusion_weights"),
-                         f"--append {args.out}")
-    emb = embed_manifests(args.checkpoint, args.manifest, args.batch_size, args.device, args.fusion_weights)
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.shards is not None and args.shards < 1:
+        raise ConfigError(f"--shards {args.shards}: must be positive")
+    if args.restart and (args.part or args.merge_only):
+        raise ConfigError("--restart with --part or --merge-only would discard other jobs' parts; remove "
+                          "<out>/parts yourself before starting the jobs again")
+
+
+def _existing(args: argparse.Namespace) -> Optional[ItemEmbeddings]:
+    """With --append, the embeddings already in --out, checked against the new inputs before any work."""
+    if not args.append:
+        return None
+    if not os.path.isfile(os.path.join(args.out, TENSORS_FILE)):
+        raise ConfigError(f"--append: {args.out} holds no {TENSORS_FILE}; leave out --append to create it")
+    existing = load_item_embeddings(args.out)
+    expected = {"checkpoint": os.path.abspath(model_folder(args.checkpoint)), **fusion_metadata(args.fusion_weights)}
+    check_same_space(existing.metadata, expected, ("checkpoint", "fusion", "fusion_weights"), f"--append {args.out}")
+    return existing
+
+
+def _embed_shards(args: argparse.Namespace, processes: Processes, worker: int, workers: int) -> Dict[str, Any]:
+    """Embed this worker's shards that are not done yet; returns the plan."""
+    model, catalogue, metadata = load_for_embedding(args.checkpoint, args.manifest, args.batch_size,
+                                                    processes.device, args.fusion_weights)
+    parts = os.path.join(args.out, PARTS)
+    old = None if args.restart else read_plan(parts)
+    shards = args.shards or (old or {}).get("shards") or default_shards(catalogue, workers)
+    plan = embedding_plan(catalogue, model_folder(args.checkpoint), metadata, shards)
+    check_plan(parts, plan, args.restart)  # every rank, so that all stop alike
+    if processes.main:
+        start_plan(parts, plan, args.restart)
+    processes.barrier()
+    cut = shard_batches(catalogue.batches(), shards)
+    mine = [j for j in range(shards) if j % workers == worker]
+    done = [j for j in mine if part_done(parts, j, plan)]
+    if done:
+        print(f"{len(done)} of this job's {len(mine)} shards were already embedded; they are kept", flush=True)
+    for j in mine:
+        if j in done:
+            continue
+        start = time.perf_counter()
+        label = f"[rank {processes.rank}] shard {j + 1}/{shards}" if processes.world > 1 else f"shard {j + 1}/{shards}"
+        part = embed_batches(model, catalogue, cut[j], processes.device, label, position=processes.rank)
+        write_part(parts, j, plan, part, catalogue.ids)
+        samples = sum(len(v) for v in part.rows.values())
+        print(f"{label}: {samples} samples in {time.perf_counter() - start:.1f} s -> "
+              f"{part_paths(parts, j, shards)[0]}", flush=True)
+    return plan
+
+
+def _merge(args: argparse.Namespace, existing: Optional[ItemEmbeddings], start: float) -> None:
+    """Merge every part in <out>/parts into the embeddings (appended to ``existing``), then remove parts/."""
+    parts = os.path.join(args.out, PARTS)
+    plan = read_plan(parts)
+    if plan is None:
+        raise RunError(f"{parts}: no {PLAN_FILE}; nothing to merge (embed without --merge-only first)")
+    config = read_saved_config(model_folder(args.checkpoint))
+    catalogue = read_catalogue(args.manifest, plan["modalities"], args.batch_size,
+                               lambda manifest: _read_rows(manifest, config))
+    current = embedding_plan(catalogue, model_folder(args.checkpoint), plan["metadata"], plan["shards"])
+    check_plan(parts, current, restart=False)
+    missing = [j for j in range(plan["shards"]) if not part_done(parts, j, plan)]
+    if missing:
+        raise RunError(f"{parts}: shards {missing} of {plan['shards']} are not embedded yet; run the jobs that embed "
+                       f"them (--part), then merge")
+    loaded = [read_part(parts, j, plan, catalogue) for j in range(plan["shards"])]
+    weights = args.fusion_weights
+    emb = merge_parts(catalogue, loaded, plan["modalities"], plan["dim"], plan["metadata"], weights)
     lines = _summary(emb, time.perf_counter() - start)
+    lost = {m: sum(len(p.lost[m]) for p in loaded) for m in plan["modalities"]}
+    if any(lost.values()):
+        lines.append("  unreadable files (reported per shard above): "
+                     + "  ".join(f"{m}: {n}" for m, n in lost.items() if n))
     if existing is not None:
         known = existing.row_of()
         replaced = sum(1 for item in emb.ids if item in known)
@@ -433,5 +783,47 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines.append(f"  appended to {len(known)} items: {len(emb.ids) - len(known)} new, {replaced} replaced, "
                      f"{len(emb.ids)} now")
     save_item_embeddings(emb, args.out)
+    if not args.keep_parts:
+        shutil.rmtree(parts)
     print("\n".join(lines + [f"  -> {os.path.join(args.out, TENSORS_FILE)}, {IDS_FILE}"]), flush=True)
+
+
+def _read_rows(manifest: str, config: Any) -> List[Dict[str, Any]]:
+    """A manifest's rows as the loader reads them (the checkpoint's columns), without loading the model."""
+    from align.data.manifest import read_manifest
+
+    try:
+        return read_manifest(manifest, config.data.columns)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``align embed``; a ``ConfigError`` or ``RunError`` is left to align/cli.py to report."""
+    args = _parser().parse_args(argv)
+    _check_arguments(args)
+    start = time.perf_counter()
+    existing = _existing(args)  # checked before the long embedding
+    processes = join_processes(args.device)
+    index, count = args.part or (0, 1)
+    worker, workers = index * processes.world + processes.rank, count * processes.world
+    if args.merge_only:
+        if processes.main:
+            _merge(args, existing, start)
+        return 0
+    plan = _embed_shards(args, processes, worker, workers)
+    processes.barrier()
+    parts = os.path.join(args.out, PARTS)
+    if processes.world > 1 and not processes.main:
+        return 0
+    if args.part:
+        waiting = [j for j in range(plan["shards"]) if not part_done(parts, j, plan)]
+        if waiting:
+            print(f"job {index}/{count} done; {len(waiting)} of {plan['shards']} shards still to embed by the other "
+                  f"jobs (the last one merges; or run this command with --merge-only)", flush=True)
+            return 0
+        if not _take_merge_lock(parts):
+            print(f"job {index}/{count} done; another job is merging ({os.path.join(parts, MERGE_LOCK)})", flush=True)
+            return 0
+    _merge(args, existing, start)
     return 0
