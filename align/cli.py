@@ -1,4 +1,4 @@
-"""The ``align`` command: ``align train | eval | embed | index | search | export | rec-train | rec-eval | recommend | prep ...``."""
+"""The ``align`` command: ``align train | eval | embed | index | search | export | serve | rec-train | rec-eval | recommend | prep ...``."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,7 @@ TOOL_VERBS = {
     "index": ("align.index.build", "build a FAISS index (exact, HNSW or IVF-PQ) over `align embed` vectors"),
     "search": ("align.index.search", "search a catalogue index by text, image or audio"),
     "export": ("align.export.command", "export towers as open_clip, sentence-transformers and ONNX folders"),
+    "serve": ("align.serve.app", "serve search (and recommendations) over HTTP with FastAPI + uvicorn"),
     "rec-eval": ("align.rec.evaluate", "evaluate a recommender head and its peers on the held-out interactions"),
     "recommend": ("align.rec.recommend", "top-k items for a user id or a history of item ids"),
 }

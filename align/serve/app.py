@@ -1,0 +1,462 @@
+"""``align serve``: catalogue search by text, photo or sound (and recommendations) over HTTP.
+
+    align serve --index runs/demo/index [--recommender runs/demo/rec] --port 8000
+
+One uvicorn worker holds the model, the index and (with ``--recommender``) the recommender head;
+queries arriving together share a forward of their tower (align/serve/batching.py), which runs in
+a thread so the event loop keeps taking requests. Torch's thread count is left to the user
+(``OMP_NUM_THREADS`` / ``torch.set_num_threads``): one worker, one forward at a time, no
+oversubscription.
+
+Endpoints (JSON answers; errors are ``{"detail": "<what is wrong and what to do>", "field": "<the
+request field>"}`` with a 4xx status, and the server goes on serving):
+
+``POST /search``
+    JSON ``{"text": "red striped scarf", "k": 10, "where": {"category": "scarf"}}``, or a
+    multipart upload with ONE file field ``image`` or ``audio`` (and optional form fields ``k`` and
+    ``where``, the latter a JSON object). ``k`` is 1..1000 (default 10); ``where`` keeps the items
+    whose metadata equals every given value. Answer: ``{"results": [{"id": "...", "score": 0.83,
+    "metadata": {...}}, ...]}`` best first (``metadata`` when the index keeps some for the item).
+``POST /recommend`` (with ``--recommender``)
+    ``{"user": "u-17", "k": 10}`` (the user's history from the head's interaction log) or
+    ``{"history": ["id1", "id2"], "k": 10}`` (oldest first). Answer: ``{"results": [{"id",
+    "score"}], "history": [...]}``, scores being the head's cosine.
+``GET /healthz``
+    ``{"status": "ok", "items", "dim", "modalities", "kind", "batching": {"forwards", "rows",
+    "mean_batch", ...}, ...}``.
+
+Statuses: 400 an unreadable upload, an unknown file field, text and a file together, a modality
+the model lacks; 404 an unknown user, or /recommend without a recommender; 413 a body over
+``--max-upload-mb``; 422 malformed JSON, empty text, ``k`` outside 1..1000, an unknown or
+mistyped field, unknown history items.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from align.errors import MODALITIES, ConfigError, RunError
+from align.index.search import FilterError, QueryEncoder, QueryError, open_catalogue, search
+from align.serve.batching import MicroBatcher
+
+log = logging.getLogger(__name__)
+
+MAX_K = 1000
+MIB = 1024 * 1024
+FORM_SLACK = 64 * 1024  # multipart boundaries, part headers and the small fields around the file
+DRAIN_FACTOR = 8  # an oversized body is read (and dropped) up to this many times the limit, so the
+# client gets its 413 instead of a broken pipe; past that the connection is simply closed
+FILE_FIELDS = tuple(m for m in MODALITIES if m != "text")
+SEARCH_FIELDS = ("text", "k", "where")
+RECOMMEND_FIELDS = ("user", "history", "k")
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status, the request field at fault and a message."""
+
+    def __init__(self, status: int, field: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+@dataclass
+class SearchQuery:
+    """One parsed /search request: the query (text, or a file's bytes) and what to return."""
+
+    modality: str
+    value: Any  # str for text, bytes for image and audio
+    name: str  # how errors name the query (the field, and the file name when uploaded)
+    k: int
+    where: Dict[str, str]
+
+
+# ------------------------------------------------------------------------------------------------
+# request parsing: every refusal names the field
+# ------------------------------------------------------------------------------------------------
+def parse_k(value: Any, default: int = 10) -> int:
+    """``k`` from JSON (an integer) or a form field (its digits); 422 outside 1..1000."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise RequestError(422, "k", f"k must be an integer from 1 to {MAX_K}, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(422, "k", f"k must be an integer from 1 to {MAX_K}, got {value!r}")
+    if not 1 <= value <= MAX_K:
+        raise RequestError(422, "k", f"k must be from 1 to {MAX_K}, got {value}")
+    return value
+
+
+def parse_where(value: Any) -> Dict[str, str]:
+    """``where``: a JSON object of metadata key -> value (strings, numbers read as text); 422 otherwise."""
+    if value is None:
+        return {}
+    if isinstance(value, str):  # a form field carries it as JSON text
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise RequestError(422, "where", f"where must be a JSON object such as {{\"category\": \"scarf\"}} "
+                                             f"({error})") from None
+    if not isinstance(value, dict):
+        raise RequestError(422, "where", f"where must be an object of metadata key -> value, got "
+                                         f"{type(value).__name__}")
+    bad = [key for key, v in value.items() if isinstance(v, (dict, list, bool)) or v is None]
+    if bad:
+        raise RequestError(422, "where", f"where.{bad[0]}: the value must be a string, got {value[bad[0]]!r}")
+    return {str(key): str(v) for key, v in value.items()}
+
+
+def parse_json_object(body: bytes) -> Dict[str, Any]:
+    """The request body as a JSON object; 422 naming the problem otherwise."""
+    try:
+        value = json.loads(body)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise RequestError(422, "body", f"the body is not valid JSON ({error}); send e.g. "
+                                        f"{{\"text\": \"red scarf\", \"k\": 10}}") from None
+    if not isinstance(value, dict):
+        raise RequestError(422, "body", f"the body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def search_query_from_json(body: Dict[str, Any]) -> SearchQuery:
+    """A /search JSON object -> ``SearchQuery`` (text queries; files come as multipart)."""
+    for key in body:
+        if key in FILE_FIELDS:
+            raise RequestError(400, key, f"send an {key} as a multipart file field {key!r} "
+                                         f"(curl -F {key}=@file), not inside JSON")
+        if key not in SEARCH_FIELDS:
+            raise RequestError(422, key, f"unknown field {key!r}; /search takes {', '.join(SEARCH_FIELDS)} "
+                                         f"(or a multipart {' or '.join(FILE_FIELDS)} file)")
+    if "text" not in body:
+        raise RequestError(422, "text", "give the text to search for, or upload an image or audio file as multipart")
+    text = body["text"]
+    if not isinstance(text, str):
+        raise RequestError(422, "text", f"text must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise RequestError(422, "text", "text is empty; give some words to search for")
+    return SearchQuery("text", text, "text", parse_k(body.get("k")), parse_where(body.get("where")))
+
+
+def _declared_length(request: Request) -> Optional[int]:
+    try:
+        return int(request.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+
+
+async def read_body(request: Request, max_upload: int, slack: int = 0) -> bytes:
+    """The request body; 413 when it is over ``max_upload + slack`` bytes (``slack``: room for the
+    multipart wrapping around a file of ``max_upload`` bytes). The refusal names the upload's file
+    field when the body shows it, else ``body``."""
+    limit = max_upload + slack
+    declared = _declared_length(request)
+    body, total = bytearray(), 0
+    if declared is None or declared <= DRAIN_FACTOR * limit:
+        async for chunk in request.stream():  # chunked bodies have no length: count as they come
+            total += len(chunk)
+            if total <= limit:
+                body += chunk
+            elif total > DRAIN_FACTOR * limit:
+                break
+    if max(total, declared or 0) > limit:
+        field = re.search(rb'name="([A-Za-z_]+)"; filename=', bytes(body[:FORM_SLACK]))
+        raise too_big(field.group(1).decode() if field else "body", max(total, declared or 0), max_upload)
+    return bytes(body)
+
+
+def too_big(field: str, size: int, max_upload: int) -> RequestError:
+    """The 413 refusal of an upload of ``size`` bytes."""
+    what = "request" if field == "body" else field
+    return RequestError(413, field, f"the {what} is {size:,} bytes, over this server's upload limit of "
+                                    f"{max_upload / MIB:g} MiB ({max_upload:,} bytes; align serve --max-upload-mb)")
+
+
+async def search_query_from_form(request: Request, max_upload: int) -> SearchQuery:
+    """A multipart /search request -> ``SearchQuery``: one file field ``image`` or ``audio`` (or a
+    ``text`` field), optional ``k`` and ``where``."""
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    body = await read_body(request, max_upload, FORM_SLACK)
+    replayed = False
+
+    async def receive() -> Dict[str, Any]:  # the body again, for starlette's form parser
+        nonlocal replayed
+        if replayed:
+            return {"type": "http.disconnect"}
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, receive).form(max_files=4, max_fields=16, max_part_size=FORM_SLACK)
+    except (HTTPException, MultiPartException) as error:
+        raise RequestError(400, "body", f"malformed multipart form: {getattr(error, 'detail', error)}") from None
+    try:
+        files: List[Tuple[str, Any]] = []
+        fields: Dict[str, str] = {}
+        for key, value in form.multi_items():
+            if not isinstance(value, str):  # an UploadFile
+                if key not in FILE_FIELDS:
+                    raise RequestError(400, key, f"unknown file field {key!r}; upload the query as "
+                                                 f"{' or '.join(repr(f) for f in FILE_FIELDS)}")
+                files.append((key, value))
+            elif key in FILE_FIELDS:
+                raise RequestError(400, key, f"{key!r} must be a file upload (curl -F {key}=@file), not a text field")
+            elif key not in SEARCH_FIELDS:
+                raise RequestError(422, key, f"unknown form field {key!r}; a multipart /search takes a file "
+                                             f"{' or '.join(FILE_FIELDS)} and the fields k and where")
+            else:
+                fields[key] = value
+        if len(files) > 1:
+            raise RequestError(400, files[1][0], f"one query per request: got files {[f[0] for f in files]}")
+        if files and "text" in fields:
+            raise RequestError(400, "text", f"give text or a file, not both (got text and {files[0][0]!r})")
+        k, where = parse_k(fields.get("k")), parse_where(fields.get("where"))
+        if not files:
+            if "text" not in fields:
+                raise RequestError(422, "body", f"no query: upload a file field {' or '.join(FILE_FIELDS)}, "
+                                                f"or send JSON {{\"text\": ...}}")
+            if not fields["text"].strip():
+                raise RequestError(422, "text", "text is empty; give some words to search for")
+            return SearchQuery("text", fields["text"], "text", k, where)
+        key, upload = files[0]
+        data = await upload.read()
+        if len(data) > max_upload:
+            raise too_big(key, len(data), max_upload)
+        name = f"{key} upload" + (f" {upload.filename!r}" if upload.filename else "")
+        return SearchQuery(key, data, name, k, where)
+    finally:
+        await form.close()
+
+
+def recommend_request(body: Dict[str, Any]) -> Tuple[Optional[str], Optional[List[str]], int]:
+    """A /recommend JSON object -> (user or None, history or None, k)."""
+    for key in body:
+        if key not in RECOMMEND_FIELDS:
+            raise RequestError(422, key, f"unknown field {key!r}; /recommend takes {', '.join(RECOMMEND_FIELDS)}")
+    if ("user" in body) == ("history" in body):
+        raise RequestError(422, "user", "give either user (an id of the interaction log) or history "
+                                        "(item ids, oldest first), not both or neither")
+    k = parse_k(body.get("k"))
+    if "user" in body:
+        user = body["user"]
+        if not isinstance(user, (str, int)) or isinstance(user, bool) or not str(user).strip():
+            raise RequestError(422, "user", f"user must be a non-empty id string, got {user!r}")
+        return str(user), None, k
+    history = body["history"]
+    if not isinstance(history, list) or not all(isinstance(i, str) and i.strip() for i in history):
+        raise RequestError(422, "history", "history must be a list of item id strings, oldest first")
+    return None, list(history), k
+
+
+# ------------------------------------------------------------------------------------------------
+# the service
+# ------------------------------------------------------------------------------------------------
+class UserHistories:
+    """Each user's items in time order from the recommender's interaction log, read once on first
+    use (as ``align recommend --user`` reads it, but not again per request)."""
+
+    def __init__(self, recommender: Any) -> None:
+        self.recommender = recommender
+        self._items: Optional[Dict[str, List[str]]] = None
+        self._lock = asyncio.Lock()
+
+    def _read(self) -> Dict[str, List[str]]:
+        from align.rec.interactions import read_catalogue_ids, read_interactions
+        from align.rec.split import user_histories
+
+        data = self.recommender.config.data
+        log_rows, _ = read_interactions(data.interactions, read_catalogue_ids(data.catalogue, data.id_column),
+                                        data.columns, data.max_bad_fraction)
+        return {user: [log_rows.item_ids[i] for i in codes]
+                for user, codes in zip(log_rows.user_ids, user_histories(log_rows))}
+
+    async def of(self, user: str) -> List[str]:
+        async with self._lock:
+            if self._items is None:
+                self._items = await asyncio.get_running_loop().run_in_executor(None, self._read)
+        if user not in self._items:
+            raise RequestError(404, "user", f"no user {user!r} in {self.recommender.config.data.interactions}; "
+                                            f"send {{\"history\": [item ids]}} for a new user")
+        return self._items[user]
+
+
+class Service:
+    """What the endpoints share: the query encoder, the index, the batcher, the recommender."""
+
+    def __init__(self, encoder: QueryEncoder, index: Any, recommender: Any = None, max_batch: int = 32,
+                 max_wait_ms: float = 5.0, max_upload_mb: float = 10.0) -> None:
+        self.encoder, self.index, self.recommender = encoder, index, recommender
+        self.max_upload = int(max_upload_mb * MIB)
+        self.batcher = MicroBatcher(encoder.encode_prepared, encoder.modalities, max_batch, max_wait_ms)
+        # Index searches are short and serial; their own thread keeps them off the event loop
+        # without queueing behind a forward.
+        self.search_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="align-search")
+        self.histories = UserHistories(recommender) if recommender is not None else None
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.search_executor.shutdown(wait=True)
+
+    def health(self) -> Dict[str, Any]:
+        return {"status": "ok", "items": len(self.index), "dim": self.encoder.dim,
+                "modalities": self.encoder.modalities, "kind": self.index.kind,
+                "vectors": getattr(self.index, "modality", None), "checkpoint": self.encoder.checkpoint,
+                "recommender": self.recommender is not None, "batching": self.batcher.stats.as_dict()}
+
+    async def search(self, query: SearchQuery) -> Dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        try:
+            self.encoder.check_modality(query.modality)
+            if query.modality == "text":  # tokenising is cheap (and cached): on the loop
+                prepared = self.encoder.prepare("text", query.value, query.name)
+            else:  # decoding a photo or a sound is not: in a thread
+                prepared = await loop.run_in_executor(None, self.encoder.prepare, query.modality, query.value,
+                                                      query.name)
+        except QueryError as error:
+            raise RequestError(422 if query.modality == "text" else 400, query.modality, str(error)) from None
+        vector = await self.batcher.encode(query.modality, prepared)  # (D,)
+        try:
+            results = await loop.run_in_executor(self.search_executor, search, self.index, vector[None], query.k,
+                                                 query.where)
+        except FilterError as error:
+            raise RequestError(422, "where", str(error)) from None
+        return {"results": results[0]}
+
+    def require_recommender(self) -> None:
+        if self.recommender is None:
+            raise RequestError(404, "recommender", "this server has no recommender; start it with "
+                                                   "align serve --recommender <folder of align rec-train>")
+
+    async def recommend(self, user: Optional[str], history: Optional[List[str]], k: int) -> Dict[str, Any]:
+        self.require_recommender()
+        if user is not None:
+            history = await self.histories.of(user)
+        try:
+            rows = self.recommender.rows_of(history, "history" if user is None else f"user {user}'s history")
+        except RunError as error:  # a history sent names unknown items (422); a logged one does (409)
+            raise (RequestError(422, "history", str(error)) if user is None
+                   else RequestError(409, "user", str(error))) from None
+        picked, scores = await asyncio.get_running_loop().run_in_executor(
+            self.batcher.executor, self.recommender.recommend, [rows], k)  # beside the forwards, not on top
+        results = [{"id": self.recommender.item_ids[r], "score": float(s)}
+                   for r, s in zip(picked[0].tolist(), np.asarray(scores[0]).tolist()) if r >= 0]
+        return {"results": results, "history": history}
+
+
+def create_app(encoder: QueryEncoder, index: Any, recommender: Any = None, max_batch: int = 32,
+               max_wait_ms: float = 5.0, max_upload_mb: float = 10.0) -> FastAPI:
+    """The FastAPI app over ``index`` (``open_index``'s), queries encoded by ``encoder``,
+    recommendations by ``recommender`` (an ``align.rec.recommend.Recommender``) when given."""
+    service = Service(encoder, index, recommender, max_batch, max_wait_ms, max_upload_mb)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        await service.start()  # the batcher's queues and workers live in the server's loop
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="align", description="Catalogue search by text, photo or sound; recommendations.",
+                  lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(RequestError)
+    async def refused(_: Request, error: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": error.message, "field": error.field}, status_code=error.status)
+
+    @app.get("/healthz")
+    async def healthz() -> Dict[str, Any]:
+        return service.health()
+
+    @app.post("/search")
+    async def search_endpoint(request: Request) -> Dict[str, Any]:
+        content_type = request.headers.get("content-type", "").lower()
+        if content_type.startswith("multipart/form-data"):
+            query = await search_query_from_form(request, service.max_upload)
+        else:  # JSON, whatever the header says (curl -d sends x-www-form-urlencoded)
+            query = search_query_from_json(parse_json_object(await read_body(request, service.max_upload)))
+        return await service.search(query)
+
+    @app.post("/recommend")
+    async def recommend_endpoint(request: Request) -> Dict[str, Any]:
+        service.require_recommender()  # said before the body is looked at
+        body = parse_json_object(await read_body(request, service.max_upload))
+        user, history, k = recommend_request(body)
+        return await service.recommend(user, history, k)
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------------
+# align serve
+# ------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", required=True, help="an `align index` folder or an `align embed` items folder")
+    parser.add_argument("--checkpoint", help="model folder (default: the one recorded with the index)")
+    parser.add_argument("--recommender", help="folder written by `align rec-train` (enables POST /recommend)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--max-batch", type=int, default=32, help="most queries in one forward (default 32)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="how long a query waits for others to share its forward (default 5)")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    return parser
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """``ConfigError`` naming the flag for a value that cannot be used, before anything is loaded."""
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: must be 0..65535")
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch {args.max_batch}: must be at least 1")
+    if not args.max_wait_ms >= 0:
+        raise ConfigError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
+    if not args.max_upload_mb > 0:
+        raise ConfigError(f"--max-upload-mb {args.max_upload_mb}: must be > 0")
+    if args.recommender is not None and not os.path.isdir(args.recommender):
+        raise ConfigError(f"--recommender {args.recommender}: no such folder (give the output of align rec-train)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``align serve``: runs until interrupted; a ``ConfigError`` / ``RunError`` is left to align/cli.py."""
+    import uvicorn
+
+    args = _parser().parse_args(argv)
+    check_serve_args(args)
+    index, encoder = open_catalogue(args.index, args.checkpoint, args.device)
+    recommender = None
+    if args.recommender is not None:
+        from align.rec.recommend import Recommender
+
+        recommender = Recommender.load(args.recommender)
+    app = create_app(encoder, index, recommender, args.max_batch, args.max_wait_ms, args.max_upload_mb)
+    log.info("serving %d items (%s index, dim %d, %s queries%s) from %s", len(index), index.kind, encoder.dim,
+             "/".join(encoder.modalities), ", recommendations" if recommender is not None else "", args.index)
+    # One worker: the model is loaded once and each forward already uses torch's threads.
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, workers=1, log_level=args.log_level,
+                                  access_log=args.access_log)).run()
+    return 0
