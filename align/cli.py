@@ -85,9 +85,14 @@ def _run(args: argparse.Namespace) -> int:
         from align.config import load_config
 
         config = load_config(args.config, args.overrides)  # refused here, before anything is built
+        from align.train.preempt import EXIT_STOPPED, Stopped
         from align.train.recipe import train
 
-        train(config)
+        try:
+            train(config)
+        except Stopped as stopped:  # saved; a requeued SLURM job or the same command goes on
+            print(f"align train: {stopped}", file=sys.stderr)
+            return EXIT_STOPPED
         return 0
     from align.eval.runner import evaluate_checkpoint
 

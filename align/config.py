@@ -149,6 +149,12 @@ class TrainConfig:
     wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "align"
     progress: bool = True
+    # On SIGUSR1/SIGTERM the run saves after the current step and stops (align/train/preempt.py);
+    # inside a SLURM batch job it then asks SLURM to requeue the job (false: only stop).
+    requeue: bool = True
+    # Write each step's sample ids to <output_dir>/seen/rank-<r>.jsonl: an audit of what the run
+    # trained on, kept consistent with the checkpoints across resumes.
+    record_ids: bool = False
 
 
 @dataclass

@@ -29,19 +29,29 @@ def free_port() -> int:
 RELAUNCH_ON = ("EADDRINUSE", "terminate called without an active exception")
 
 
-def launch_two_processes(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    """``accelerate launch`` ``script`` on two CPU processes joined by gloo; output is captured.
+def launch_env() -> dict:
+    """The environment of a launched run: this checkout importable, one thread per process."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+                OMP_NUM_THREADS="1")
+
+
+def two_process_command(script: str, *args: str) -> list:
+    """``accelerate launch`` of ``script`` on two CPU processes joined by gloo.
 
     accelerate 1.15 runs ``launch --cpu --num_processes 2`` as ONE process; ``--multi_gpu`` starts
     two through torchrun, and ``Accelerator(cpu=True)`` in the script makes the group gloo.
     """
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1")
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            str(script), *map(str, args)]
+
+
+def launch_two_processes(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``two_process_command`` run to its end; output is captured."""
+    env = launch_env()
     for _ in range(3):
-        command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                   str(script), *map(str, args)]
+        command = two_process_command(script, *args)
         try:
             done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as expired:  # a launch that hangs is tried again, then reported

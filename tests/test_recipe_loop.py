@@ -54,4 +54,7 @@ def test_every_n_steps_including_the_last(monkeypatch):
 def test_trainer_state_round_trips_through_json():
     state = TrainState(step=7, epoch=1, batch_in_epoch=3, samples=448)
     assert TrainState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
-    assert state.to_dict() == {"step": 7, "epoch": 1, "batch_in_epoch": 3, "samples": 448}
+    assert state.to_dict() == {"step": 7, "epoch": 1, "batch_in_epoch": 3, "samples": 448, "run_id": "",
+                               "reading": {}, "segments": []}
+    # A checkpoint written before the run id, reading and segments were recorded still loads.
+    assert TrainState.from_dict({"step": 7, "epoch": 1, "batch_in_epoch": 3, "samples": 448}) == state

@@ -86,8 +86,15 @@ def test_resume_continues_with_identical_state(demo, tmp_path):
         for key in a:  # the resumed run repeats the same float32 steps on the same kernels: equal bits
             assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), (name, key)
     assert any(key.endswith(".exp_avg") for key in load_file(str(done_a / "optimizer.safetensors")))
-    for name in ("optimizer.json", "scheduler.json", "trainer_state.json"):
+    for name in ("optimizer.json", "scheduler.json"):
         assert json.load(open(done_a / name)) == json.load(open(done_b / name)), name
+    state_a, state_b = (json.load(open(done / "trainer_state.json")) for done in (done_a, done_b))
+    # The same position and wandb run; the resumed run is two segments: the first run, seen
+    # last at its step-3 checkpoint (killed, as far as the second can tell), then steps 3 to 6.
+    segments = [(s["start"], s["end"], s["ended"]) for s in state_b.pop("segments")]
+    assert segments == [(0, 3, "interrupted"), (3, 6, "finished")]
+    del state_a["segments"]
+    assert state_a == state_b
 
 
 def test_resume_restores_rng_and_scheduler_state(demo, tmp_path):

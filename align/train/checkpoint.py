@@ -4,7 +4,8 @@ unpickles (Accelerate's ``save_state``/``load_state`` write ``*.pkl``/``*.bin`` 
 group, DDP and mixed precision; the state is written and read here. The layout::
 
     step-XXXXXXXX/
-      trainer_state.json        step, epoch, batch_in_epoch, samples
+      trainer_state.json        step, epoch, batch_in_epoch, samples; how the data was read
+                                (reading); the run's segments (one per launch) and wandb run id
       config.yaml               the run's resolved config
       model.safetensors         the objective's weights: the model + learnable loss parameters
       model/                    what align.load_model takes (see save_model): loads on its own
@@ -19,7 +20,9 @@ group, DDP and mixed precision; the state is written and read here. The layout::
                                 python ``random`` (tensors + JSON in the safetensors metadata)
 
 Each checkpoint is written to ``step-XXXXXXXX.tmp`` and renamed when whole, so a crash mid-save
-never leaves a checkpoint that looks complete. A disk full (any ``OSError``) while writing is a
+never leaves a checkpoint that looks complete; an old checkpoint is renamed to
+``step-XXXXXXXX.old`` before it is deleted, so a crash mid-prune never leaves half of one under
+its name either. Leftover ``.tmp``/``.old`` folders are removed when the next run starts. A disk full (any ``OSError``) while writing is a
 ``RunError`` naming the checkpoint, on every process. Reading refuses a file that is not valid
 safetensors or JSON with a ``RunError`` naming it.
 """
@@ -32,8 +35,8 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -81,13 +84,50 @@ class TrainState:
     epoch: int = 0  # the epoch being read
     batch_in_epoch: int = 0  # loader batches of that epoch consumed (resume skips them)
     samples: int = 0  # samples trained on, all processes
+    run_id: str = ""  # the wandb run's id: a resumed run goes on logging to the same run
+    # How the training data was read (processes, batch size, workers, ...): a resume mid-epoch
+    # checks that the rest of the epoch can still be read exactly once (align/train/recipe.py).
+    reading: Dict[str, Any] = field(default_factory=dict)
+    # One entry per launch: {"start", "end" steps, "ended": running | stopped | interrupted |
+    # finished, "signal", "processes", "slurm_job", "slurm_restart"}.
+    segments: List[Dict[str, Any]] = field(default_factory=list)
 
-    def to_dict(self) -> Dict[str, int]:
+    def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainState":
-        return cls(**{f.name: int(values[f.name]) for f in dataclasses.fields(cls)})
+        """Checkpoints from before ``run_id``/``reading``/``segments`` load with their defaults."""
+        counters = {name: int(values[name]) for name in ("step", "epoch", "batch_in_epoch", "samples")}
+        segments = values.get("segments", [])
+        if not isinstance(segments, list) or not all(isinstance(s, dict) for s in segments):
+            raise ValueError(f"segments must be a list of objects, got {segments!r:.80}")
+        reading = values.get("reading", {})
+        if not isinstance(reading, dict):
+            raise ValueError(f"reading must be an object, got {reading!r:.80}")
+        return cls(**counters, run_id=str(values.get("run_id", "")), reading=dict(reading),
+                   segments=[dict(s) for s in segments])
+
+
+def read_train_state(path: str) -> TrainState:
+    """The ``trainer_state.json`` of checkpoint folder ``path``; ``RunError`` naming it if unreadable."""
+    state_file = os.path.join(path, "trainer_state.json")
+    try:
+        return TrainState.from_dict(read_json(state_file))
+    except (KeyError, TypeError, ValueError) as error:
+        raise RunError(f"{state_file}: not a trainer state ({error!r})") from None
+
+
+def remove_leftovers(output_dir: str) -> List[str]:
+    """Delete ``step-*.tmp`` / ``step-*.old`` folders a crashed run left behind; their names."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    gone = [name for name in os.listdir(root)
+            if STEP_DIR.match(name.rsplit(".", 1)[0]) and name.rsplit(".", 1)[-1] in ("tmp", "old")]
+    for name in gone:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return gone
 
 
 # ------------------------------------------------------------------ safe files
@@ -179,7 +219,11 @@ def save_checkpoint(accelerator, objective, optimizer, scheduler, config: Config
         except OSError as error:
             failure = error
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            try:  # out of the way first: a crash mid-delete must not leave half a checkpoint in view
+                os.replace(old, old + ".old")
+                shutil.rmtree(old + ".old", ignore_errors=True)
+            except OSError as error:
+                log.warning("could not remove the old checkpoint %s: %s", old, error)
     _raise_if_any_failed(accelerator, failure, f"renaming checkpoint {tmp} to {final}")
     return final
 
@@ -216,11 +260,7 @@ def load_checkpoint(path: str, accelerator, objective, optimizer, scheduler) -> 
     """Restore a checkpoint written by ``save_checkpoint`` into the prepared training objects;
     returns the trainer state. Only safetensors and JSON are read; ``*.pkl``/``*.bin`` files that
     Accelerate would have written are never opened."""
-    state_file = os.path.join(path, "trainer_state.json")
-    try:
-        state = TrainState.from_dict(read_json(state_file))
-    except (KeyError, TypeError, ValueError) as error:
-        raise RunError(f"{state_file}: not a trainer state ({error!r})") from None
+    state = read_train_state(path)
     weights, _ = read_tensors(os.path.join(path, "model.safetensors"))
     try:
         accelerator.unwrap_model(objective).load_state_dict(weights, strict=True)

@@ -1,11 +1,19 @@
 """The training recipe: config -> Accelerator -> data -> objective -> optimiser -> prepare ->
 resume -> loop -> evaluate -> save. ``train(config)`` is what ``align train`` and ``train.py`` run.
+
+A run can stop early and go on later: SIGUSR1 or SIGTERM saves after the current step and raises
+``Stopped`` (align/train/preempt.py; inside a SLURM batch job the job is requeued), and
+``train.resume=latest`` continues from the newest checkpoint, mid-epoch, reading the rest of the
+epoch exactly once (``resume_position``). Each launch is a *segment* of the run, recorded in the
+checkpoints and in ``summary.json``.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -13,8 +21,9 @@ import torch
 
 from align.config import Config, save_config, to_dict
 from align.data.loader import loader_from_config
+from align.data.manifest import is_manifest
 from align.data.transforms import SampleProcessor
-from align.errors import write_json_atomic
+from align.errors import ConfigError, write_json_atomic
 from align.model import build_model
 from align.objective import ContrastiveObjective, build_pair_losses
 from align.train import checkpoint
@@ -22,6 +31,8 @@ from align.train.checkpoint import TrainState
 from align.train.cached_step import cached_step
 from align.train.health import SampleClock, gradient_norms, mean_over_processes
 from align.train.optim import build_optimizer, build_scheduler
+from align.train.preempt import StopAgreement, Stopped, StopSignals, requeue, slurm_job
+from align.train.seen import SeenLog
 
 log = logging.getLogger("align.train")
 
@@ -72,17 +83,34 @@ class Run:
     history: List[Dict[str, float]] = field(default_factory=list)
     progress: Any = None  # a tqdm bar on the main process, when asked for
     clock: SampleClock = field(default_factory=SampleClock)
+    stop: Optional[StopAgreement] = None  # polled at every step boundary (align/train/preempt.py)
+    stop_signal: int = 0  # the agreed signal once the processes decided to stop
+    seen: Optional[SeenLog] = None  # train.record_ids: the ids each step trained on
 
 
 def train(config: Config) -> Dict[str, Any]:
-    """Train as configured; returns the final evaluation (and the run's figures)."""
-    from accelerate.utils import set_seed
-
-    from align.preflight import check_run_inputs, check_train_split_fills_a_step
+    """Train as configured; returns the final evaluation (and the run's figures). Raises
+    ``Stopped`` after saving when SIGUSR1/SIGTERM asked the run to stop."""
+    from align.preflight import check_run_inputs
 
     check_run_inputs(config)  # a wrong path or model name is refused before anything is built or written
+    # Caught from here on: a signal during set-up stops the run at its first step boundary.
+    with StopSignals() as signals:
+        return _train(config, signals)
+
+
+def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
+    from accelerate.utils import set_seed
+
+    from align.preflight import check_train_split_fills_a_step
+
     accelerator = make_accelerator(config)
     out_dir = config.train.output_dir
+    resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
+    reading = reading_of(config, accelerator.num_processes)
+    saved = checkpoint.read_train_state(resume_from) if resume_from else None
+    # A resume that cannot read the rest of the epoch exactly once is refused before any work.
+    position = resume_position(saved, reading, resume_from) if saved else 0
     set_seed(config.train.seed)
 
     model = build_model(config.model)
@@ -93,31 +121,105 @@ def train(config: Config) -> Dict[str, Any]:
     check_train_split_fills_a_step(config, loader, accelerator.num_processes)
     if accelerator.is_main_process:
         save_config(config, os.path.join(out_dir, "config.yaml"))
+        for name in checkpoint.remove_leftovers(out_dir):
+            log.warning("removed %s, left by a run that stopped while saving or pruning", name)
     steps_per_epoch = len(loader) // config.train.accum_steps
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
     objective, optimizer, scheduler = prepare_training(accelerator, objective, config, total_steps)
 
     state = TrainState()
-    resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
     if resume_from:  # safetensors + JSON only (align/train/checkpoint.py): resuming unpickles nothing
         state = checkpoint.load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler)
+        state.batch_in_epoch = position
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    begin_segment(state, reading)
 
+    run_id = state.run_id or uuid.uuid4().hex[:12]
+    state.run_id = run_id
     accelerator.init_trackers(config.train.wandb_project, config=to_dict(config),
-                              init_kwargs={"wandb": {"mode": config.train.wandb, "dir": out_dir}})
+                              init_kwargs={"wandb": {"mode": config.train.wandb, "dir": out_dir, "id": run_id,
+                                                     "resume": "allow"}})
     global_batch = config.data.batch_size * config.train.accum_steps * accelerator.num_processes
     accelerator.print(f"{total_steps} steps of {global_batch} samples (the number of negatives); "
                       f"{steps_per_epoch} steps per epoch on each of {accelerator.num_processes} processes")
 
     started = time.time()
     run = Run(accelerator, config, objective, optimizer, scheduler, loader, total_steps,
-              progress=_progress(accelerator, config, total_steps, state.step))
-    while state.step < total_steps:
-        if train_epoch(run, state):
-            end_epoch(run, state)
-    if run.progress is not None:
-        run.progress.close()
+              progress=_progress(accelerator, config, total_steps, state.step),
+              stop=StopAgreement(signals, accelerator.num_processes))
+    if config.train.record_ids:
+        run.seen = SeenLog(out_dir, accelerator.process_index, after_step=state.step)
+    try:
+        while state.step < total_steps:
+            if train_epoch(run, state):
+                end_epoch(run, state)
+            elif run.stop_signal:
+                stop(run, state)
+    finally:
+        if run.progress is not None:
+            run.progress.close()
+        if run.seen is not None:
+            run.seen.close()
     return finish(run, state, started)
+
+
+def reading_of(config: Config, processes: int) -> Dict[str, Any]:
+    """What decides which samples each step of an epoch reads; saved with every checkpoint."""
+    data = config.data
+    return {"kind": "manifest" if is_manifest(data.train) else "shards", "processes": processes,
+            "batch_size": data.batch_size, "num_workers": data.num_workers, "seed": config.train.seed,
+            "shuffle_buffer": data.shuffle_buffer, "resampled": data.resampled, "epoch_samples": data.epoch_samples}
+
+
+# How each reading setting is named in a refusal.
+_READING_KEYS = {"processes": "the number of processes (accelerate launch --num_processes x --num_machines)",
+                 "batch_size": "data.batch_size", "num_workers": "data.num_workers", "seed": "train.seed",
+                 "shuffle_buffer": "data.shuffle_buffer", "resampled": "data.resampled",
+                 "epoch_samples": "data.epoch_samples", "kind": "data.train"}
+
+
+def resume_position(saved: TrainState, reading: Dict[str, Any], path: str) -> int:
+    """The loader batches of ``saved.epoch`` this run skips, so that it reads the rest of the
+    epoch exactly once; ``ConfigError`` naming the key when a changed setting makes that impossible.
+
+    At an epoch boundary anything may change. Mid-epoch, a manifest epoch is one row order drawn
+    from (seed, epoch) and each global step takes the next ``processes x batch_size`` rows, with
+    every sample's augmentation seeded by itself: the number of workers does not matter, and other
+    processes or batch sizes can go on where the rows read so far end on a step of theirs. A shard
+    epoch's plan depends on all of them (align/data/shards.py): they must stay as they were.
+    """
+    old = saved.reading
+    if saved.batch_in_epoch == 0 or not old:  # an epoch boundary, or a checkpoint from before the record
+        return saved.batch_in_epoch
+    where = (f"the checkpoint {path} stopped in epoch {saved.epoch} after {saved.batch_in_epoch} batches per process")
+    fixed = ["kind", "seed"] if reading["kind"] == "manifest" and old.get("kind") == "manifest" else list(_READING_KEYS)
+    for key in fixed:
+        if key in old and old[key] != reading[key]:
+            raise ConfigError(f"{_READING_KEYS[key]}: {where}, reading {old.get('kind')} with {key} = {old[key]!r}; "
+                              f"this run has {reading[key]!r}, so the rest of the epoch would not be read exactly "
+                              f"once. Resume with {old[key]!r} (it may change at an epoch boundary), or start "
+                              "afresh (train.resume='')")
+    rows = saved.batch_in_epoch * old["batch_size"] * old["processes"]
+    per_step = reading["batch_size"] * reading["processes"]
+    if rows % per_step:
+        key = "data.batch_size" if old["batch_size"] != reading["batch_size"] else _READING_KEYS["processes"]
+        raise ConfigError(f"{key}: {where} ({rows} rows of the epoch's order); this run reads {per_step} rows a "
+                          f"step ({reading['processes']} process(es) x data.batch_size {reading['batch_size']}), "
+                          f"which does not divide {rows}: the rest of the epoch cannot be read exactly once. Resume "
+                          f"with {old['processes']} process(es) x data.batch_size {old['batch_size']}, or start "
+                          "afresh (train.resume='')")
+    return rows // per_step
+
+
+def begin_segment(state: TrainState, reading: Dict[str, Any]) -> None:
+    """Opens this launch's segment; a previous one still "running" ended unseen (killed) at its
+    last checkpoint, the steps it took after that being done again now."""
+    if state.segments and state.segments[-1].get("ended") == "running":
+        state.segments[-1].update(ended="interrupted", end=state.step)
+    state.reading = reading
+    state.segments.append({"start": state.step, "end": state.step, "ended": "running", "signal": None,
+                           "processes": reading["processes"], "slurm_job": slurm_job(),
+                           "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))})
 
 
 def prepare_training(accelerator, objective: ContrastiveObjective, config: Config, total_steps: int):
@@ -143,7 +245,7 @@ def train_epoch(run: Run, state: TrainState) -> bool:
         terms = optimizer_step(run.accelerator, run.objective, run.optimizer, micro, run.config)
         run.scheduler.step()
         n = sum(len(b["ids"]) for b in micro) * run.accelerator.num_processes
-        micro = []
+        micro_ids, micro = [b["ids"] for b in micro], []
         state.step += 1
         state.samples += n
         run.clock.samples += n
@@ -151,8 +253,13 @@ def train_epoch(run: Run, state: TrainState) -> bool:
             log_step(run, state, terms)
         if run.progress is not None:
             run.progress.update(1)
+        if run.seen is not None:
+            run.seen.write(state.step, state.epoch, [i for b in micro_ids for i in b])
         periodic_work(run, state, epoch_ended=False)
         if state.step >= run.total_steps:
+            return False
+        if run.stop is not None and (signum := run.stop.poll()):
+            run.stop_signal = signum  # every process stops after this same step
             return False
     return True  # batches short of a whole step (len(loader) % accum_steps) are left out
 
@@ -163,6 +270,27 @@ def end_epoch(run: Run, state: TrainState) -> None:
     periodic_work(run, state, epoch_ended=True)
 
 
+def stop(run: Run, state: TrainState) -> None:
+    """Save where the run stands, ask SLURM to requeue the job (main process, after every process
+    saved), and raise ``Stopped`` on every process."""
+    accelerator, config = run.accelerator, run.config
+    name = signal.Signals(run.stop_signal).name
+    state.segments[-1].update(end=state.step, ended="stopped", signal=name)
+    path = run.clock.off_the_clock(checkpoint.save_checkpoint, accelerator, run.objective, run.optimizer,
+                                   run.scheduler, config, config.train.output_dir, state,
+                                   config.train.keep_checkpoints)
+    run.stop.close()
+    if run.seen is not None:
+        run.seen.close()
+    job = slurm_job() if config.train.requeue else None
+    requeued = job if job and accelerator.is_main_process and requeue(job) else None
+    # Nobody leaves before the requeue request is made: a launcher that sees one process end
+    # tears the others down, the main process with them.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    raise Stopped(name, state.step, path, requeued)
+
+
 def periodic_work(run: Run, state: TrainState, epoch_ended: bool) -> None:
     """Evaluate and save every ``eval_every`` / ``save_every`` steps, or at the end of each
     epoch where that setting is 0; off the samples/s clock."""
@@ -171,6 +299,8 @@ def periodic_work(run: Run, state: TrainState, epoch_ended: bool) -> None:
         model = run.accelerator.unwrap_model(run.objective).model
         run.clock.off_the_clock(_evaluate, run.accelerator, model, run.config, state.step)
     if _due(train_config.save_every, state.step, epoch_ended):
+        if state.segments:
+            state.segments[-1]["end"] = state.step
         run.clock.off_the_clock(checkpoint.save_checkpoint, run.accelerator, run.objective, run.optimizer,
                                 run.scheduler, run.config, train_config.output_dir, state,
                                 train_config.keep_checkpoints)
@@ -196,12 +326,20 @@ def finish(run: Run, state: TrainState, started: float) -> Dict[str, Any]:
     """The last checkpoint and evaluation, then ``summary.json``; returns the summary."""
     accelerator, config, loader = run.accelerator, run.config, run.loader
     out_dir = config.train.output_dir
+    if run.stop is not None:
+        run.stop.close()
+    if state.segments:
+        state.segments[-1].update(end=state.step, ended="finished")
     final = checkpoint.save_checkpoint(accelerator, run.objective, run.optimizer, run.scheduler, config, out_dir,
                                        state, config.train.keep_checkpoints)
     model = accelerator.unwrap_model(run.objective).model
     results = _evaluate(accelerator, model, config, state.step, final=True)
+    segments = state.segments
     summary = {"steps": state.step, "samples": state.samples, "seconds": time.time() - started,
-               "bad_samples": dict(loader.bad.counts), "checkpoint": final, "history": run.history, "eval": results}
+               "bad_samples": dict(loader.bad.counts), "checkpoint": final,
+               "preemptions": sum(s["ended"] == "stopped" for s in segments), "resumes": len(segments) - 1,
+               "segments": [dict(s, steps=s["end"] - s["start"]) for s in segments],
+               "history": run.history, "eval": results}
     if accelerator.is_main_process:
         write_json_atomic(summary, os.path.join(out_dir, "summary.json"))
         if loader.bad.total:
