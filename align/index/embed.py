@@ -594,10 +594,10 @@ def part_done(parts: str, shard: int, plan: Dict[str, Any]) -> bool:
         return False
     try:
         info = read_json(listing)
-    except RunError:
+        size = os.path.getsize(tensors)
+    except (RunError, OSError):  # gone meanwhile: another job merged and removed parts/
         return False
-    return (isinstance(info, dict) and info.get("digest") == plan["digest"]
-            and info.get("bytes") == os.path.getsize(tensors))
+    return isinstance(info, dict) and info.get("digest") == plan["digest"] and info.get("bytes") == size
 
 
 def write_part(parts: str, shard: int, plan: Dict[str, Any], part: Part, ids: Sequence[str]) -> None:
@@ -637,13 +637,23 @@ def read_part(parts: str, shard: int, plan: Dict[str, Any], catalogue: Catalogue
     return part
 
 
-def _take_merge_lock(parts: str) -> bool:
-    """One `--part` job merges: the first to create the lock file (the others leave it to it)."""
+def _take_merge_lock(parts: str) -> Optional[int]:
+    """One `--part` job merges: the one that holds an exclusive lock on ``parts/merge.lock`` (its
+    descriptor, returned; None when another job holds it, or merged and removed ``parts/``). The
+    lock dies with its holder, so a merging job killed midway (a time limit, a preemption) does not
+    keep the next one from merging."""
+    import fcntl
+
     try:
-        os.close(os.open(os.path.join(parts, MERGE_LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
+        handle = os.open(os.path.join(parts, MERGE_LOCK), os.O_CREAT | os.O_WRONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        return None
+    return handle
 
 
 def parse_part(text: str) -> Tuple[int, int]:
@@ -822,8 +832,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"job {index}/{count} done; {len(waiting)} of {plan['shards']} shards still to embed by the other "
                   f"jobs (the last one merges; or run this command with --merge-only)", flush=True)
             return 0
-        if not _take_merge_lock(parts):
-            print(f"job {index}/{count} done; another job is merging ({os.path.join(parts, MERGE_LOCK)})", flush=True)
+        lock = _take_merge_lock(parts)
+        # Under the lock, look again: a job that merged before us has removed parts/.
+        if lock is None or not all(part_done(parts, j, plan) for j in range(plan["shards"])):
+            print(f"job {index}/{count} done; another job merges or has merged ({parts})", flush=True)
             return 0
+        try:
+            _merge(args, existing, start)
+        finally:
+            os.close(lock)
+        return 0
     _merge(args, existing, start)
     return 0
