@@ -30,6 +30,8 @@ accumulators.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -37,6 +39,38 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DEFAULT_TILE = 2048
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401  (ships with torch's CUDA builds)
+    except ImportError:
+        return False
+    return True
+
+
+# The default until the Triton kernels have been run and timed on a GPU (they are checked in
+# Triton's CPU interpreter only): then it becomes "auto".
+DEFAULT_BACKEND = "torch"
+
+
+def tiled_backend(queries: Tensor, backend: Optional[str] = None) -> str:
+    """The kernels to run, "torch" or "triton": ``backend``, else $ALIGN_TILED_BACKEND, else
+    ``DEFAULT_BACKEND``.
+
+    auto picks the fused Triton kernels (``align.losses.tiled_triton``) for CUDA inputs when
+    Triton imports, and this module's torch kernels (the CPU path and the reference) otherwise.
+    "triton" on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter: the tests).
+    """
+    choice = backend or os.environ.get("ALIGN_TILED_BACKEND") or DEFAULT_BACKEND
+    if choice not in BACKENDS:
+        raise ValueError(f"tiled loss backend {choice!r} (argument or ALIGN_TILED_BACKEND): "
+                         f"choose one of {', '.join(BACKENDS)}")
+    if choice == "auto":
+        return "triton" if queries.is_cuda and _triton_importable() else "torch"
+    return choice
 
 
 def check_tile_size(tile_size: int) -> int:
@@ -249,20 +283,23 @@ def _accumulate(grad_q: Tensor, grad_k: Tensor, g: Tensor, keys: Tensor, queries
 def tiled_logsumexp(
     queries: Tensor, keys: Tensor, logit_scale: Tensor, row_index: Tensor,
     row_groups: Optional[Tensor] = None, col_groups: Optional[Tensor] = None,
-    *, tile: int = DEFAULT_TILE, both: bool = False,
+    *, tile: int = DEFAULT_TILE, both: bool = False, backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Row (and with ``both`` column) log-sum-exp of s q k^T without the full matrix.
 
     queries (n, D), keys (M, D), logit_scale scalar tensor, row_index (n,) column of each row's
     own pair, groups (n,)/(M,) int64 or None (same-group keys other than the own pair are
     masked out). ``both`` needs a square batch whose row i pairs with column i.
-    Returns fp32 (n,) and (M,) (empty unless ``both``).
+    ``backend``: see ``tiled_backend``. Returns fp32 (n,) and (M,) (empty unless ``both``).
     """
     if (row_groups is None) != (col_groups is None):
         raise ValueError("row_groups and col_groups must be given together")
     if both and (queries.shape[0] != keys.shape[0]):
         raise ValueError("both=True needs as many queries as keys (row i pairs with column i)")
     scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=queries.device)
+    if tiled_backend(queries, backend) == "triton":
+        from align.losses.tiled_triton import TritonLogSumExp  # imports Triton only when used
+        return TritonLogSumExp.apply(queries, keys, scale, row_index, row_groups, col_groups, int(tile), both)
     return _TiledLogSumExp.apply(queries, keys, scale, row_index, row_groups, col_groups, int(tile), both)
 
 
@@ -347,15 +384,20 @@ def _signed_logits(z_buffer, queries, keys_t, scale, logit_bias, row_index, row_
 def tiled_sigmoid_pairs(
     queries: Tensor, keys: Tensor, logit_scale: Tensor, logit_bias: Tensor, row_index: Tensor,
     row_groups: Optional[Tensor] = None, col_groups: Optional[Tensor] = None,
-    *, groups_positive: bool = False, tile: int = DEFAULT_TILE,
+    *, groups_positive: bool = False, tile: int = DEFAULT_TILE, backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Sums of -log sigmoid(y (s q k^T + t)) over positive and over negative pairs, tiled.
 
     Same inputs as ``tiled_logsumexp`` plus the bias t (scalar tensor). Same-group pairs are
     positives with ``groups_positive``, otherwise left out (the own pair is always positive).
+    ``backend``: see ``tiled_backend``.
     """
     if (row_groups is None) != (col_groups is None):
         raise ValueError("row_groups and col_groups must be given together")
     scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=queries.device)
+    if tiled_backend(queries, backend) == "triton":
+        from align.losses.tiled_triton import TritonSigmoidPairs
+        return TritonSigmoidPairs.apply(queries, keys, scale, logit_bias, row_index, row_groups,
+                                        col_groups, bool(groups_positive), int(tile))
     return _TiledSigmoidPairs.apply(queries, keys, scale, logit_bias, row_index, row_groups,
                                     col_groups, bool(groups_positive), int(tile))
