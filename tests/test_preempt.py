@@ -266,3 +266,14 @@ def test_a_resume_that_cannot_read_the_rest_of_the_epoch_once_is_refused(small_d
     assert [len(r["ids"]) for r in records] == [16, 16, 32, 32]
     read = [i for r in records for i in r["ids"]]
     assert len(set(read)) == len(read) == 96  # rows 32..95 of the epoch's order follow rows 0..31
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run(small_demo, tmp_path):
+    """The wandb run id is kept in the checkpoints: the run that resumes asks wandb for that run."""
+    run = tmp_path / "run"
+    first = overrides(small_demo, run, "train.max_steps=2", "train.wandb=offline")
+    train(load_config(None, first))
+    train(load_config(None, first + ["train.max_steps=4", "train.resume=latest"]))
+    run_id = json.load(open(run / "checkpoints" / "step-00000004" / "trainer_state.json"))["run_id"]
+    launches = sorted(n for n in os.listdir(run / "wandb") if n.startswith("offline-run-"))
+    assert len(launches) == 2 and all(n.endswith(f"-{run_id}") for n in launches), launches
