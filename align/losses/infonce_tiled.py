@@ -12,24 +12,35 @@ means of the candidates (O(N D)); the explicit negatives (n, K) are merged with 
 
 One process: one pass gives both directions (rows and columns of the same tiles). Several
 ranks: each rank runs A->B for its rows against all gathered B, and B->A for its rows against
-all gathered A; the gradient of the gathered side flows back through the gather.
+all gathered A; the gradient of the gathered side flows back through the gather. With
+``exchange="ring"`` nothing is gathered: the key blocks pass round a ring of ranks (``ring.py``,
+Inf-CL's multi-level tiling), one GEMM a tile gives both directions, and each rank holds
+O(local batch x D) features whatever the world size; the loss and gradients are the gathered
+path's (to fp32 rounding).
 
 Args:
     gather, same_group: as ``infonce`` ("positive" works: no masking in the tiles, group means
         for the positive term).
     tile_size: rows and columns per block (CPU: 2048-4096; GPU: 4096-8192).
+    exchange: across ranks, "gather" (all-gather the candidates with gradients, memory
+        O(N D) per rank) or "ring" (pass feature blocks round the ranks, O(n D) per rank;
+        "positive" group means come round the ring too). One process, or gather=False: both
+        are the plain tiled loss.
 
 Returns: {"loss", "a2b", "b2a"}.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import dataclasses
+from typing import Dict, Literal, Optional, get_args
 
 import torch
 from torch import Tensor
 
 from align.losses.base import PairLoss, SameGroup
-from align.losses.pairs import PairedBatch, negative_logits
+from align.losses.gather import world_info
+from align.losses.pairs import PairedBatch, negative_logits, pair_up
+from align.losses.ring import RingLayout, ring_group_mean, ring_layout, ring_logsumexp
 from align.losses.tiled import DEFAULT_TILE, check_tile_size, tiled_logsumexp
 
 
@@ -49,18 +60,43 @@ def positive_targets(cols: Tensor, row_index: Tensor, col_groups: Optional[Tenso
     return torch.where(col_groups[row_index, None] >= 0, means, cols[row_index].float())
 
 
+Exchange = Literal["gather", "ring"]
+
+
 class InfoNCETiled(PairLoss):
     """Exact symmetric InfoNCE with O(tile^2) logit memory."""
 
-    def __init__(self, *, gather: bool = True, same_group: SameGroup = "ignore", tile_size: int = DEFAULT_TILE) -> None:
+    def __init__(self, *, gather: bool = True, same_group: SameGroup = "ignore", tile_size: int = DEFAULT_TILE,
+                 exchange: Exchange = "gather") -> None:
         super().__init__(gather=gather, same_group=same_group)
         self.tile_size = check_tile_size(tile_size)
+        if exchange not in get_args(Exchange):
+            raise ValueError(f"infonce_tiled: exchange must be one of {get_args(Exchange)}, got {exchange!r}")
+        self.exchange = exchange
 
-    def terms(self, pairs: PairedBatch, logit_scale: Tensor) -> Dict[str, Tensor]:
+    def forward(self, a: Tensor, b: Tensor, *, logit_scale: Optional[Tensor] = None, **inputs) -> Dict[str, Tensor]:
+        """As ``PairLoss.forward``; with ``exchange="ring"`` on several ranks, nothing is gathered."""
+        if self.exchange == "gather" or not self.gather or world_info()[1] == 1:
+            return super().forward(a, b, logit_scale=logit_scale, **inputs)
+        if logit_scale is None:
+            raise ValueError(f"{type(self).__name__} needs logit_scale")
+        pairs = pair_up(a, b, gather=False, **inputs)  # this rank's valid rows, its own pairs
+        ring = ring_layout(pairs.a_rows, pairs.b_rows, pairs.row_groups)
+        pairs = dataclasses.replace(pairs, n_total=ring.total, world=ring.world)  # scale = world / N
+        out = self.terms(pairs, logit_scale, ring=ring)
+        out["loss"] = pairs.finish(out["loss"])
+        return out
+
+    def terms(self, pairs: PairedBatch, logit_scale: Tensor,
+              ring: Optional[RingLayout] = None) -> Dict[str, Tensor]:
         scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=pairs.a_rows.device)
         ignore = self.same_group == "ignore"
         mask_groups = (pairs.row_groups, pairs.col_groups) if ignore else (None, None)
-        if pairs.world == 1:  # square: rows and columns of one pass give both directions
+        if ring is not None:  # local rows; other ranks' blocks come round the ring
+            tiles = ring if ignore else dataclasses.replace(ring, has_groups=False)  # "positive": no masks
+            lse_a2b, lse_b2a = ring_logsumexp(pairs.a_rows, pairs.b_rows, scale, mask_groups[0], layout=tiles,
+                                              tile=self.tile_size)
+        elif pairs.world == 1:  # square: rows and columns of one pass give both directions
             lse_a2b, lse_b2a = tiled_logsumexp(pairs.a_rows, pairs.b_cols, scale, pairs.row_index,
                                                *mask_groups, tile=self.tile_size, both=True)
         else:
@@ -71,11 +107,15 @@ class InfoNCETiled(PairLoss):
         extra = negative_logits(pairs, scale)  # (n, K) or None
         if extra is not None:
             lse_a2b = torch.logaddexp(lse_a2b, torch.logsumexp(extra, dim=1))
-        groups_for_positives = None if ignore else pairs.col_groups
-        pos_a2b = scale * torch.linalg.vecdot(pairs.a_rows.float(), positive_targets(
-            pairs.b_cols, pairs.row_index, groups_for_positives).float())  # (n,)
-        pos_b2a = scale * torch.linalg.vecdot(pairs.b_rows.float(), positive_targets(
-            pairs.a_cols, pairs.row_index, groups_for_positives).float())
+        if ring is not None and not ignore:  # group means over every rank's rows, round the ring
+            both = ring_group_mean(torch.cat([pairs.b_rows, pairs.a_rows], dim=1), pairs.row_groups, ring)  # one pass
+            targets_b, targets_a = both.split(pairs.b_rows.shape[1], dim=1)
+        else:
+            groups_for_positives = None if ignore else pairs.col_groups
+            targets_b = positive_targets(pairs.b_cols, pairs.row_index, groups_for_positives)  # (n, D)
+            targets_a = positive_targets(pairs.a_cols, pairs.row_index, groups_for_positives)
+        pos_a2b = scale * torch.linalg.vecdot(pairs.a_rows.float(), targets_b.float())  # (n,)
+        pos_b2a = scale * torch.linalg.vecdot(pairs.b_rows.float(), targets_a.float())
         a2b = (lse_a2b - pos_a2b).sum() * pairs.scale
         b2a = (lse_b2a - pos_b2a).sum() * pairs.scale
         return {"loss": (a2b + b2a) / 2, "a2b": a2b, "b2a": b2a}
