@@ -37,6 +37,9 @@ class TowerConfig:
     freeze: bool = False  # lock the trunk (LiT); the projection stays trainable
     unfreeze_last: int = 0  # with freeze: leave this many final trunk blocks trainable
     lr_scale: float = 1.0  # multiplies optim.lr for this tower's parameters
+    # recompute each trunk block's activations in the backward instead of keeping them (memory
+    # for compute, for large towers; align/towers/base.py checkpoint_blocks)
+    grad_checkpointing: bool = False
     params: Any = None  # the tower's Config dataclass, filled during validation
 
 
@@ -155,6 +158,10 @@ class TrainConfig:
     # Write each step's sample ids to <output_dir>/seen/rank-<r>.jsonl: an audit of what the run
     # trained on, kept consistent with the checkpoints across resumes.
     record_ids: bool = False
+    # torch.compile every tower (nn.Module.compile: parameter names and checkpoints unchanged).
+    # Pays off on a GPU for long runs; the first steps wait for the compiler.
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" compiles no kernels)
 
 
 @dataclass

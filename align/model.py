@@ -11,7 +11,7 @@ from torch import nn
 
 from align.config import ModelConfig, TowerConfig
 from align.registry import TOWERS
-from align.towers.base import Tower, freeze_tower
+from align.towers.base import Tower, checkpoint_blocks, freeze_tower
 
 
 class AlignModel(nn.Module):
@@ -67,6 +67,8 @@ def build_tower(modality: str, config: TowerConfig, embed_dim: int) -> Tower:
         raise ValueError(f"model.towers.{modality}: {config.type!r} is a {tower_cls.modality} tower")
     tower = tower_cls(config.params, embed_dim)
     freeze_tower(tower, config.freeze, config.unfreeze_last)
+    if config.grad_checkpointing:
+        checkpoint_blocks(tower)
     return tower
 
 

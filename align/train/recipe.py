@@ -116,6 +116,9 @@ def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
     model = build_model(config.model)
     objective = ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss))
     processor = SampleProcessor(model.preprocessors(train=True), max_negatives=config.data.max_negatives)
+    if config.train.compile:  # in place: the towers keep their parameter names (checkpoints load as ever)
+        for tower in model.towers.values():
+            tower.compile(backend=config.train.compile_backend)
     loader = loader_from_config(config, processor, rank=accelerator.process_index,
                                 world_size=accelerator.num_processes, pin_memory=accelerator.device.type == "cuda")
     check_train_split_fills_a_step(config, loader, accelerator.num_processes)
