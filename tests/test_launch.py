@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, free_port, launch_env
 from tests.test_train_e2e import tiny_overrides
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.once]
 
 
 def readme_commands():
