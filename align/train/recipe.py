@@ -32,17 +32,10 @@ from align.train.cached_step import cached_step
 from align.train.health import SampleClock, gradient_norms, mean_over_processes
 from align.train.optim import build_optimizer, build_scheduler
 from align.train.preempt import StopAgreement, Stopped, StopSignals, requeue, slurm_job
+from align.train.prefetch import prefetch_to_device
 from align.train.seen import SeenLog
 
 log = logging.getLogger("align.train")
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
 
 
 def make_accelerator(config: Config):
@@ -240,9 +233,10 @@ def train_epoch(run: Run, state: TrainState) -> bool:
     """Steps through the rest of ``state.epoch``; True when the epoch ran out, False when the
     run reached its last step (the loop leaves there: the end evaluates and saves once)."""
     accum, micro = run.config.train.accum_steps, []
-    for batch in run.loader.iterate(state.epoch, skip_batches=state.batch_in_epoch):
+    batches = run.loader.iterate(state.epoch, skip_batches=state.batch_in_epoch)
+    for batch in prefetch_to_device(batches, run.accelerator.device):  # CUDA: the next one copies meanwhile
         state.batch_in_epoch += 1
-        micro.append(to_device(batch, run.accelerator.device))
+        micro.append(batch)
         if len(micro) < accum:
             continue
         terms = optimizer_step(run.accelerator, run.objective, run.optimizer, micro, run.config)
