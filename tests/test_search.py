@@ -16,6 +16,7 @@ from align.index.embed import ItemEmbeddings, load_item_embeddings, save_item_em
 from align.index.embed import main as embed_main
 from align.index.search import QueryEncoder, QueryError, main
 from tests.conftest import EPS32, one_step_checkpoint
+from tests.test_index import read_rows as rows_of
 
 # Bound on |a - b| per entry for two float32 forwards of the same input whose batches differ in size
 # (or whose buffers differ in alignment): they run the same operations, but the matrix kernels may
@@ -33,11 +34,6 @@ ROW_BOUND = 3 * 13 * 2 * 192 * EPS32
 def checkpoint(small_demo, tmp_path_factory):
     """A text-image-audio model trained for one step on the demo catalogue, saved as training saves it."""
     return one_step_checkpoint(small_demo, tmp_path_factory.mktemp("run"))
-
-
-def rows_of(manifest):
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def embed(checkpoint, out, *manifests):

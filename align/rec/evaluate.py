@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from align.errors import RunError, write_json_atomic
+from align.eval.plots import save_figure
 from align.rec.baselines import UNSCORABLE, FitData, build_peer
 from align.rec.config import RecConfig
 from align.rec.data import RecData, last_items, load_rec_data, seen_items
@@ -200,7 +201,7 @@ def plot_report(report: Dict[str, Any], folder: str, k: int = 10) -> List[str]:
         ax.set_xlabel(f"ILD@{k}")
         ax.set_ylabel(f"NDCG@{k}")
         ax.set_title("MMR re-ranking: relevance against diversity")
-        written.append(_save(fig, os.path.join(folder, "rec_mmr.png")))
+        written.append(save_figure(fig, os.path.join(folder, "rec_mmr.png")))
     if report["recall_curves"]:
         fig, ax = plt.subplots(figsize=(5, 4))
         for name, curve in report["recall_curves"].items():
@@ -208,19 +209,8 @@ def plot_report(report: Dict[str, Any], folder: str, k: int = 10) -> List[str]:
         ax.set_xlabel("K")
         ax.set_ylabel("Recall@K (all test users)")
         ax.legend(fontsize=7)
-        written.append(_save(fig, os.path.join(folder, "rec_recall.png")))
+        written.append(save_figure(fig, os.path.join(folder, "rec_recall.png")))
     return written
-
-
-def _save(fig, path: str) -> str:
-    import matplotlib.pyplot as plt
-
-    from align.errors import atomic_open
-
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def evaluate_head(checkpoint: str, peers: Optional[List[str]] = None, output: Optional[str] = None,
