@@ -115,6 +115,8 @@ class DataConfig:
     weights: List[float] = field(default_factory=list)  # per '::' source, resampled mode
     max_bad_fraction: float = 0.05
     max_negatives: int = 0  # explicit hard-negative texts per sample (0 = off)
+    # device: workers only decode (uint8, stored size) and draw the crop; crop/resize/flip/normalise on the model device
+    image_pipeline: Literal["worker", "device"] = "worker"
 
 
 @dataclass

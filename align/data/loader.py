@@ -39,6 +39,7 @@ from align.config import ColumnsConfig
 from align.data.bad_samples import BadSampleTally
 from align.data.manifest import ManifestDataset, is_manifest
 from align.data.sample import collate_with_report
+from align.data.transforms import with_image_pipeline
 
 if TYPE_CHECKING:
     from align.config import Config
@@ -184,6 +185,7 @@ def loader_from_config(config: "Config", processor: Any, *, rank: int = 0, world
     """``build_loader`` with the ``data`` section of a run config: the training split (``train``)
     or, with ``train=False``, an evaluation pass over ``spec`` in file order at ``eval.batch_size``."""
     data = config.data
+    processor = with_image_pipeline(processor, data.image_pipeline)  # device: the workers only decode
     return build_loader(
         spec or data.train, processor, batch_size=data.batch_size if train else config.eval.batch_size,
         num_workers=data.num_workers, train=train, seed=config.train.seed, rank=rank, world_size=world_size,

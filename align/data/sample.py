@@ -12,8 +12,10 @@ A *raw* sample is what a reader produces (manifest rows and webdataset shards al
 A missing modality is ``None`` (never an empty placeholder). ``SampleProcessor``
 (align/data/transforms.py) turns the raw sample into a *processed* one inside the dataloader
 workers: ``text`` becomes token tensors, ``image`` a (3, H, W) uint8 tensor (the image tower
-scales and normalises it on its device), ``audio`` a (T,) float tensor at the audio tower's rate
-and clip length, ``negatives`` a (K, L) token tensor
+scales and normalises it on its device; with ``data.image_pipeline: device`` a dict of the
+stored-size pixels and the crop drawn for them, see align/towers/image_ops.py, which collate pads
+into one (B, 3, Hmax, Wmax) uint8 tensor with (B, k) geometry tensors), ``audio`` a (T,) float
+tensor at the audio tower's rate and clip length, ``negatives`` a (K, L) token tensor
 plus a (K,) mask.
 
 ``collate`` stacks only the rows where a modality is present::
@@ -48,10 +50,23 @@ def group_hash(group: Optional[str]) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _stack(values: Sequence[Any]) -> Any:
+def pad_pixels(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(3, h_i, w_i) uint8 images of different sizes -> (B, 3, Hmax, Wmax), zero padded at the
+    bottom and right (``data.image_pipeline: device``: each sample's ``size`` says what is real)."""
+    height = max(image.shape[-2] for image in images)
+    width = max(image.shape[-1] for image in images)
+    out = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+    for index, image in enumerate(images):
+        out[index, :, :image.shape[-2], :image.shape[-1]] = image
+    return out
+
+
+def _stack(values: Sequence[Any], key: str = "") -> Any:
     first = values[0]
     if isinstance(first, dict):
-        return {key: _stack([v[key] for v in values]) for key in first}
+        return {k: _stack([v[k] for v in values], k) for k in first}
+    if key == "pixels":  # stored-size images (align/towers/image_ops.py ImageGeometry)
+        return pad_pixels(values)
     return torch.stack(list(values))
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Mapping
 import torch
 
 from align.data.sample import MODALITIES, BadSample
+from align.errors import ConfigError
 
 
 class SampleProcessor:
@@ -70,3 +71,15 @@ class SampleProcessor:
         return {"text": stacked, "mask": mask}
 
 
+def with_image_pipeline(processor: SampleProcessor, pipeline: str) -> SampleProcessor:
+    """``data.image_pipeline``: ``worker`` keeps ``processor``; ``device`` swaps its image
+    preprocessor for the one that only decodes and draws the crop (its ``on_device()``), the
+    tower doing the rest on its device. An image preprocessor without one (a timm-style transform
+    that cannot be split) is refused rather than silently run on the CPU."""
+    image = processor.preprocessors.get("image")
+    if pipeline == "worker" or image is None:
+        return processor
+    if not hasattr(image, "on_device"):
+        raise ConfigError(f"data.image_pipeline: device needs an image tower whose preprocessor can run on "
+                          f"the device ({type(image).__name__} cannot); set data.image_pipeline: worker")
+    return SampleProcessor({**processor.preprocessors, "image": image.on_device()}, processor.max_negatives)

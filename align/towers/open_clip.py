@@ -120,6 +120,7 @@ class OpenClipImageTokens:
     """
 
     def __init__(self, transform: Callable) -> None:
+        self.source = transform  # whole, for ``on_device``
         steps = list(getattr(transform, "transforms", []))
         if len(steps) >= 2 and _is_to_tensor(steps[-2]) and isinstance(steps[-1], _normalize_type()):
             from torchvision.transforms import Compose
@@ -129,6 +130,13 @@ class OpenClipImageTokens:
 
     def __call__(self, image: Any) -> torch.Tensor:
         return self.transform(image)
+
+    def on_device(self) -> Callable:
+        """The ``data.image_pipeline: device`` preprocessor: stored-size pixels + the crop and
+        flip this transform would draw (``ImageGeometry``; ``ConfigError`` where it cannot)."""
+        from align.towers.image_ops import ImageGeometry
+
+        return ImageGeometry(self.source)
 
 
 def _normalize_type() -> type:
@@ -255,10 +263,17 @@ class OpenClipImageTower(OpenClipTower):
         self.register_buffer("pixel_scale", scale, persistent=False)
         self.register_buffer("pixel_shift", shift, persistent=False)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: Any) -> torch.Tensor:
         """(B, 3, H, W) -> (B, clip_dim). uint8 images are raw pixels (what ``preprocessor``
         gives) and are normalised here; float images are taken as already normalised (the
-        output of open_clip's own preprocess)."""
+        output of open_clip's own preprocess). A dict is a ``data.image_pipeline: device``
+        batch (stored-size pixels + drawn crops, align/towers/image_ops.py), cropped, resized
+        and flipped here first."""
+        if isinstance(images, dict):
+            from align.towers.image_ops import resized_crops
+
+            levels = resized_crops(images, self.image_size)  # (B, 3, S, S) float32 pixel levels
+            return self.trunk(torch.addcmul(self.pixel_shift, levels, self.pixel_scale))
         if images.dtype == torch.uint8:
             images = torch.addcmul(self.pixel_shift, images.to(self.pixel_scale.dtype), self.pixel_scale)
         return self.trunk(images)

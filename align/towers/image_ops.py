@@ -1,0 +1,214 @@
+"""Image geometry split in two: parameters drawn in the dataloader workers, pixels moved on the
+model's device for the whole batch (``data.image_pipeline: device``).
+
+The worker path runs open_clip's PIL transform per image in the workers (crop, resize, flip)
+and ships (3, S, S) uint8. The device path ships the decoded image as stored, uint8, plus the
+few numbers that transform would have drawn for it; the tower then crops, resizes, flips and
+normalises on its device. Both give the same pixels up to interpolation rounding
+(tests/test_image_pipeline.py):
+
+- ``ImageGeometry`` (worker side, picklable) reads a torchvision ``Compose`` step by step and,
+  per image, draws what each step draws, from the same torch generator and in the same order as
+  the steps themselves (``RandomResizedCrop.get_params``, ``torch.rand(1) < p`` for a flip), so
+  the per-sample seed of ``seeded_sample`` (align/data/manifest.py) picks the same crop box and
+  flip on both paths, and a resumed run redoes them.
+- ``resized_crops`` (device side, pure torch) applies them to a padded (B, 3, Hmax, Wmax) batch.
+
+Every supported transform is one chain per image::
+
+    crop box (top, left, h, w) of the stored image -> resize to (rh, rw) -> window (top, left)
+    of the output size (outside the resized image: fill 0) -> optional horizontal flip
+
+RandomResizedCrop is (box, output size, window 0); Resize + CenterCrop is (whole image, resized
+size, centred window); open_clip's ``longest`` mode is a window reaching past the image (its pad).
+
+Resizing follows PIL's (what the worker path uses): separable, width pass first, then height,
+with PIL's filters (bicubic a = -0.5, bilinear = triangle) widened by the scale when shrinking,
+which is torch's ``antialias=True`` kernel in both directions; each pass is clamped to [0, 255]
+as PIL clamps its uint8 intermediate. What remains is PIL's rounding to uint8 after each pass.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from align.errors import ConfigError
+
+FILTERS = ("bilinear", "bicubic")  # index = the ``filter`` number a sample carries
+KEY = "data.image_pipeline"
+Size = Tuple[int, int]
+
+
+def _pair(size: Union[int, Sequence[int]]) -> Size:
+    if isinstance(size, int):
+        return size, size
+    size = tuple(int(s) for s in size)
+    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+
+def _filter(interpolation: Any) -> int:
+    name = getattr(interpolation, "value", str(interpolation)).lower()
+    if name not in FILTERS:
+        raise ConfigError(f"{KEY}: device resizing knows {FILTERS}, not {name!r}; set {KEY}: worker")
+    return FILTERS.index(name)
+
+
+def shorter_side_size(height: int, width: int, size: Sequence[int], max_size: Any) -> Size:
+    """torchvision ``Resize``'s output size (its ``_compute_resized_output_size``, copied: the
+    long side is truncated, not rounded, and ``max_size`` caps it)."""
+    if len(size) == 2:
+        return size[0], size[1]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size[0], int(size[0] * long / short)
+    if max_size is not None and new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def centre_window(height: int, width: int, crop: Size) -> Size:
+    """(top, left) of a centred ``crop`` in a (height, width) image; negative where the crop is
+    larger (torchvision's ``center_crop`` and open_clip's ``center_crop_or_pad`` pad first, by
+    ``(crop - size) // 2`` before the image)."""
+    def offset(length: int, want: int) -> int:
+        return -((want - length) // 2) if want > length else int(round((length - want) / 2.0))
+
+    return offset(height, crop[0]), offset(width, crop[1])
+
+
+def _is_rgb_step(step: Any) -> bool:
+    """open_clip's ``MaybeConvertMode`` (RGB) and its older ``_convert_to_rgb`` function."""
+    return type(step).__name__ == "MaybeConvertMode" or getattr(step, "__name__", "") == "_convert_to_rgb"
+
+
+class ImageGeometry:
+    """Picklable worker-side preprocessor: PIL image -> its uint8 pixels + the drawn geometry.
+
+    Returns ``{"pixels": (3, H, W) uint8, "size": (2,) (H, W), "box": (4,) (top, left, h, w),
+    "resize": (2,) (rh, rw), "window": (2,) (top, left), "flip": () bool, "filter": () long}``
+    (collated by align/data/sample.py into a padded (B, 3, Hmax, Wmax) batch and (B, k) tensors).
+
+    Raises ``ConfigError`` naming ``data.image_pipeline`` for a transform with a step it cannot
+    move to the device (colour jitter, grayscale, timm's whole-transform objects, ...).
+    """
+
+    def __init__(self, transform: Callable) -> None:
+        steps = list(getattr(transform, "transforms", [transform]))
+        if len(steps) < 2 or type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor") \
+                or type(steps[-1]).__name__ != "Normalize":
+            raise ConfigError(f"{KEY}: device needs a torchvision Compose ending in ToTensor + Normalize; "
+                              f"got {type(transform).__name__}; set {KEY}: worker")
+        # RGB conversion steps do nothing here: the image is converted first, as every reader does
+        self.steps = [step for step in steps[:-2] if not _is_rgb_step(step)]
+        for step in self.steps:
+            self._check(step)
+        self._check_order()
+
+    def _check_order(self) -> None:
+        """One chain per image (module docstring): at most one resize, a centred crop after it,
+        a flip last. Checked here, not per image, where an error would only skip samples."""
+        from torchvision import transforms as T
+
+        resized = cropped = flipped = False
+        for step in self.steps:
+            name = type(step).__name__
+            if isinstance(step, T.RandomHorizontalFlip):
+                flipped = True
+                continue
+            crop = isinstance(step, T.CenterCrop) or name == "CenterCropOrPad"
+            if flipped or cropped or (resized and not crop):
+                raise ConfigError(f"{KEY}: cannot move {[type(s).__name__ for s in self.steps]} to the device "
+                                  f"(one resize, then a centred crop, then a flip); set {KEY}: worker")
+            resized, cropped = resized or not crop, cropped or crop
+
+    @staticmethod
+    def _check(step: Any) -> None:
+        from torchvision import transforms as T
+
+        name = type(step).__name__
+        if isinstance(step, (T.RandomResizedCrop, T.Resize, T.CenterCrop, T.RandomHorizontalFlip)):
+            return
+        if name == "ResizeKeepRatio" and not (step.random_scale_prob or step.random_aspect_prob):
+            return
+        if name == "CenterCropOrPad" and step.fill in (0, None):
+            return
+        raise ConfigError(f"{KEY}: the image transform step {step!r} has no device version "
+                          f"(supported: RandomResizedCrop, Resize, ResizeKeepRatio, CenterCrop(OrPad), "
+                          f"RandomHorizontalFlip); set {KEY}: worker")
+
+    def __call__(self, image: Any) -> Dict[str, torch.Tensor]:
+        from torchvision import transforms as T
+
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        height, width = image.height, image.width
+        box, resize, window, flip, filter_ = (0, 0, height, width), (height, width), (0, 0), False, 1
+        current = (height, width)  # of the image the next step sees
+        for step in self.steps:
+            name = type(step).__name__
+            if isinstance(step, T.RandomHorizontalFlip):
+                flip = bool(torch.rand(1) < step.p)  # what its forward draws, in the same order
+                continue
+            if isinstance(step, T.RandomResizedCrop):
+                box = tuple(T.RandomResizedCrop.get_params(image, step.scale, step.ratio))
+                resize = current = _pair(step.size)
+                filter_ = _filter(step.interpolation)
+            elif isinstance(step, T.Resize):
+                size = [step.size] if isinstance(step.size, int) else list(step.size)
+                resize = current = shorter_side_size(height, width, size, step.max_size)
+                filter_ = _filter(step.interpolation)
+            elif name == "ResizeKeepRatio":
+                resize = current = tuple(step.get_params(image, step.size, step.longest))
+                filter_ = _filter(step.interpolation)
+            else:  # CenterCrop / CenterCropOrPad
+                crop = _pair(step.size)
+                window = centre_window(current[0], current[1], crop)
+                current = crop
+        return {
+            "pixels": torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(),
+            "size": torch.tensor([height, width]),
+            "box": torch.tensor(box),
+            "resize": torch.tensor(resize),
+            "window": torch.tensor(window),
+            "flip": torch.tensor(flip),
+            "filter": torch.tensor(filter_),
+        }
+
+
+def pil_like_resize(image: torch.Tensor, size: Size, filter_: int) -> torch.Tensor:
+    """(1, C, h, w) float pixel levels -> (1, C, *size), as PIL resizes: width first, then height,
+    each pass clamped to [0, 255]; an axis whose length does not change is left alone."""
+    mode = FILTERS[filter_]
+    if image.shape[-1] != size[1]:
+        image = F.interpolate(image, size=(image.shape[-2], size[1]), mode=mode, antialias=True,
+                              align_corners=False).clamp_(0, 255)
+    if image.shape[-2] != size[0]:
+        image = F.interpolate(image, size=size, mode=mode, antialias=True, align_corners=False).clamp_(0, 255)
+    return image
+
+
+def resized_crops(batch: Dict[str, torch.Tensor], size: Union[int, Sequence[int]],
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A collated ``ImageGeometry`` batch -> (B, 3, *size) float pixel levels in [0, 255] (not
+    normalised), on the device of ``batch["pixels"]``.
+
+    One resize per image (the images differ in box and scale); the geometry is read to the host
+    in one transfer.
+    """
+    out_h, out_w = _pair(size)
+    pixels = batch["pixels"]  # (B, 3, Hmax, Wmax) uint8, zero padded
+    geometry = torch.cat([batch["box"], batch["resize"], batch["window"], batch["flip"][:, None].long(),
+                          batch["filter"][:, None].long()], dim=1).tolist()  # (B, 10)
+    out = pixels.new_zeros((pixels.shape[0], pixels.shape[1], out_h, out_w), dtype=dtype)  # fill 0 = pad
+    for index, (top, left, height, width, rh, rw, wt, wl, flip, filter_) in enumerate(geometry):
+        crop = pixels[index:index + 1, :, top:top + height, left:left + width].to(dtype)  # (1, 3, h, w)
+        image = pil_like_resize(crop, (rh, rw), filter_)[0]  # (3, rh, rw)
+        # the window [wt, wt + out_h) x [wl, wl + out_w) of the resized image; outside it: fill
+        src_t, src_l = max(wt, 0), max(wl, 0)
+        src_b, src_r = min(wt + out_h, rh), min(wl + out_w, rw)
+        out[index, :, src_t - wt:src_b - wt, src_l - wl:src_r - wl] = image[:, src_t:src_b, src_l:src_r]
+        if flip:
+            out[index] = out[index].flip(-1)
+    return out
