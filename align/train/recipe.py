@@ -4,7 +4,7 @@ resume -> loop -> evaluate -> save. ``train(config)`` is what ``align train`` an
 A run can stop early and go on later: SIGUSR1 or SIGTERM saves after the current step and raises
 ``Stopped`` (align/train/preempt.py; inside a SLURM batch job the job is requeued), and
 ``train.resume=latest`` continues from the newest checkpoint, mid-epoch, reading the rest of the
-epoch exactly once (``resume_position``). Each launch is a *segment* of the run, recorded in the
+epoch exactly once (align/train/resume.py). Each launch is a *segment* of the run, recorded in the
 checkpoints and in ``summary.json``.
 """
 from __future__ import annotations
@@ -21,9 +21,8 @@ import torch
 
 from align.config import Config, save_config, to_dict
 from align.data.loader import loader_from_config
-from align.data.manifest import is_manifest
 from align.data.transforms import SampleProcessor
-from align.errors import ConfigError, write_json_atomic
+from align.errors import write_json_atomic
 from align.model import build_model
 from align.objective import ContrastiveObjective, build_pair_losses
 from align.train import checkpoint
@@ -33,6 +32,7 @@ from align.train.health import SampleClock, gradient_norms, mean_over_processes
 from align.train.optim import build_optimizer, build_scheduler
 from align.train.preempt import StopAgreement, Stopped, StopSignals, requeue, slurm_job
 from align.train.prefetch import prefetch_to_device
+from align.train.resume import begin_segment, reading_of, resume_position
 from align.train.seen import SeenLog
 
 log = logging.getLogger("align.train")
@@ -130,11 +130,7 @@ def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     begin_segment(state, reading)
 
-    run_id = state.run_id or uuid.uuid4().hex[:12]
-    state.run_id = run_id
-    accelerator.init_trackers(config.train.wandb_project, config=to_dict(config),
-                              init_kwargs={"wandb": {"mode": config.train.wandb, "dir": out_dir, "id": run_id,
-                                                     "resume": "allow"}})
+    start_trackers(accelerator, config, state)
     global_batch = config.data.batch_size * config.train.accum_steps * accelerator.num_processes
     accelerator.print(f"{total_steps} steps of {global_batch} samples (the number of negatives); "
                       f"{steps_per_epoch} steps per epoch on each of {accelerator.num_processes} processes")
@@ -159,63 +155,13 @@ def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
     return finish(run, state, started)
 
 
-def reading_of(config: Config, processes: int) -> Dict[str, Any]:
-    """What decides which samples each step of an epoch reads; saved with every checkpoint."""
-    data = config.data
-    return {"kind": "manifest" if is_manifest(data.train) else "shards", "processes": processes,
-            "batch_size": data.batch_size, "num_workers": data.num_workers, "seed": config.train.seed,
-            "shuffle_buffer": data.shuffle_buffer, "resampled": data.resampled, "epoch_samples": data.epoch_samples}
-
-
-# How each reading setting is named in a refusal.
-_READING_KEYS = {"processes": "the number of processes (accelerate launch --num_processes x --num_machines)",
-                 "batch_size": "data.batch_size", "num_workers": "data.num_workers", "seed": "train.seed",
-                 "shuffle_buffer": "data.shuffle_buffer", "resampled": "data.resampled",
-                 "epoch_samples": "data.epoch_samples", "kind": "data.train"}
-
-
-def resume_position(saved: TrainState, reading: Dict[str, Any], path: str) -> int:
-    """The loader batches of ``saved.epoch`` this run skips, so that it reads the rest of the
-    epoch exactly once; ``ConfigError`` naming the key when a changed setting makes that impossible.
-
-    At an epoch boundary anything may change. Mid-epoch, a manifest epoch is one row order drawn
-    from (seed, epoch) and each global step takes the next ``processes x batch_size`` rows, with
-    every sample's augmentation seeded by itself: the number of workers does not matter, and other
-    processes or batch sizes can go on where the rows read so far end on a step of theirs. A shard
-    epoch's plan depends on all of them (align/data/shards.py): they must stay as they were.
-    """
-    old = saved.reading
-    if saved.batch_in_epoch == 0 or not old:  # an epoch boundary, or a checkpoint from before the record
-        return saved.batch_in_epoch
-    where = (f"the checkpoint {path} stopped in epoch {saved.epoch} after {saved.batch_in_epoch} batches per process")
-    fixed = ["kind", "seed"] if reading["kind"] == "manifest" and old.get("kind") == "manifest" else list(_READING_KEYS)
-    for key in fixed:
-        if key in old and old[key] != reading[key]:
-            raise ConfigError(f"{_READING_KEYS[key]}: {where}, reading {old.get('kind')} with {key} = {old[key]!r}; "
-                              f"this run has {reading[key]!r}, so the rest of the epoch would not be read exactly "
-                              f"once. Resume with {old[key]!r} (it may change at an epoch boundary), or start "
-                              "afresh (train.resume='')")
-    rows = saved.batch_in_epoch * old["batch_size"] * old["processes"]
-    per_step = reading["batch_size"] * reading["processes"]
-    if rows % per_step:
-        key = "data.batch_size" if old["batch_size"] != reading["batch_size"] else _READING_KEYS["processes"]
-        raise ConfigError(f"{key}: {where} ({rows} rows of the epoch's order); this run reads {per_step} rows a "
-                          f"step ({reading['processes']} process(es) x data.batch_size {reading['batch_size']}), "
-                          f"which does not divide {rows}: the rest of the epoch cannot be read exactly once. Resume "
-                          f"with {old['processes']} process(es) x data.batch_size {old['batch_size']}, or start "
-                          "afresh (train.resume='')")
-    return rows // per_step
-
-
-def begin_segment(state: TrainState, reading: Dict[str, Any]) -> None:
-    """Opens this launch's segment; a previous one still "running" ended unseen (killed) at its
-    last checkpoint, the steps it took after that being done again now."""
-    if state.segments and state.segments[-1].get("ended") == "running":
-        state.segments[-1].update(ended="interrupted", end=state.step)
-    state.reading = reading
-    state.segments.append({"start": state.step, "end": state.step, "ended": "running", "signal": None,
-                           "processes": reading["processes"], "slurm_job": slurm_job(),
-                           "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))})
+def start_trackers(accelerator, config: Config, state: TrainState) -> None:
+    """wandb (offline by default) under the run id the checkpoints keep: a resumed run goes on
+    logging to the same wandb run."""
+    state.run_id = state.run_id or uuid.uuid4().hex[:12]
+    accelerator.init_trackers(config.train.wandb_project, config=to_dict(config),
+                              init_kwargs={"wandb": {"mode": config.train.wandb, "dir": config.train.output_dir,
+                                                     "id": state.run_id, "resume": "allow"}})
 
 
 def prepare_training(accelerator, objective: ContrastiveObjective, config: Config, total_steps: int):
