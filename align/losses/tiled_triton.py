@@ -41,7 +41,16 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from align.losses.tiled import _finish_query_grads
+
+def _finish_query_grads(queries: Tensor, grad_q: Tensor, logit_scale: Tensor, scale: float):
+    """From grad_q = sum_j G_ij k_j (fp32): ds = sum_i <q_i, grad_q_i> (a float64 sum) and dq = s grad_q.
+
+    The torch path (tiled.py) finishes its gradients the same way; this module keeps its own
+    copy because tiled.py dispatches here and the two must not import each other."""
+    grad_scale = torch.linalg.vecdot(queries.float(), grad_q).sum(dtype=torch.float64)
+    grad_scale = grad_scale.reshape(logit_scale.shape).to(logit_scale.dtype)
+    return grad_scale, grad_q.mul_(scale).to(queries.dtype)
+
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
