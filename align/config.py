@@ -71,6 +71,21 @@ class PairLossConfig:
 
 
 @dataclass
+class MatryoshkaConfig:
+    """Matryoshka representation learning (Kusupati et al. 2022, https://arxiv.org/abs/2205.13147):
+    every pair's loss is also computed on the first ``d`` coordinates of the embeddings,
+    renormalised, for each ``d`` in ``dims``, so that a prefix is a usable embedding on its own.
+
+    The objective's loss becomes sum_d weight_d * loss(prefix_d(a), prefix_d(b)) per pair, the
+    weights normalised to sum 1 (equal when ``weights`` is empty); list ``model.embed_dim`` in
+    ``dims`` to keep the full-width loss. ``dims: []`` (the default) switches it off.
+    """
+
+    dims: List[int] = field(default_factory=list)  # increasing, each in [1, model.embed_dim]
+    weights: List[float] = field(default_factory=list)  # one per dim, >= 0; [] = equal
+
+
+@dataclass
 class LossConfig:
     """``name`` picks a registered loss (align/registry.py); ``params`` are its ``Config`` fields,
     checked against that dataclass like a tower's keys."""
@@ -79,6 +94,7 @@ class LossConfig:
     params: Any = None  # the loss's Config dataclass, filled during loading
     # Pairs are "a-b" modality names. Pairs present in a batch but not listed use weight 1.
     pairs: Dict[str, PairLossConfig] = field(default_factory=dict)
+    matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)
 
 
 @dataclass
@@ -336,7 +352,8 @@ def _loss_config(data: Dict[str, Any], key: str) -> LossConfig:
     if raw_params is not None and not isinstance(raw_params, dict):
         raise ConfigError(f"{key}.params: expected a mapping, got {raw_params!r}")
     pairs = _convert(data.get("pairs") or {}, Dict[str, Any], f"{key}.pairs")
-    config = LossConfig(name=name, params=_loss_params(name, raw_params, f"{key}.params"))
+    config = LossConfig(name=name, params=_loss_params(name, raw_params, f"{key}.params"),
+                        matryoshka=_to_dataclass(MatryoshkaConfig, data.get("matryoshka"), f"{key}.matryoshka"))
     for pair, raw in pairs.items():
         where = f"{key}.pairs.{pair}"
         item = _to_dataclass(PairLossConfig, raw, where)
@@ -455,6 +472,7 @@ def validate(config: Config) -> None:
         if len(parts) != 2 or any(p not in config.model.towers for p in parts) or parts[0] == parts[1]:
             raise ConfigError(f"loss.pairs.{pair}: expected '<a>-<b>' with two of the model's towers "
                               f"({', '.join(config.model.towers)})")
+    _check_matryoshka(config.loss.matryoshka, config.model.embed_dim)
     for key in ("batch_size", "num_workers", "max_negatives", "epoch_samples"):
         if getattr(config.data, key) < 0 or (key == "batch_size" and config.data.batch_size == 0):
             raise ConfigError(f"data.{key} must be {'positive' if key == 'batch_size' else '>= 0'}")
@@ -472,6 +490,24 @@ def validate(config: Config) -> None:
     if config.eval.index_min_candidates < 0:
         raise ConfigError("eval.index_min_candidates must be >= 0")
     _check_classify(config.eval.classify, config.model.towers)
+
+
+def _check_matryoshka(matryoshka: MatryoshkaConfig, embed_dim: int) -> None:
+    dims, weights = matryoshka.dims, matryoshka.weights
+    if not dims:
+        if weights:
+            raise ConfigError("loss.matryoshka.weights given without loss.matryoshka.dims; list the dims too")
+        return
+    for n, dim in enumerate(dims):
+        if not 1 <= dim <= embed_dim:
+            raise ConfigError(f"loss.matryoshka.dims[{n}] = {dim} must lie in [1, model.embed_dim = {embed_dim}]")
+    if any(later <= earlier for earlier, later in zip(dims, dims[1:])):
+        raise ConfigError(f"loss.matryoshka.dims {dims} must increase strictly, e.g. [16, 32, 64, {embed_dim}]")
+    if weights and len(weights) != len(dims):
+        raise ConfigError(f"loss.matryoshka.weights has {len(weights)} values for {len(dims)} dims; "
+                          "give one weight per dim, or none for equal weights")
+    if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
+        raise ConfigError(f"loss.matryoshka.weights {weights} must be >= 0 with a positive sum")
 
 
 def _check_classify(classify: ClassifyConfig, towers: Dict[str, TowerConfig]) -> None:

@@ -12,9 +12,10 @@ import itertools
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from align.config import LossConfig
+from align.config import LossConfig, MatryoshkaConfig
 from align.data.sample import MODALITIES, scatter_rows
 from align.model import AlignModel
 from align.registry import LOSSES
@@ -66,17 +67,47 @@ def batch_top1(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.T
     return hits.float().mean()
 
 
+def matryoshka_levels(config: Optional[MatryoshkaConfig], embed_dim: Optional[int]) -> List[Tuple[Optional[int], float]]:
+    """[(dim, weight)] at which every pair's loss is computed: [(None, 1.0)] (full width only)
+    when off; else each configured dim with its weight normalised to sum 1 (equal by default).
+    The full width is written as None, so that it is used as it is, not truncated and renormalised."""
+    if config is None or not config.dims:
+        return [(None, 1.0)]
+    weights = config.weights or [1.0] * len(config.dims)
+    total = sum(weights)
+    return [(None if dim == embed_dim else dim, weight / total) for dim, weight in zip(config.dims, weights)]
+
+
+def prefix(x: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
+    """The first ``dim`` coordinates of (..., D) unit vectors, renormalised (zero rows stay zero);
+    ``dim`` None or D: ``x`` itself."""
+    if dim is None or dim == x.shape[-1]:
+        return x
+    if dim > x.shape[-1]:
+        raise ValueError(f"loss.matryoshka.dims: {dim} is wider than the embeddings ({x.shape[-1]})")
+    return F.normalize(x[..., :dim], dim=-1)
+
+
 class ContrastiveObjective(nn.Module):
     """Model + pair losses. ``forward(batch)`` returns {"loss": total, "<a>-<b>": term,
     "<a>-<b>/top1": batch_top1, ..., "logit_scale": s}.
+
+    With ``matryoshka`` (``loss.matryoshka``) each pair's term is sum_d w_d * loss at the
+    renormalised ``d``-prefix of the embeddings (see ``MatryoshkaConfig``), and every level is
+    reported too as "<a>-<b>@<d>".
 
     The objective (not the bare model) is what the optimiser and DDP see, so learnable loss
     parameters (SigLIP's bias) train and synchronise with the towers.
     """
 
-    def __init__(self, model: AlignModel, pair_losses: Dict[Pair, Tuple[nn.Module, float]]) -> None:
+    def __init__(self, model: AlignModel, pair_losses: Dict[Pair, Tuple[nn.Module, float]],
+                 matryoshka: Optional[MatryoshkaConfig] = None) -> None:
         super().__init__()
         self.model = model
+        self.levels = matryoshka_levels(matryoshka, model.embed_dim)
+        if model.embed_dim and any(dim is not None and dim > model.embed_dim for dim, _ in self.levels):
+            raise ValueError(f"loss.matryoshka.dims {matryoshka.dims}: every dim must be <= model.embed_dim "
+                             f"({model.embed_dim})")
         self.losses = nn.ModuleDict({f"{a}-{b}": loss for (a, b), (loss, _) in pair_losses.items()})
         self.weights = {f"{a}-{b}": weight for (a, b), (_, weight) in pair_losses.items()}
 
@@ -124,11 +155,20 @@ class ContrastiveObjective(nn.Module):
             if "neg_text" in embeddings and "text" in (a, b):
                 a, b = (b, a) if a == "text" else (a, b)  # explicit negatives are candidates for text
                 kwargs = {"negatives": embeddings["neg_text"], "negatives_mask": negatives_mask & valid[:, None]}
-            # Every rank must call every pair's loss (it gathers across ranks), even with no valid rows.
-            out = loss(embeddings[a], embeddings[b], logit_scale=scale, valid=valid, groups=groups, **kwargs)
-            terms[name] = out["loss"].detach()
+            pair_loss = None
+            for dim, level_weight in self.levels:
+                if "negatives" in kwargs:
+                    kwargs["negatives"] = prefix(embeddings["neg_text"], dim)
+                # Every rank must call every pair's loss (it gathers across ranks), even with no valid rows.
+                out = loss(prefix(embeddings[a], dim), prefix(embeddings[b], dim), logit_scale=scale, valid=valid,
+                           groups=groups, **kwargs)
+                if dim is not None or len(self.levels) > 1:
+                    terms[f"{name}@{dim or embeddings[a].shape[-1]}"] = out["loss"].detach()
+                level = out["loss"] if level_weight == 1.0 else level_weight * out["loss"]
+                pair_loss = level if pair_loss is None else pair_loss + level
+            terms[name] = pair_loss.detach()
             terms[f"{name}/top1"] = batch_top1(embeddings[a], embeddings[b], valid)
-            weighted = self.weights[name] * out["loss"]
+            weighted = self.weights[name] * pair_loss
             total = weighted if total is None else total + weighted
         if total is None:
             raise ValueError(f"no loss to compute: the model's towers {self.model.modalities} form no pair")

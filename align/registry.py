@@ -65,4 +65,5 @@ LOSSES = Registry("loss", {
     "hcl": "align.losses.hcl:HardNegativeInfoNCE",
     "vsepp": "align.losses.vsepp:MaxViolation",
     "sampled_softmax": "align.losses.sampled_softmax:SampledSoftmax",
+    "graded_infonce": "align.losses.graded_infonce:GradedInfoNCE",
 })

@@ -172,7 +172,8 @@ def our_step(size: Size, inputs: Dict[str, torch.Tensor], out_dir: str) -> Calla
     ])
     accelerator = make_accelerator(config)
     model = build_model(config.model)
-    objective = ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss))
+    objective = ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss),
+                                     matryoshka=config.loss.matryoshka)
     steps = size.warmup_steps + size.timed_steps
     objective, optimizer, scheduler = prepare_training(accelerator, objective, config, total_steps=steps)
     objective.train()

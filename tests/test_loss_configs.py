@@ -31,6 +31,8 @@ def other_value(tp, default):
         return default // 2 + 1
     if tp is float:
         return default + 0.25
+    if tp == typing.Optional[typing.Dict[str, float]]:  # graded_infonce's grade -> weight table
+        return {"1": 0.5, "2": 1.0}
     raise AssertionError(f"no test value for {tp}")
 
 
@@ -60,7 +62,8 @@ def test_config_fields_are_the_constructor_keywords(name):
     assert [f.name for f in fields] == list(expected)
     for field in fields:  # precise types, so that config loading can check the values
         tp = hints[field.name]
-        assert tp in (bool, int, float) or typing.get_origin(tp) is typing.Literal, (field.name, tp)
+        assert tp in (bool, int, float, typing.Optional[typing.Dict[str, float]]) \
+            or typing.get_origin(tp) is typing.Literal, (field.name, tp)
 
 
 @pytest.mark.parametrize("name", LOSSES.names())
@@ -78,6 +81,8 @@ def test_from_config_builds_the_same_module_as_the_keywords(name):
     values = {f.name: other_value(hints[f.name], f.default) for f in dataclasses.fields(loss_cls.Config)}
     if "tile_size" in values:
         values["tile_size"] = 4  # several tiles over the 6-row batch
+    if "table" in values:
+        values["weighting"] = "table"  # a table is read only with weighting: table
     built = loss_cls.from_config(loss_cls.Config(**values))
     direct = loss_cls(**values)
     assert description(built) == description(direct)

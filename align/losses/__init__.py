@@ -15,6 +15,7 @@ typed; ``Loss.Config`` is the dataclass of them (made from the constructor) and
 ``hcl``              hard-negative re-weighted, debiased InfoNCE              hcl.py
 ``vsepp``            VSE++ max-violation hinge (+ optional InfoNCE term)      vsepp.py
 ``sampled_softmax``  user -> item softmax with logQ correction (recommender)  sampled_softmax.py
+``graded_infonce``   InfoNCE with graded positives per query (search logs)    graded_infonce.py
 ===================  =======================================================  ==================
 
 ``base.py`` owns the signature, gathering and masks; the tiled kernels (custom autograd
@@ -22,6 +23,7 @@ Functions) live in ``tiled.py`` (torch) and ``tiled_triton.py`` (fused, for CUDA
 passes feature blocks round the ranks for ``infonce_tiled``'s ``exchange="ring"``.
 """
 from align.losses.base import PairLoss
+from align.losses.graded_infonce import GradedInfoNCE
 from align.losses.hcl import HardNegativeInfoNCE
 from align.losses.infonce import InfoNCE
 from align.losses.infonce_tiled import InfoNCETiled
@@ -30,4 +32,5 @@ from align.losses.siglip_tiled import SigLIPTiled
 from align.losses.sampled_softmax import SampledSoftmax
 from align.losses.vsepp import MaxViolation
 
-__all__ = ["PairLoss", "InfoNCE", "InfoNCETiled", "SigLIP", "SigLIPTiled", "HardNegativeInfoNCE", "MaxViolation", "SampledSoftmax"]
+__all__ = ["PairLoss", "InfoNCE", "InfoNCETiled", "SigLIP", "SigLIPTiled", "HardNegativeInfoNCE", "MaxViolation", "SampledSoftmax",
+           "GradedInfoNCE"]

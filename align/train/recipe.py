@@ -107,7 +107,8 @@ def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
     set_seed(config.train.seed)
 
     model = build_model(config.model)
-    objective = ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss))
+    objective = ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss),
+                                     matryoshka=config.loss.matryoshka)
     processor = SampleProcessor(model.preprocessors(train=True), max_negatives=config.data.max_negatives)
     if config.train.compile:  # in place: the towers keep their parameter names (checkpoints load as ever)
         for tower in model.towers.values():
