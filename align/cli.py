@@ -14,6 +14,7 @@ PREP_TOOLS = {
     "mine-negatives": ("data_prep.mine_negatives", "mine hard negatives with a checkpoint and FAISS"),
     "interactions": ("data_prep.interactions", "validate an interaction log against the catalogue"),
     "shop-sim": ("data_prep.shop_sim", "simulate a shop's users and interactions over a catalogue"),
+    "search-log": ("data_prep.search_log", "validate a shop's search log, or simulate one over a catalogue"),
 }
 # Verbs that own their arguments: name -> (module with main(argv), help).
 TOOL_VERBS = {

@@ -18,9 +18,10 @@ from typing import List, Optional
 
 import numpy as np
 
-from align.errors import RunError, write_json_atomic
-from align.rec.interactions import read_catalogue_columns, read_catalogue_ids, write_interactions
+from align.errors import write_json_atomic
+from align.rec.interactions import read_catalogue_columns, write_interactions
 from align.rec.simulate import DAY, DEFAULT_ATTRIBUTES, ShopSimConfig, simulate_shop
+from data_prep.simulator_flags import add_knob_flags, config_from_flags, new_item_positions
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,29 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--attributes", default=",".join(DEFAULT_ATTRIBUTES),
                         help=f"comma-separated attribute columns that drive tastes ({','.join(DEFAULT_ATTRIBUTES)}); "
                              f"'' for popularity only")
-    knobs = parser.add_argument_group("simulator knobs (align/rec/simulate.py)")
-    for knob in dataclasses.fields(ShopSimConfig):
-        flags = [f"--{knob.name.replace('_', '-')}"] + (["--users"] if knob.name == "n_users" else [])
-        knobs.add_argument(*flags, dest=knob.name, type=type(knob.default), default=knob.default,
-                           help=f"{knob.metadata['help']} ({knob.default})")
+    add_knob_flags(parser, ShopSimConfig, "simulator knobs (align/rec/simulate.py)", {"n_users": "--users"})
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Simulate and write the log; returns 0 (a bad catalogue or knob raises RunError/ConfigError)."""
     args = _parser().parse_args(argv)
-    config = ShopSimConfig(**{k.name: getattr(args, k.name) for k in dataclasses.fields(ShopSimConfig)})
+    config = config_from_flags(ShopSimConfig, args)
     config.validate()  # before reading anything
     attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
     item_ids, values = read_catalogue_columns(args.catalogue, attributes, args.id_column)
-    position = {item: index for index, item in enumerate(item_ids)}
-    new_items = []
-    for manifest in args.new:
-        for item in read_catalogue_ids([manifest], args.id_column):
-            if item not in position:
-                raise RunError(f"--new {manifest}: item {item!r} is not in the --catalogue manifests; "
-                               f"list the new manifest under --catalogue too")
-            new_items.append(position[item])
+    new_items = new_item_positions(item_ids, args.new, args.id_column)
 
     log, release, cutoff = simulate_shop(item_ids, values, config, np.asarray(new_items, dtype=np.int64))
     write_interactions(log, os.path.join(args.out, "interactions.csv"))

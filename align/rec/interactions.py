@@ -25,12 +25,11 @@ and weight as an earlier good row, compared after parsing, so ``1704067200`` and
 ``RunError``: a log that is 5% garbage usually means a wrong column or a broken export, and
 training on the rest would hide it.
 
-Logs of millions of rows are read column-wise with pandas/pyarrow (a few seconds for 1M rows),
+Logs of millions of rows are read column-wise (align/data/tables.py: a few seconds for 1M rows),
 not row by row as catalogue manifests are (align/data/manifest.py). Nothing read is unpickled.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -40,14 +39,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from align.data.manifest import jsonl_objects
+from align.data.tables import (BadRows, RowChecks, as_numbers, as_seconds, as_text, catalogue_index,
+                               describe_item_or_time, first_reason, read_columns, table_suffix)
 from align.errors import RunError, atomic_open
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".csv", ".jsonl", ".parquet")
 BAD_ROW_REASONS = ("empty_user", "empty_item", "unknown_item", "bad_timestamp", "bad_weight", "duplicate")
-MAX_EXAMPLES = 5
 WRITTEN_COLUMNS = ("user_id", "item_id", "timestamp", "event", "weight")
 _MILLISECONDS_LIKELY = 1e11  # seconds after 1970 in the year 5138: such a log is in milliseconds
 
@@ -124,215 +122,10 @@ class Interactions:
         )
 
 
-@dataclass
-class BadRows:
-    """Rows of a log that were dropped, counted by reason (every reason of ``BAD_ROW_REASONS``
-    is a key, 0 when none), with up to ``MAX_EXAMPLES`` examples each such as
-    ``"row 17: item 'x9' not in the catalogue"``. Rows are numbered from 1 after the header
-    (row 1 is the first data row; in a JSONL file without blank lines that is line 1)."""
+INTERACTION_ROW_CHECKS = RowChecks(
+    table="interaction log", reasons=BAD_ROW_REASONS, to_check="the column names and the catalogue",
+    limit_hint="align prep interactions --max-bad-fraction, read_interactions(max_bad_fraction=...)")
 
-    counts: Dict[str, int]
-    examples: Dict[str, List[str]]
-    total_rows: int
-    source: str = ""
-
-    @property
-    def n_bad(self) -> int:
-        """Number of dropped rows (each counted under one reason)."""
-        return int(sum(self.counts.values()))
-
-    @property
-    def fraction(self) -> float:
-        """Dropped rows / all data rows (0 for an empty log)."""
-        return self.n_bad / self.total_rows if self.total_rows else 0.0
-
-    def report(self) -> str:
-        """A human-readable summary: how many rows were dropped and why, with examples."""
-        where = f"{self.source}: " if self.source else ""
-        if not self.n_bad:
-            return f"{where}all {self.total_rows} rows are good"
-        lines = [f"{where}{self.n_bad} of {self.total_rows} rows dropped ({self.fraction:.2%}); "
-                 f"rows are numbered from 1 after the header:"]
-        for reason in BAD_ROW_REASONS:
-            if self.counts.get(reason):
-                lines.append(f"  {reason}: {self.counts[reason]}")
-                lines += [f"    {example}" for example in self.examples.get(reason, [])]
-        return "\n".join(lines)
-
-    def check(self, max_bad_fraction: float) -> None:
-        """Raise ``RunError`` (naming the file, the fraction, the counts and examples) when
-        more than ``max_bad_fraction`` of the rows are bad."""
-        if self.fraction > max_bad_fraction:
-            raise RunError(
-                f"{self.source or 'interaction log'}: {self.fraction:.2%} of the rows are bad, more than "
-                f"the {max_bad_fraction:.2%} allowed.\n{self.report()}\n"
-                f"Check the column names and the catalogue; if dropping these rows is right, raise the "
-                f"limit (align prep interactions --max-bad-fraction, read_interactions(max_bad_fraction=...))."
-            )
-
-
-# ------------------------------------------------------------------------------------------------
-# reading tables column-wise
-# ------------------------------------------------------------------------------------------------
-# Every column comes back as a numpy array in one of two forms, so the checks below handle two
-# cases only: text (object array of stripped str, "" for a missing cell; CSV cells are always
-# text, so "007" keeps its zeros) or numbers (float64/int64, NaN for a missing cell; JSON numbers,
-# Parquet numbers, and Parquet/JSON timestamps already turned into float seconds).
-_SECONDS_PER_UNIT = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
-
-
-def _suffix(path: str) -> str:
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in SUFFIXES:
-        raise RunError(f"{path}: unknown file format {suffix or '(no suffix)'!r}; use one of {SUFFIXES}")
-    return suffix
-
-
-def _read_columns(path: str, required: Sequence[str], optional: Sequence[str] = (),
-                  hint: str = "") -> Dict[str, np.ndarray]:
-    """{column: array} (text or numbers, see above) for the ``required`` columns and those
-    ``optional`` ones the file has. A required column the file lacks is a ``RunError`` naming
-    the file, the column and the columns the file has; so is a file that does not parse."""
-    import pyarrow as pa
-
-    suffix = _suffix(path)
-    if not os.path.isfile(path):
-        raise RunError(f"{path} does not exist")
-    try:
-        table = _read_table(path, suffix, [*required, *optional])
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, ValueError) as error:
-        raise RunError(f"{path}: cannot be read as {suffix[1:].upper()} ({error})") from None
-    missing = [c for c in required if c not in table["columns"]]
-    if missing:
-        raise RunError(f"{path}: column {missing[0]!r} is missing; the file has columns "
-                       f"{table['header']}. {hint}".strip())
-    return table["columns"]
-
-
-def _read_table(path: str, suffix: str, wanted: Sequence[str]) -> Dict:
-    """{"header": all column names, "columns": {name: array} for the ``wanted`` ones present}."""
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            header = next(csv.reader(handle), [])
-        present = [c for c in dict.fromkeys(wanted) if c in header]
-        parse = pcsv.ParseOptions(newlines_in_values=True)  # a quoted description may span lines
-        convert = pcsv.ConvertOptions(include_columns=present, column_types={c: pa.string() for c in present},
-                                      strings_can_be_null=False)  # all text: "007" keeps its zeros
-        table = pcsv.read_csv(path, parse_options=parse, convert_options=convert)
-    elif suffix == ".parquet":
-        header = list(pq.read_schema(path).names)
-        present = [c for c in dict.fromkeys(wanted) if c in header]
-        table = pq.read_table(path, columns=present)
-    else:
-        return _read_jsonl(path, wanted)
-    return {"header": header, "columns": {c: _arrow_to_numpy(table.column(c)) for c in present}}
-
-
-def _read_jsonl(path: str, wanted: Sequence[str]) -> Dict:
-    """JSONL through pyarrow's reader (fast); a file it refuses, such as a column holding
-    numbers in some rows and text in others, line by line with ``json`` (slow, but it names
-    the line that is not a JSON object)."""
-    import pyarrow as pa
-    import pyarrow.json as pj
-
-    try:
-        table = pj.read_json(path)
-        header = list(table.column_names)
-        present = [c for c in dict.fromkeys(wanted) if c in header]
-        return {"header": header, "columns": {c: _arrow_to_numpy(table.column(c)) for c in present}}
-    except pa.ArrowInvalid:
-        pass
-    try:
-        rows = [row for _, row in jsonl_objects(path)]
-    except ValueError as error:
-        raise RunError(str(error)) from None
-    present = [c for c in dict.fromkeys(wanted) if any(c in row for row in rows)]
-    columns = {}
-    for name in present:
-        columns[name] = np.empty(len(rows), dtype=object)
-        columns[name][:] = [_json_text(row.get(name)) for row in rows]
-    if any(c not in present for c in wanted):  # the union of keys only when it may be reported
-        return {"header": list(dict.fromkeys(key for row in rows for key in row)), "columns": columns}
-    return {"header": present, "columns": columns}
-
-
-def _json_text(value: object) -> str:
-    """One JSON value as text: 17 and 17.0 -> "17", null -> "", text stripped."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value.strip()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return json.dumps(value) if isinstance(value, (bool, list, dict)) else str(value)
-
-
-def _arrow_to_numpy(column) -> np.ndarray:
-    """A pyarrow column as text (stripped str, "" for null) or numbers (NaN for null);
-    timestamps become float seconds since 1970 UTC (a naive one is taken as UTC)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    kind = column.type
-    if pa.types.is_dictionary(kind):  # Parquet's categorical columns: their values, not the codes
-        return _arrow_to_numpy(column.cast(kind.value_type))
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or str(kind) == "string_view":
-        return pc.utf8_trim_whitespace(column.cast(pa.string())).fill_null("").to_numpy(zero_copy_only=False)
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
-        if column.null_count:
-            return pc.cast(column, pa.float64()).fill_null(np.nan).to_numpy()
-        return column.to_numpy()
-    if pa.types.is_timestamp(kind):  # arrow stores UTC epoch counts; a naive one is read as UTC
-        counts = pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False)
-        seconds = np.asarray(counts, dtype=np.float64) / _SECONDS_PER_UNIT[kind.unit]
-        seconds[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
-        return seconds
-    values = np.empty(len(column), dtype=object)  # dates, booleans, lists: their JSON text
-    values[:] = [_json_text(v) for v in column.to_pylist()]
-    return values
-
-
-def _text(values: np.ndarray) -> np.ndarray:
-    """(N,) object array of str: text as it is; numbers written as ids are (whole floats without
-    ".0", so 17.0 from a column with gaps matches "17"), "" for NaN."""
-    if values.dtype == object:
-        return values
-    out = np.full(len(values), "", dtype=object)
-    if np.issubdtype(values.dtype, np.integer):
-        out[:] = values.astype(str)
-        return out
-    finite = np.isfinite(values)
-    whole = finite & (values == np.round(values)) & (np.abs(values) < 2.0 ** 53)
-    out[whole] = values[whole].astype(np.int64).astype(str)
-    out[finite & ~whole] = values[finite & ~whole].astype(str)
-    return out
-
-
-def _numbers(values: np.ndarray) -> np.ndarray:
-    """(N,) float64, NaN where a cell is not a number."""
-    if values.dtype != object:
-        return values.astype(np.float64)
-    numbers = pd.to_numeric(pd.Series(values, dtype=object, copy=False), errors="coerce")
-    return np.array(numbers.to_numpy(dtype=np.float64, na_value=np.nan))  # a writable copy
-
-
-def _seconds(values: np.ndarray) -> np.ndarray:
-    """(N,) float64 seconds from numbers or ISO-8601 text (naive = UTC); NaN where neither."""
-    seconds = _numbers(values)
-    if values.dtype != object:
-        return seconds
-    need = np.isnan(seconds) & (values != "")
-    if need.any():
-        stamps = pd.to_datetime(pd.Series(values[need], dtype=object), format="ISO8601", utc=True, errors="coerce")
-        moments = stamps.dt.tz_localize(None).to_numpy()  # (n,) datetime64 UTC, NaT where not a time
-        # One division of the exact integer count, so "…00.250Z" is exactly .25 s, not .2499998.
-        counts = moments.astype(np.int64).astype(np.float64) / _SECONDS_PER_UNIT[np.datetime_data(moments.dtype)[0]]
-        seconds[need] = np.where(np.isnat(moments), np.nan, counts)
-    return seconds
 
 # ------------------------------------------------------------------------------------------------
 # catalogue ids
@@ -351,9 +144,9 @@ def read_catalogue_columns(manifests: Sequence[str], columns: Sequence[str] = ()
     first_seen: Dict[str, str] = {}
     for path in manifests:
         path = os.fspath(path)
-        table = _read_columns(path, [id_column, *columns],
+        table = read_columns(path, [id_column, *columns],
                               hint="Name the id column with id_column (align prep: --id-column).")
-        file_ids = _text(table[id_column])
+        file_ids = as_text(table[id_column])
         empty = np.flatnonzero(file_ids == "")
         if empty.size:
             raise RunError(f"{path}: row {empty[0] + 1} has an empty id (column {id_column!r}); "
@@ -371,7 +164,7 @@ def read_catalogue_columns(manifests: Sequence[str], columns: Sequence[str] = ()
         first_seen.update(dict.fromkeys(file_ids.tolist(), path))
         ids.extend(file_ids.tolist())
         for column in columns:
-            values[column].extend(_text(table[column]).tolist())
+            values[column].extend(as_text(table[column]).tolist())
     return ids, values
 
 
@@ -400,7 +193,6 @@ def _classify_rows(users: np.ndarray, items: np.ndarray, item_codes: np.ndarray,
     """(reason code per row: index into ``BAD_ROW_REASONS``, -1 for a good row; the first earlier
     row with the same key per row, for describing duplicates). The first reason that applies
     wins, so every bad row is counted exactly once."""
-    reason = np.full(len(users), -1, dtype=np.int8)
     checks = {
         "empty_user": users == "",
         "empty_item": items == "",
@@ -408,8 +200,7 @@ def _classify_rows(users: np.ndarray, items: np.ndarray, item_codes: np.ndarray,
         "bad_timestamp": ~np.isfinite(times),
         "bad_weight": ~(np.isfinite(weights) & (weights >= 0)),
     }
-    for code, name in enumerate(BAD_ROW_REASONS[:-1]):
-        reason[(reason < 0) & checks[name]] = code
+    reason = first_reason(checks, BAD_ROW_REASONS[:-1], len(users))
     good = np.flatnonzero(reason < 0)
     # Duplicates are judged on parsed values among good rows: same user, item, time, weight, event.
     keys = pd.DataFrame({"user": users[good], "item": item_codes[good], "time": times[good], "weight": weights[good]})
@@ -423,19 +214,16 @@ def _classify_rows(users: np.ndarray, items: np.ndarray, item_codes: np.ndarray,
     return reason, earlier
 
 
-def _describe(reason: str, row: int, columns: InteractionColumns, items: np.ndarray,
-              raw: Optional[np.ndarray], earlier: np.ndarray) -> str:
+def _describe(reason: str, row: int, columns: InteractionColumns, items: np.ndarray, raw_times: np.ndarray,
+              raw_weights: Optional[np.ndarray], earlier: np.ndarray) -> str:
     """One example line for ``BadRows``: the 1-based data row and what is wrong with it."""
+    shared = describe_item_or_time(reason, row, columns.item, items, raw_times)
+    if shared is not None:
+        return shared
     if reason == "empty_user":
         return f"row {row + 1}: empty user id (column {columns.user!r})"
-    if reason == "empty_item":
-        return f"row {row + 1}: empty item id (column {columns.item!r})"
-    if reason == "unknown_item":
-        return f"row {row + 1}: item {items[row]!r} not in the catalogue"
-    if reason == "bad_timestamp":
-        return f"row {row + 1}: timestamp {raw[row]!r} is neither a number of seconds nor an ISO-8601 time"
     if reason == "bad_weight":
-        return f"row {row + 1}: weight {raw[row]!r} is not a finite number >= 0"
+        return f"row {row + 1}: weight {raw_weights[row]!r} is not a finite number >= 0"
     return f"row {row + 1}: exact duplicate of row {earlier[row] + 1}"
 
 
@@ -453,36 +241,28 @@ def read_interactions(path: str, item_ids: Sequence[str], columns: InteractionCo
     """
     path = os.fspath(path)
     item_ids = [str(i) for i in item_ids]
-    catalogue = pd.Index(item_ids, dtype=object)
-    if not catalogue.is_unique:
-        repeated = catalogue[catalogue.duplicated()][0]
-        raise RunError(f"the catalogue given for {path} lists item id {repeated!r} more than once; ids must be unique")
+    catalogue = catalogue_index(item_ids, path)
     must, may = _optional_columns(columns)
     hint = ("Name the columns (align prep interactions: --user-column, --item-column, --time-column, "
             "--event-column, --weight-column).")
-    table = _read_columns(path, [columns.user, columns.item, columns.time, *must], may, hint)
+    table = read_columns(path, [columns.user, columns.item, columns.time, *must], may, hint)
     has_event = columns.event is not None and columns.event in table
     has_weight = columns.weight is not None and columns.weight in table
 
-    users = _text(table[columns.user])
-    items = _text(table[columns.item])
+    users = as_text(table[columns.user])
+    items = as_text(table[columns.item])
     total = len(users)
     if total == 0:
         raise RunError(f"{path}: the log has no data rows")
     item_codes = catalogue.get_indexer(items).astype(np.int64)
-    times = _seconds(table[columns.time])
-    weights = _numbers(table[columns.weight]) if has_weight else np.ones(total)
-    events = _text(table[columns.event]) if has_event else None
+    times = as_seconds(table[columns.time])
+    weights = as_numbers(table[columns.weight]) if has_weight else np.ones(total)
+    events = as_text(table[columns.event]) if has_event else None
 
     reason, earlier = _classify_rows(users, items, item_codes, times, weights, events)
-    counts = np.bincount(reason[reason >= 0], minlength=len(BAD_ROW_REASONS))
-    examples: Dict[str, List[str]] = {}
-    for code, name in enumerate(BAD_ROW_REASONS):
-        rows = np.flatnonzero(reason == code)[:MAX_EXAMPLES]
-        raw = {"bad_timestamp": table[columns.time], "bad_weight": table.get(columns.weight)}.get(name)
-        examples[name] = [_describe(name, int(r), columns, items, raw, earlier) for r in rows]
-    bad = BadRows(counts={n: int(c) for n, c in zip(BAD_ROW_REASONS, counts)}, examples=examples,
-                  total_rows=total, source=path)
+    raw_weights = table.get(columns.weight) if has_weight else None
+    bad = BadRows.tally(INTERACTION_ROW_CHECKS, reason, lambda name, row: _describe(
+        name, row, columns, items, table[columns.time], raw_weights, earlier), path)
     bad.check(max_bad_fraction)
 
     kept = reason < 0
@@ -505,7 +285,7 @@ def write_interactions(inter: Interactions, path: str) -> None:
     ``atomic_open``). The event column is left out when ``inter.events`` is None, so the log
     reads back without events."""
     path = os.fspath(path)
-    suffix = _suffix(path)
+    suffix = table_suffix(path)
     data = {
         "user_id": np.asarray(inter.user_ids, dtype=object)[inter.users] if len(inter) else np.array([], object),
         "item_id": np.asarray(inter.item_ids, dtype=object)[inter.items] if len(inter) else np.array([], object),

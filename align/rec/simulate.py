@@ -48,12 +48,13 @@ Times are seconds from 0 (the start of the horizon).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from align.errors import ConfigError
+from align.knobs import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, check_knobs, knob
 from align.rec.interactions import Interactions
 
 DAY = 86400.0
@@ -64,65 +65,52 @@ MIN_EVENTS_WARM_USER = 3  # a user that is not cold has at least this many inter
 _CHUNK_CELLS = 2_000_000  # sessions x combinations scored at once: ~16 MB of float64
 
 
-def _knob(default, help: str):
-    """A config field whose help text the command line (data_prep/shop_sim.py) shows as the flag's."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class ShopSimConfig:
     """Every knob of the shop simulator (see the module docstring for the story they drive)."""
 
-    n_users: int = _knob(2000, "number of users")
-    sessions_per_user: float = _knob(6.0, "mean sessions of a user before the cold-user rule (heavy-tailed)")
-    events_per_session: float = _knob(3.0, "mean events per session (>= 1)")
-    zipf_exponent: float = _knob(1.0, "item popularity ~ rank ** -zipf_exponent")
-    popularity_weight: float = _knob(0.5, "exponent of popularity in the choice probability")
-    taste_temperature: float = _knob(0.5, "softmax temperature of taste . attributes (lower = more taste-driven)")
-    drift: float = _knob(0.1, "total random-walk move of a taste weight over the horizon")
-    noise_click_prob: float = _knob(0.05, "chance an event is a uniformly random released item")
-    repeat_prob: float = _knob(0.1, "chance a purchase re-buys an earlier purchase of the user")
-    late_release_fraction: float = _knob(0.1, "fraction of items released after the cutoff (new items first)")
-    cold_user_fraction: float = _knob(0.1, "fraction of users with only 1-2 interactions")
-    horizon_days: float = _knob(180.0, "length of the simulated period in days")
-    cutoff_fraction: float = _knob(0.8, "cutoff (train/test boundary) as a fraction of the horizon")
-    seed: int = _knob(0, "random seed: the same seed gives the same log")
-    activity_sigma: float = _knob(1.0, "log-normal spread of user activity (larger = heavier tail)")
-    pickiness_sigma: float = _knob(0.5, "log-normal spread of the users' taste scale (picky vs. open)")
-    click_prob: float = _knob(0.3, "chance a non-purchase event is a click rather than a view")
-    purchase_prob: float = _knob(0.3, "chance a session ends in a purchase")
-    staggered_release_fraction: float = _knob(0.2, "fraction of the other items released on a random day before the cutoff")
-    seconds_between_events: float = _knob(60.0, "mean gap between the events of a session, in seconds")
+    n_users: int = knob(2000, "number of users")
+    sessions_per_user: float = knob(6.0, "mean sessions of a user before the cold-user rule (heavy-tailed)")
+    events_per_session: float = knob(3.0, "mean events per session (>= 1)")
+    zipf_exponent: float = knob(1.0, "item popularity ~ rank ** -zipf_exponent")
+    popularity_weight: float = knob(0.5, "exponent of popularity in the choice probability")
+    taste_temperature: float = knob(0.5, "softmax temperature of taste . attributes (lower = more taste-driven)")
+    drift: float = knob(0.1, "total random-walk move of a taste weight over the horizon")
+    noise_click_prob: float = knob(0.05, "chance an event is a uniformly random released item")
+    repeat_prob: float = knob(0.1, "chance a purchase re-buys an earlier purchase of the user")
+    late_release_fraction: float = knob(0.1, "fraction of items released after the cutoff (new items first)")
+    cold_user_fraction: float = knob(0.1, "fraction of users with only 1-2 interactions")
+    horizon_days: float = knob(180.0, "length of the simulated period in days")
+    cutoff_fraction: float = knob(0.8, "cutoff (train/test boundary) as a fraction of the horizon")
+    seed: int = knob(0, "random seed: the same seed gives the same log")
+    activity_sigma: float = knob(1.0, "log-normal spread of user activity (larger = heavier tail)")
+    pickiness_sigma: float = knob(0.5, "log-normal spread of the users' taste scale (picky vs. open)")
+    click_prob: float = knob(0.3, "chance a non-purchase event is a click rather than a view")
+    purchase_prob: float = knob(0.3, "chance a session ends in a purchase")
+    staggered_release_fraction: float = knob(0.2, "fraction of the other items released on a random day before the cutoff")
+    seconds_between_events: float = knob(60.0, "mean gap between the events of a session, in seconds")
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the knob (and its command-line flag) for a value out of range."""
         probabilities = ("noise_click_prob", "repeat_prob", "late_release_fraction", "cold_user_fraction",
                          "click_prob", "purchase_prob", "staggered_release_fraction")
-        rules = {name: (lambda v: 0.0 <= v <= 1.0, "in [0, 1]") for name in probabilities}
+        rules = dict.fromkeys(probabilities, PROBABILITY)
         rules.update({
-            "n_users": (lambda v: v >= 1, ">= 1"),
-            "seed": (lambda v: v >= 0, ">= 0"),
-            "sessions_per_user": (lambda v: v > 0, "> 0"),
-            "events_per_session": (lambda v: v >= 1, ">= 1"),
-            "zipf_exponent": (lambda v: v >= 0, ">= 0"),
-            "popularity_weight": (lambda v: v >= 0, ">= 0"),
-            "taste_temperature": (lambda v: v > 0, "> 0"),
-            "drift": (lambda v: v >= 0, ">= 0"),
+            "n_users": AT_LEAST_ONE,
+            "seed": NON_NEGATIVE,
+            "sessions_per_user": POSITIVE,
+            "events_per_session": AT_LEAST_ONE,
+            "zipf_exponent": NON_NEGATIVE,
+            "popularity_weight": NON_NEGATIVE,
+            "taste_temperature": POSITIVE,
+            "drift": NON_NEGATIVE,
             "horizon_days": (lambda v: v >= 2, ">= 2"),
             "cutoff_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
-            "activity_sigma": (lambda v: v >= 0, ">= 0"),
-            "pickiness_sigma": (lambda v: v >= 0, ">= 0"),
-            "seconds_between_events": (lambda v: v >= 0, ">= 0"),
+            "activity_sigma": NON_NEGATIVE,
+            "pickiness_sigma": NON_NEGATIVE,
+            "seconds_between_events": NON_NEGATIVE,
         })
-        for item in fields(self):
-            value = getattr(self, item.name)
-            check, rule = rules.get(item.name, (lambda v: True, ""))
-            kind = int if isinstance(item.default, int) else (int, float)
-            if not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value) \
-                    or not check(value):
-                what = "an integer" if kind is int else "a number"
-                raise ConfigError(f"shop simulator {item.name} = {value!r}: must be {what} {rule} "
-                                  f"(align prep shop-sim --{item.name.replace('_', '-')})")
+        check_knobs(self, rules, "shop simulator", "align prep shop-sim")
         if math.ceil(self.cutoff_fraction * self.horizon_days) >= self.horizon_days:
             raise ConfigError(f"shop simulator cutoff_fraction = {self.cutoff_fraction}: no whole day is left "
                               f"after the cutoff of a {self.horizon_days}-day horizon to release new items; "
