@@ -1,4 +1,4 @@
-"""The ``align`` command: ``align train | eval | embed | index | search | export | serve | rec-train | rec-eval | recommend | prep ...``."""
+"""The ``align`` command: ``align train | eval | embed | index | search | search-eval | export | serve | rec-train | rec-eval | recommend | prep ...``."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,7 @@ TOOL_VERBS = {
     "embed": ("align.index.embed", "embed a catalogue with a checkpoint: item vectors per modality and fused"),
     "index": ("align.index.build", "build a FAISS index (exact, HNSW or IVF-PQ) over `align embed` vectors"),
     "search": ("align.index.search", "search a catalogue index by text, image or audio"),
+    "search-eval": ("align.searchlog.evaluate", "graded zero-shot evaluation of a checkpoint on a search log's splits"),
     "export": ("align.export.command", "export towers as open_clip, sentence-transformers and ONNX folders"),
     "serve": ("align.serve.app", "serve search (and recommendations) over HTTP with FastAPI + uvicorn"),
     "rec-eval": ("align.rec.evaluate", "evaluate a recommender head and its peers on the held-out interactions"),
