@@ -223,9 +223,7 @@ def stop(run: Run, state: TrainState) -> None:
     path = run.clock.off_the_clock(checkpoint.save_checkpoint, accelerator, run.objective, run.optimizer,
                                    run.scheduler, config, config.train.output_dir, state,
                                    config.train.keep_checkpoints)
-    run.stop.close()
-    if run.seen is not None:
-        run.seen.close()
+    run.stop.close()  # the seen log is flushed line by line and closed by train()'s finally
     job = slurm_job() if config.train.requeue else None
     requeued = job if job and accelerator.is_main_process and requeue(job) else None
     # Nobody leaves before the requeue request is made: a launcher that sees one process end
