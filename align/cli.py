@@ -26,6 +26,7 @@ TOOL_VERBS = {
     "serve": ("align.serve.app", "serve search (and recommendations) over HTTP with FastAPI + uvicorn"),
     "rec-eval": ("align.rec.evaluate", "evaluate a recommender head and its peers on the held-out interactions"),
     "recommend": ("align.rec.recommend", "top-k items for a user id or a history of item ids"),
+    "map": ("align.map.command", "2-D map of a catalogue's embeddings (PCA, or UMAP) as PNG and offline HTML"),
 }
 
 
