@@ -66,4 +66,5 @@ LOSSES = Registry("loss", {
     "vsepp": "align.losses.vsepp:MaxViolation",
     "sampled_softmax": "align.losses.sampled_softmax:SampledSoftmax",
     "graded_infonce": "align.losses.graded_infonce:GradedInfoNCE",
+    "graded_infonce_tiled": "align.losses.graded_tiled:GradedInfoNCETiled",
 })

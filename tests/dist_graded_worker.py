@@ -2,10 +2,11 @@
 (see tests/dist_loss_worker.py for the launch flags and what rank 0 writes).
 
 Each rank takes its rows of every scenario, trims its relevance lists to the widest list it
-holds (so the two ranks pass lists of different widths P, as real batches do), runs
-``graded_infonce`` forward and backward for every listed parameter set, and rank 0 writes the
-mean of the returned losses over the ranks and every rank's input gradients divided by the
-world size (what DDP's averaging leaves), concatenated.
+holds (so the two ranks pass lists of different widths P, as real batches do), runs every
+listed (key, loss name, parameters) case (``graded_infonce``, ``graded_infonce_tiled``)
+forward and backward, and rank 0 writes the mean of the returned losses over the ranks and
+every rank's input gradients divided by the world size (what DDP's averaging leaves),
+concatenated.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def own_rows(data, rank):
 def run_scenario(data, scale_value, cases, rank, world):
     rows, keys, grades = own_rows(data, rank)
     results = {}
-    for key, kwargs in cases:
-        loss = LOSSES.get("graded_infonce")(gather=True, **kwargs)
+    for key, name, kwargs in cases:
+        loss = LOSSES.get(name)(gather=True, **kwargs)
         a = data["a"][rows].clone().requires_grad_()
         b = data["b"][rows].clone().requires_grad_()
         scale = torch.tensor(scale_value, requires_grad=True)

@@ -1,8 +1,11 @@
-"""Relevance-weighted InfoNCE (``graded_infonce``) and Matryoshka levels in the objective.
+"""Relevance-weighted InfoNCE (``graded_infonce``, and ``graded_infonce_tiled``, the same loss
+tile by tile) and Matryoshka levels in the objective.
 
-graded_infonce is checked against plain ``infonce`` (one positive per query), against a float64
-reference written here loop by loop from the module doc's formula (several graded positives),
-on hand-computed weights, and across two gloo processes. Matryoshka: one level at the full width
+Both are checked against plain ``infonce`` (one positive per query), against a float64
+reference written here loop by loop from the module doc's formula (several graded positives;
+the tiled one at tile sizes that do and do not divide the batch, on its fast and its exact
+log-sum-exp path), on hand-computed cases, and across two gloo processes; the tiled one also
+never makes a tensor the size of the (n, N) logits. Matryoshka: one level at the full width
 is the plain objective, several are the weighted sum of plain losses on truncated, renormalised
 embeddings, and a dim wider than the model is refused naming the key.
 """
@@ -18,10 +21,15 @@ import torch.nn.functional as F
 from align.config import ConfigError, MatryoshkaConfig, load_config
 from align.losses import InfoNCE
 from align.losses.graded_infonce import GradedInfoNCE
+from align.losses.graded_tiled import GradedInfoNCETiled
+from align.losses.tiled import tiled_negative_logsumexp
+from align.losses.pairs import pair_up
 from align.model import AlignModel
 from align.objective import ContrastiveObjective
 from align.registry import LOSSES
 from tests.conftest import infonce_error, infonce_grad_error, launch_two_processes
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 SCALE = 1 / 0.07
 TABLE = {"1": 0.3, "2": 0.6, "3": 1.0}
@@ -89,7 +97,7 @@ def max_error(x, y):
 WEIGHT = {"linear": lambda g: g, "log": lambda g: math.log2(1 + g), "table": lambda g: TABLE[str(int(g))]}
 
 
-def reference(data, scale, weighting, normalise, same_group):
+def reference(data, scale, weighting, normalise, same_group, symmetric=True):
     """float64 loss of the module doc's formula, written as loops over queries and candidates;
     returns (loss, a, b, scale) with a, b, scale leaves for the gradients."""
     a = data["a"].double().clone().requires_grad_()
@@ -138,6 +146,8 @@ def reference(data, scale, weighting, normalise, same_group):
         return sum(terms) / sum(weights)
 
     a2b = direction(a, b, True)
+    if not symmetric:
+        return a2b, a, b, s
     b2a = direction(b, a, False)
     return (a2b + b2a) / 2, a, b, s
 
@@ -163,6 +173,12 @@ def test_registered_and_buildable_from_config():
     assert loss_cls is GradedInfoNCE
     built = loss_cls.from_config(loss_cls.Config(weighting="table", table=TABLE, normalise="pair"))
     assert built.table == {1.0: 0.3, 2.0: 0.6, 3.0: 1.0} and built.normalise == "pair"
+    tiled_cls = LOSSES.get("graded_infonce_tiled")
+    assert tiled_cls is GradedInfoNCETiled
+    built = tiled_cls.from_config(tiled_cls.Config(weighting="log", tile_size=64, same_group="positive"))
+    assert (built.weighting, built.tile_size, built.same_group) == ("log", 64, "positive")
+    with pytest.raises(ValueError, match="tile_size must be positive"):
+        GradedInfoNCETiled(tile_size=0)
 
 
 def test_config_file_sets_the_weighting_table(tmp_path):
@@ -174,6 +190,9 @@ def test_config_file_sets_the_weighting_table(tmp_path):
     assert params.weighting == "table" and params.table == TABLE
     with pytest.raises(ConfigError, match="loss.params"):
         load_config(str(path), ["loss.params.weighting=log"])  # a table without weighting: table
+    # the tiled path is chosen as for infonce: by the loss name, its block size a parameter
+    tiled = load_config(str(path), ["loss.name=graded_infonce_tiled", "loss.params.tile_size=512"]).loss.params
+    assert tiled.weighting == "table" and tiled.table == TABLE and tiled.tile_size == 512
 
 
 @pytest.mark.parametrize("values", [{"weighting": "table"}, {"weighting": "linear", "table": TABLE},
@@ -199,9 +218,18 @@ def test_grade_to_weight_by_hand():
         GradedInfoNCE(weighting="table", table=TABLE).weights(torch.tensor([1.0, 4.0]))
 
 
+def tiled(**kwargs):
+    """graded_infonce_tiled in blocks of 4: several blocks, the last one partial (18 valid rows)."""
+    return GradedInfoNCETiled(tile_size=4, **kwargs)
+
+
+LOSS_CLASSES = pytest.mark.parametrize("graded", [GradedInfoNCE, tiled], ids=["dense", "tiled"])
+
+
+@LOSS_CLASSES
 @pytest.mark.parametrize("with_relevance", [False, True])
 @pytest.mark.parametrize("normalise", ["query", "pair"])
-def test_one_positive_per_query_is_plain_infonce(with_relevance, normalise):
+def test_one_positive_per_query_is_plain_infonce(graded, with_relevance, normalise):
     """Own pair only (no relevance input, or lists holding just the own product): InfoNCE's
     a2b, b2a and gradients, with invalid rows, groups (ignored) and explicit negatives."""
     data = graded_batch()
@@ -210,7 +238,7 @@ def test_one_positive_per_query_is_plain_infonce(with_relevance, normalise):
         grade = 1.0 if normalise == "pair" else 2.0  # query-normalised: any single weight is 1 after division
         extra = {"item_keys": torch.arange(20), "positive_keys": torch.arange(20)[:, None],
                  "positive_grades": torch.full((20, 1), grade)}
-    ours = run(GradedInfoNCE(normalise=normalise), data["a"], data["b"], **masks(data), **extra)
+    ours = run(graded(normalise=normalise), data["a"], data["b"], **masks(data), **extra)
     plain = run(InfoNCE(), data["a"], data["b"], **masks(data))
     n, dim, k = int(data["valid"].sum()), data["a"].shape[1], data["negatives"].shape[1]
     # both lie within float32 rounding of the same exact value
@@ -222,27 +250,125 @@ def test_one_positive_per_query_is_plain_infonce(with_relevance, normalise):
     assert max_error(ours[3], plain[3]) <= 2 * infonce_grad_error(dim, n + k, n, SCALE, wrt_scale=True)
 
 
-@pytest.mark.parametrize("weighting", ["linear", "log", "table"])
-@pytest.mark.parametrize("normalise,same_group", [("query", "ignore"), ("pair", "ignore"), ("query", "positive")])
-def test_several_graded_positives_match_float64_reference(weighting, normalise, same_group):
-    data = graded_batch(seed=3)
-    loss = GradedInfoNCE(weighting=weighting, table=TABLE if weighting == "table" else None,
-                         normalise=normalise, same_group=same_group)
-    out, grad_a, grad_b, grad_s = run(loss, data["a"], data["b"], **masks(data), **relevance(data))
-    exact, a64, b64, s64 = reference(data, SCALE, weighting, normalise, same_group)
+def assert_matches_reference(loss, data, weighting, normalise, same_group, scale=SCALE, symmetric=True):
+    """``loss`` on ``data`` (fp32) lies within float32 rounding of the float64 reference, in value
+    and in the gradients wrt both embeddings and the logit scale."""
+    out, grad_a, grad_b, grad_s = run(loss, data["a"], data["b"], scale=scale, **masks(data), **relevance(data))
+    exact, a64, b64, s64 = reference(data, scale, weighting, normalise, same_group, symmetric)
     exact.backward()
     n, dim, k, width = int(data["valid"].sum()), data["a"].shape[1], data["negatives"].shape[1], 5
     # Each positive's term is an InfoNCE row term over at most n + k logits; the weighted mean
     # over a query's <= width positives adds width + 2 roundings. Under "pair" a query's share is
     # its weight over the total instead of 1 / n: the gradients scale by at most that ratio.
     ratio = 1.0 if normalise == "query" else pair_share_ratio(data, weighting)
-    assert out["loss"].item() == pytest.approx(exact.item(), abs=infonce_error(dim, n + k, n + width + 2, SCALE))
-    assert out["loss"].item() != pytest.approx(run(InfoNCE(), data["a"], data["b"], **masks(data))[0]["loss"].item(),
-                                               abs=1e-3)  # the grades change the loss
-    grad_bound = ratio * infonce_grad_error(dim, n + k, n + width, SCALE)
+    assert out["loss"].item() == pytest.approx(exact.item(), abs=infonce_error(dim, n + k, n + width + 2, scale))
+    assert out["loss"].item() != pytest.approx(run(InfoNCE(), data["a"], data["b"], scale=scale, **masks(data))[0]
+                                               ["loss"].item(), abs=1e-3)  # the grades change the loss
+    grad_bound = ratio * infonce_grad_error(dim, n + k, n + width, scale)
     assert max_error(grad_a, a64.grad) <= grad_bound, "gradient of a"
     assert max_error(grad_b, b64.grad) <= grad_bound, "gradient of b"
-    assert max_error(grad_s, s64.grad) <= ratio * infonce_grad_error(dim, n + k, n + width, SCALE, wrt_scale=True)
+    assert max_error(grad_s, s64.grad) <= ratio * infonce_grad_error(dim, n + k, n + width, scale, wrt_scale=True)
+
+
+def graded_loss(cls, weighting, **kwargs):
+    return cls(weighting=weighting, table=TABLE if weighting == "table" else None, **kwargs)
+
+
+@pytest.mark.parametrize("weighting", ["linear", "log", "table"])
+@pytest.mark.parametrize("normalise,same_group", [("query", "ignore"), ("pair", "ignore"), ("query", "positive")])
+def test_several_graded_positives_match_float64_reference(weighting, normalise, same_group):
+    data = graded_batch(seed=3)
+    loss = graded_loss(GradedInfoNCE, weighting, normalise=normalise, same_group=same_group)
+    assert_matches_reference(loss, data, weighting, normalise, same_group)
+
+
+# ------------------------------------------------------------------ tiled
+
+
+# 18 valid rows: blocks of 4 leave a partial last block, blocks of 6 divide them, 64 is one block
+@pytest.mark.parametrize("tile", [4, 6, 64])
+@pytest.mark.parametrize("weighting,normalise,same_group,symmetric", [
+    ("linear", "query", "ignore", True), ("table", "pair", "ignore", True), ("log", "query", "positive", True),
+    ("table", "pair", "positive", False)])
+def test_tiled_matches_float64_reference(tile, weighting, normalise, same_group, symmetric):
+    """Graded positives (some in the query's group, one product in two rows), group masking,
+    explicit hard negatives and invalid rows, tile by tile: the reference's value and gradients."""
+    data = graded_batch(seed=3)
+    loss = graded_loss(GradedInfoNCETiled, weighting, normalise=normalise, same_group=same_group,
+                       symmetric=symmetric, tile_size=tile)
+    assert_matches_reference(loss, data, weighting, normalise, same_group, symmetric=symmetric)
+
+
+def test_tiled_exact_path_at_a_large_scale():
+    """At logit scale 100 the negatives' log-sum-exp lies more than SAFE_MARGIN below the logit
+    bound, so the blocks are summed with exact per-line maxima: still the reference."""
+    data = graded_batch(seed=3)
+    valid = data["valid"]
+    a, b = data["a"][valid], data["b"][valid]
+    positives = GradedInfoNCE().relevance_pairs(pair_up(a, b, groups=data["groups"][valid]), None,
+                                                data["item_keys"][valid], data["positive_keys"][valid],
+                                                data["positive_grades"][valid])[0]
+    for scale, exact in ((SCALE, False), (100.0, True)):
+        lse, _, _ = tiled_negative_logsumexp(a.requires_grad_(), b, torch.tensor(scale), torch.arange(len(a)),
+                                             positives.rows, positives.cols, tile=4)
+        assert lse.grad_fn.exact is exact  # the path the forward took
+    for weighting, normalise, same_group in (("linear", "query", "ignore"), ("log", "pair", "positive")):
+        loss = graded_loss(GradedInfoNCETiled, weighting, normalise=normalise, same_group=same_group, tile_size=4)
+        assert_matches_reference(loss, data, weighting, normalise, same_group, scale=100.0)
+
+
+@LOSS_CLASSES
+def test_a_query_grading_every_product_has_no_negatives(graded):
+    """Query 0 grades all three products: each of its terms has an empty negative set, so it
+    adds 0 (softplus(-inf)) and no gradient; the other queries are two-way softmaxes by hand."""
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, -0.8]])
+    b = torch.tensor([[0.6, 0.8], [0.8, 0.6], [-1.0, 0.0]])
+    keys = torch.tensor([10, 11, 12])
+    lists = torch.tensor([[10, 11, 12], [11, -1, -1], [12, -1, -1]])
+    grades = torch.tensor([[3.0, 2.0, 1.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    loss = graded(symmetric=False) if graded is GradedInfoNCE else GradedInfoNCETiled(symmetric=False, tile_size=2)
+    out, grad_a, grad_b, grad_s = run(loss, a, b, scale=2.0, item_keys=keys, positive_keys=lists,
+                                      positive_grades=grades)
+    z = 2.0 * a.double() @ b.double().T
+    expected = sum(F.softplus(torch.logsumexp(z[i, [j for j in range(3) if j != i]], 0) - z[i, i]) for i in (1, 2)) / 3
+    assert out["loss"].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert grad_a[0].abs().max() == 0 and torch.isfinite(grad_b).all() and torch.isfinite(grad_s)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an operation returns while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numel = max([self.numel] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+@pytest.mark.parametrize("same_group", ["ignore", "positive"])
+def test_tiled_never_makes_the_logit_matrix(same_group):
+    """Forward and backward of 128 queries in blocks of 16: no tensor beyond a block, the
+    embeddings and the per-query lists, where the dense loss makes (128, 128) ones."""
+    rows, dim, tile, width = 128, 8, 16, 3
+    g = torch.Generator().manual_seed(0)
+    a, b = (F.normalize(torch.randn(rows, dim, generator=g), dim=1).requires_grad_() for _ in range(2))
+    keys = torch.arange(rows)
+    relevance_input = {"item_keys": keys, "positive_keys": torch.stack([keys, (keys + 1) % rows, (keys * 7) % rows], 1),
+                       "positive_grades": torch.randint(1, 4, (rows, width), generator=g).float()}
+    groups = torch.arange(rows) // 4  # groups of 4: up to 3 mates a query
+    sizes = {}
+    for name, loss in (("dense", GradedInfoNCE(same_group=same_group)),
+                       ("tiled", GradedInfoNCETiled(same_group=same_group, tile_size=tile))):
+        with LargestTensor() as largest:
+            loss(a, b, logit_scale=torch.tensor(SCALE, requires_grad=True), groups=groups,
+                 **relevance_input)["loss"].backward()
+        sizes[name] = largest.numel
+    assert sizes["dense"] >= rows * rows  # the recorder sees the logit matrix where there is one
+    # a block, the (rows, dim) embeddings and their gradients, the listed positives and mates
+    assert sizes["tiled"] <= max(tile * tile, rows * dim, rows * (width + 3)), sizes
 
 
 def test_own_product_missing_from_the_list_is_an_error():
@@ -254,7 +380,8 @@ def test_own_product_missing_from_the_list_is_an_error():
         GradedInfoNCE()(data["a"], data["b"], logit_scale=torch.tensor(SCALE), valid=data["valid"], **broken)
 
 
-def test_other_positives_leave_each_others_denominator():
+@LOSS_CLASSES
+def test_other_positives_leave_each_others_denominator(graded):
     """Two products graded equally by query 0 and nothing else: its term is the mean of two
     two-way softmaxes against the negatives only, by hand."""
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
@@ -262,8 +389,8 @@ def test_other_positives_leave_each_others_denominator():
     keys = torch.tensor([10, 11, 12])
     lists = torch.tensor([[10, 11], [11, -1], [12, -1]])
     grades = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    out = GradedInfoNCE(symmetric=False)(a, b, logit_scale=torch.tensor(1.0), item_keys=keys,
-                                         positive_keys=lists, positive_grades=grades)
+    out = graded(symmetric=False)(a, b, logit_scale=torch.tensor(1.0), item_keys=keys,
+                                  positive_keys=lists, positive_grades=grades)
     z = a.double() @ b.double().T
 
     def term(i, j, negatives):
@@ -276,14 +403,21 @@ def test_other_positives_leave_each_others_denominator():
 
 # ------------------------------------------------------------------ two processes
 
-CASES = [("query", {}), ("pair_table", {"normalise": "pair", "weighting": "table", "table": TABLE}),
-         ("positive_log", {"same_group": "positive", "weighting": "log"})]
+PAIR_TABLE = {"normalise": "pair", "weighting": "table", "table": TABLE}
+POSITIVE_LOG = {"same_group": "positive", "weighting": "log"}
+CASES = [("query", "graded_infonce", {}), ("pair_table", "graded_infonce", PAIR_TABLE),
+         ("positive_log", "graded_infonce", POSITIVE_LOG),
+         ("tiled_query", "graded_infonce_tiled", {"tile_size": 4}),
+         ("tiled_pair_table", "graded_infonce_tiled", {**PAIR_TABLE, "tile_size": 4}),
+         ("tiled_positive_log", "graded_infonce_tiled", {**POSITIVE_LOG, "tile_size": 4}),
+         ("tiled_one_way", "graded_infonce_tiled", {"symmetric": False, "tile_size": 4})]
 
 
 @pytest.mark.multiprocess
 def test_two_ranks_equal_one_process(tmp_path):
     """Rank 0 holds rows 0-8 (lists up to 3 wide), rank 1 rows 9-19 (wider): the graded
-    products of a query sit on both ranks, one product on both; loss and gradients as one process."""
+    products of a query sit on both ranks, one product on both; loss and gradients as the same
+    loss in one process, dense and tiled (blocks of 4 over each rank's 8 and 10 valid rows)."""
     data = graded_batch(seed=5)
     data["positive_keys"][:9, 3:] = -1  # rank 0's lists are narrower: P differs by rank
     data["splits"] = [9]
@@ -292,8 +426,8 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     results = torch.load(tmp_path / "results.pt")["split"]
     n, dim, k, width = int(data["valid"].sum()), data["a"].shape[1], data["negatives"].shape[1], 5
-    for key, kwargs in CASES:
-        single = run(GradedInfoNCE(**kwargs), data["a"], data["b"], **masks(data), **relevance(data))
+    for key, name, kwargs in CASES:
+        single = run(LOSSES.get(name)(**kwargs), data["a"], data["b"], **masks(data), **relevance(data))
         dist = results[key]
         ratio = 1.0 if kwargs.get("normalise", "query") == "query" else pair_share_ratio(data, "table")
         assert dist["loss"].item() == pytest.approx(single[0]["loss"].item(),

@@ -16,6 +16,7 @@ typed; ``Loss.Config`` is the dataclass of them (made from the constructor) and
 ``vsepp``            VSE++ max-violation hinge (+ optional InfoNCE term)      vsepp.py
 ``sampled_softmax``  user -> item softmax with logQ correction (recommender)  sampled_softmax.py
 ``graded_infonce``   InfoNCE with graded positives per query (search logs)    graded_infonce.py
+``graded_infonce_tiled`` the same, tiled: O(tile^2) logit memory             graded_tiled.py
 ===================  =======================================================  ==================
 
 ``base.py`` owns the signature, gathering and masks; the tiled kernels (custom autograd
@@ -24,6 +25,7 @@ passes feature blocks round the ranks for ``infonce_tiled``'s ``exchange="ring"`
 """
 from align.losses.base import PairLoss
 from align.losses.graded_infonce import GradedInfoNCE
+from align.losses.graded_tiled import GradedInfoNCETiled
 from align.losses.hcl import HardNegativeInfoNCE
 from align.losses.infonce import InfoNCE
 from align.losses.infonce_tiled import InfoNCETiled
@@ -33,4 +35,4 @@ from align.losses.sampled_softmax import SampledSoftmax
 from align.losses.vsepp import MaxViolation
 
 __all__ = ["PairLoss", "InfoNCE", "InfoNCETiled", "SigLIP", "SigLIPTiled", "HardNegativeInfoNCE", "MaxViolation", "SampledSoftmax",
-           "GradedInfoNCE"]
+           "GradedInfoNCE", "GradedInfoNCETiled"]

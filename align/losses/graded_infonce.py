@@ -68,8 +68,10 @@ negatives of a[i]; negatives_mask (B, K) bool; the relevance input above.
 Returns: {"loss", "a2b"[, "b2a"]}, scalars; under ``gather`` with several ranks each value is
 this rank's share: its mean over ranks is the global value.
 
-Not here yet: a tiled (O(tile^2) memory) version; the dense (n, N) logits are built as in
-``infonce``.
+The dense (n, N) logits are built as in ``infonce``; ``graded_infonce_tiled``
+(``graded_tiled.py``) is the same loss without them. The positives travel as a sparse list of
+(query row, candidate column, weight) triples (``PositivePairs``), so both scorers share the
+matching and the normalisation.
 
 Related: ``infonce`` (one positive; its ``same_group="positive"`` is SupCon's L_out, one
 softmax over all positives together, unweighted), ``sampled_softmax``.
@@ -81,6 +83,7 @@ Example::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Literal, Mapping, Optional, Tuple
 
 import torch
@@ -108,6 +111,65 @@ def parse_table(table: Optional[Mapping]) -> Dict[float, float]:
             raise ValueError(f"table: grade {key!r} has weight {value!r}; weights must be > 0")
         parsed[grade] = float(value)
     return parsed
+
+
+@dataclass
+class PositivePairs:
+    """The positives of one direction as a sparse list, one entry per (query, candidate) pair:
+    rows (E,) local query row, cols (E,) candidate column, weights (E,) > 0. Sorted by
+    (row, col), no pair twice; every query's own pair is listed."""
+
+    rows: Tensor
+    cols: Tensor
+    weights: Tensor
+
+    def dense(self, n_rows: int, n_cols: int) -> Tensor:
+        """(n_rows, n_cols) weights, 0 off the positives."""
+        out = self.weights.new_zeros(n_rows, n_cols)
+        out[self.rows, self.cols] = self.weights
+        return out
+
+
+def unique_pairs(rows: Tensor, cols: Tensor, weights: Tensor, n_cols: int) -> PositivePairs:
+    """Sorted, one entry per (row, col); a pair given several times keeps its largest weight."""
+    linear, inverse = torch.unique(rows * n_cols + cols, return_inverse=True)  # sorted
+    best = weights.new_zeros(linear.shape[0]).scatter_reduce(0, inverse, weights, "amax", include_self=False)
+    return PositivePairs(rows=linear // n_cols, cols=linear % n_cols, weights=best)
+
+
+def equal_positions(wanted: Tensor, values: Tensor) -> Tuple[Tensor, Tensor]:
+    """Every (w, v) with wanted[w] == values[v], without a (len(wanted), len(values)) matrix.
+
+    Sorts ``values`` once and finds each wanted value's run by binary search: O((W + V) log V
+    + matches). Returns (w, v) index tensors, grouped by w.
+    """
+    sorted_values, order = torch.sort(values)
+    first = torch.searchsorted(sorted_values, wanted)
+    count = torch.searchsorted(sorted_values, wanted, right=True) - first  # (W,) run lengths
+    starts = torch.repeat_interleave(first, count)
+    within = torch.arange(starts.shape[0], device=values.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    return torch.repeat_interleave(torch.arange(wanted.shape[0], device=values.device), count), order[starts + within]
+
+
+def match_pairs(query_keys: Tensor, query_weights: Tensor, item_keys: Tensor) -> PositivePairs:
+    """Each query's listed products at every candidate holding them, as a sparse list.
+
+    query_keys (q, P) int64 with -1 padding, query_weights (q, P) (0 = not relevant),
+    item_keys (c,). A key listed twice keeps its largest weight; a key held by several
+    candidates is matched at each. No (q, c) matrix is made.
+    """
+    slots = (query_keys >= 0) & (query_weights > 0)  # (q, P)
+    rows = torch.arange(query_keys.shape[0], device=query_keys.device)[:, None].expand_as(query_keys)[slots]
+    keys, weights = query_keys[slots], query_weights[slots]  # (S,) listed slots
+    slot, cols = equal_positions(keys, item_keys)
+    return unique_pairs(rows[slot], cols, weights[slot], max(item_keys.shape[0], 1))
+
+
+def own_pairs(pairs: PairedBatch, dtype: torch.dtype) -> PositivePairs:
+    """Every query's own pair, weight 1 (no relevance input: plain InfoNCE)."""
+    rows = torch.arange(pairs.n_rows, device=pairs.row_index.device)
+    return PositivePairs(rows=rows, cols=pairs.row_index, weights=torch.ones(pairs.n_rows, dtype=dtype,
+                                                                           device=rows.device))
 
 
 class GradedInfoNCE(PairLoss):
@@ -159,31 +221,26 @@ class GradedInfoNCE(PairLoss):
         """As ``PairLoss.forward`` plus the relevance input (module doc): item_keys (B,),
         positive_keys (B, P) and positive_grades (B, P), all three or none."""
         if logit_scale is None:
-            raise ValueError("GradedInfoNCE needs logit_scale")
+            raise ValueError(f"{type(self).__name__} needs logit_scale")
         given = [x is not None for x in (item_keys, positive_keys, positive_grades)]
         if any(given) and not all(given):
-            raise ValueError("GradedInfoNCE: give item_keys, positive_keys and positive_grades together, or none")
+            raise ValueError(f"{type(self).__name__}: give item_keys, positive_keys and positive_grades "
+                             f"together, or none")
         pairs = pair_up(a, b, valid=valid, groups=groups, negatives=negatives, negatives_mask=negatives_mask,
                         gather=self.gather, gather_a=self.symmetric)
         if all(given):
-            weight_ab, weight_ba = self.relevance_weights(pairs, valid, item_keys, positive_keys, positive_grades)
+            positives_ab, positives_ba = self.relevance_pairs(pairs, valid, item_keys, positive_keys, positive_grades)
         else:  # own pair only, weight 1: plain InfoNCE
-            weight_ab = weight_ba = pairs.positive_mask().to(upcast(pairs.a_rows).dtype)
-        a2b = self.direction(pairs.a_rows, pairs.b_cols, weight_ab, pairs, logit_scale,
-                             negative_logits(pairs, logit_scale))
-        out = {"a2b": a2b}
-        if self.symmetric:
-            out["b2a"] = self.direction(pairs.b_rows, pairs.a_cols, weight_ba, pairs, logit_scale, None)
-            out["loss"] = (a2b + out["b2a"]) / 2
-        else:
-            out["loss"] = a2b
+            positives_ab = positives_ba = own_pairs(pairs, upcast(pairs.a_rows).dtype)
+        out = self.score(pairs, positives_ab, positives_ba, logit_scale)
+        out["loss"] = (out["a2b"] + out["b2a"]) / 2 if self.symmetric else out["a2b"]
         out["loss"] = pairs.finish(out["loss"])
         return out
 
-    def relevance_weights(self, pairs: PairedBatch, valid: Optional[Tensor], item_keys: Tensor,
-                          positive_keys: Tensor, positive_grades: Tensor) -> Tuple[Tensor, Tensor]:
-        """(n, N) weights of each local query over the gathered products (a2b), and of each local
-        product over the gathered queries (b2a); 0 = not a positive."""
+    def relevance_pairs(self, pairs: PairedBatch, valid: Optional[Tensor], item_keys: Tensor,
+                        positive_keys: Tensor, positive_grades: Tensor) -> Tuple[PositivePairs, PositivePairs]:
+        """The positives of each local query among the gathered products (a2b), and of each
+        local product among the gathered queries (b2a)."""
         rows = item_keys.shape[0]
         if item_keys.shape != (rows,) or positive_keys.dim() != 2 or positive_keys.shape[0] != rows \
                 or positive_grades.shape != positive_keys.shape:
@@ -212,9 +269,21 @@ class GradedInfoNCE(PairLoss):
             col_items, col_keys, col_weights = items_all[valid_all], keys_all[valid_all], weights_all[valid_all]
         else:
             col_items, col_keys, col_weights = local_items, local_keys, local_weights
-        weight_ab = match_weights(local_keys, local_weights, col_items)  # (n, N)
-        weight_ba = match_weights(col_keys, col_weights, local_items).T  # (N, n) -> (n, N)
-        return weight_ab, weight_ba
+        positives_ab = match_pairs(local_keys, local_weights, col_items)
+        # b2a: gathered queries (rows of the match) grading local products, seen from the products
+        by_query = match_pairs(col_keys, col_weights, local_items)
+        positives_ba = unique_pairs(by_query.cols, by_query.rows, by_query.weights, max(col_items.shape[0], 1))
+        return positives_ab, positives_ba
+
+    def score(self, pairs: PairedBatch, positives_ab: PositivePairs, positives_ba: PositivePairs,
+              logit_scale: Tensor) -> Dict[str, Tensor]:
+        """{"a2b"[, "b2a"]}: this rank's shares of each direction (dense (n, N) logits)."""
+        n, m = pairs.n_rows, pairs.b_cols.shape[0]
+        out = {"a2b": self.direction(pairs.a_rows, pairs.b_cols, positives_ab.dense(n, m), pairs, logit_scale,
+                                     negative_logits(pairs, logit_scale))}
+        if self.symmetric:
+            out["b2a"] = self.direction(pairs.b_rows, pairs.a_cols, positives_ba.dense(n, m), pairs, logit_scale, None)
+        return out
 
     def direction(self, queries: Tensor, candidates: Tensor, weights: Tensor, pairs: PairedBatch,
                   logit_scale: Tensor, explicit: Optional[Tensor]) -> Tensor:
@@ -240,25 +309,15 @@ class GradedInfoNCE(PairLoss):
         negative_lse = torch.logsumexp(logits.masked_fill(~negatives, MASKED_LOGIT), dim=1)  # (n,)
         # l_ij = -log(e^z_ij / (e^z_ij + sum_neg e^z_ik)); zero weight off the positives
         terms = weights * F.softplus(negative_lse[:, None] - logits)  # (n, N + K)
-        row_weight = weights.sum(1)  # (n,)
+        return self.normalised(terms.sum(1), weights.sum(1), pairs)
+
+    def normalised(self, row_terms: Tensor, row_weights: Tensor, pairs: PairedBatch) -> Tensor:
+        """This rank's share of a direction from each local query's weighted term sum (n,) and
+        weight sum (n,): per query ("query") or per pair over every rank's weights ("pair")."""
         if self.normalise == "query":
-            return (terms.sum(1) / row_weight.clamp(min=torch.finfo(row_weight.dtype).tiny)).sum() * pairs.scale
-        total = row_weight.sum().detach()
+            return (row_terms / row_weights.clamp(min=torch.finfo(row_weights.dtype).tiny)).sum() * pairs.scale
+        total = row_weights.sum().detach()
         if pairs.world > 1:
             total = total.clone()
             dist.all_reduce(total)
-        return terms.sum() * pairs.world / total.clamp(min=torch.finfo(total.dtype).tiny)
-
-
-def match_weights(query_keys: Tensor, query_weights: Tensor, item_keys: Tensor) -> Tensor:
-    """(q, c) weight of each query's listed product at every candidate holding it (0 elsewhere).
-
-    query_keys (q, P) int64 with -1 padding, query_weights (q, P), item_keys (c,). A key listed
-    twice keeps its largest weight. One (q, c) comparison per list slot: O(q * c) memory.
-    """
-    out = query_weights.new_zeros(query_keys.shape[0], item_keys.shape[0])
-    for slot in range(query_keys.shape[1]):
-        hit = (query_keys[:, slot, None] == item_keys[None, :]) & (query_keys[:, slot, None] >= 0)  # (q, c)
-        out = torch.maximum(out, torch.where(hit, query_weights[:, slot, None], out.new_zeros(())))
-    return out
-
+        return row_terms.sum() * pairs.world / total.clamp(min=torch.finfo(total.dtype).tiny)

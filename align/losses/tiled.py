@@ -10,12 +10,16 @@ Two autograd Functions, both over queries q (n, D), keys k (M, D), logits z = s 
 ``tiled_logsumexp``   -> (lse_rows (n,), lse_cols (M,) or empty)
     lse over the allowed keys of every query row (and, ``both=True``, over the queries of every
     key column: the B->A direction of a square single-process batch, in the same pass).
+``tiled_negative_logsumexp`` -> (lse_rows, lse_cols, listed (E,))
+    the same with a sparse list of E (row, key) pairs left out too (several positives per row:
+    ``graded_infonce_tiled``), and the logits of the listed pairs, read off the same tiles.
 ``tiled_sigmoid_pairs`` -> (positive_sum, negative_sum)
     sum over allowed pairs of softplus(-y_ij (z_ij + t)), split by label y = +1 / -1.
 
 Masking inside a tile: key j is *the* positive of row i when ``j == row_index[i]``; it shares
 the row's group when ``row_groups[i] == col_groups[j] >= 0``. Same-group pairs other than the
-positive are removed (``ignore``), or for the sigmoid kernel may count as positives.
+positive are removed (``ignore``), or for the sigmoid kernel may count as positives. Listed
+pairs (``PairTiles``, bucketed by tile once) are removed whatever their group.
 
 Gradients: dL/dz_ij = G_ij, dq = s G k, dk = G^T (s q), ds = sum_i <q_i, dq_i / s>, so the scale
 gradient costs no extra pass over the tile. Accumulation is fp32 whatever the input dtype
@@ -150,24 +154,32 @@ SAFE_MARGIN = 60.0
 
 class _TiledLogSumExp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, keys, logit_scale, row_index, row_groups, col_groups, tile, both):
+    def forward(ctx, queries, keys, logit_scale, row_index, row_groups, col_groups, tile, both, excluded=None):
         scale = float(logit_scale)
         bound = _logit_bound(queries, keys, scale)
+        listed = torch.empty(0 if excluded is None else excluded.rows.shape[0], dtype=torch.float32,
+                             device=queries.device)
         lse_rows, lse_cols = _lse_shared_shift(queries, keys, scale, bound, row_index, row_groups, col_groups,
-                                               tile, both)
+                                               tile, both, excluded, listed)
+        # a line far below the bound (or, with excluded pairs, with nothing left) is redone exactly
         exact = bool((lse_rows < bound - SAFE_MARGIN).any()) or bool((lse_cols < bound - SAFE_MARGIN).any())
         if exact:
-            lse_rows, lse_cols = _lse_exact(queries, keys, scale, row_index, row_groups, col_groups, tile, both)
+            lse_rows, lse_cols = _lse_exact(queries, keys, scale, row_index, row_groups, col_groups, tile, both,
+                                            excluded)
         ctx.save_for_backward(queries, keys, logit_scale, row_index, row_groups, col_groups, lse_rows, lse_cols)
         ctx.tile, ctx.both, ctx.exact, ctx.bound, ctx.scale = tile, both, exact, bound, scale
-        return lse_rows, lse_cols
+        ctx.excluded = excluded
+        return lse_rows, lse_cols, listed
 
     @staticmethod
-    def backward(ctx, grad_rows, grad_cols):
+    def backward(ctx, grad_rows, grad_cols, grad_listed):
         queries, keys, logit_scale, row_index, row_groups, col_groups, lse_rows, lse_cols = ctx.saved_tensors
-        tile, both, scale = ctx.tile, ctx.both, ctx.scale
+        tile, both, scale, excluded = ctx.tile, ctx.both, ctx.scale, ctx.excluded
         n, m = queries.shape[0], keys.shape[0]
         keys_t = keys.T
+        # a line with every pair masked (lse -inf) has only -inf logits: +inf makes its weights 0, not NaN
+        lse_rows = lse_rows.masked_fill(torch.isneginf(lse_rows), float("inf"))
+        lse_cols = lse_cols.masked_fill(torch.isneginf(lse_cols), float("inf"))
         if ctx.exact:  # G = g_r exp(z - lse_r) (+ g_c exp(z - lse_c)), shifts per row / column
             shift_rows, fused_rows = _exp_shift(lse_rows, grad_rows)
             if both:
@@ -184,7 +196,7 @@ class _TiledLogSumExp(torch.autograd.Function):
             for j0 in range(0, m, tile):
                 j1 = min(j0 + tile, m)
                 z = _masked_logits(z_buffer, queries, keys_t, scale, row_index, row_groups, col_groups,
-                                   i0, i1, j0, j1)
+                                   i0, i1, j0, j1, excluded)
                 g = g_buffer[: z.numel()].view_as(z)
                 if not ctx.exact:
                     z.sub_(ctx.bound).exp_()  # exp(z - c)
@@ -200,9 +212,12 @@ class _TiledLogSumExp(torch.autograd.Function):
                         if not fused_cols:
                             z.mul_(grad_cols[None, j0:j1])
                         g.add_(z)
+                if excluded is not None:  # the listed logits' own gradient
+                    index, rows, cols = excluded.at(i0, j0)
+                    g.index_put_((rows, cols), grad_listed[index].float(), accumulate=True)
                 _accumulate(grad_q[i0:i1], grad_k[j0:j1], g, keys[j0:j1], queries[i0:i1], scale)
         grad_scale, grad_q = _finish_query_grads(queries, grad_q, logit_scale, scale)
-        return grad_q, grad_k.to(keys.dtype), grad_scale, None, None, None, None, None
+        return grad_q, grad_k.to(keys.dtype), grad_scale, None, None, None, None, None, None
 
 
 def _finish_query_grads(queries: Tensor, grad_q: Tensor, logit_scale: Tensor, scale: float):
@@ -221,17 +236,47 @@ def _logit_bound(queries: Tensor, keys: Tensor, scale: float) -> float:
     return bound * (1.0 + 1e-2) if queries.dtype != torch.float32 else bound
 
 
-def _masked_logits(z_buffer, queries, keys_t, scale, row_index, row_groups, col_groups, i0, i1, j0, j1) -> Tensor:
-    """(ti, tj) fp32 logits s q k^T of one tile, -inf where the pair is ignored."""
+class PairTiles:
+    """A sparse list of (row, key) pairs bucketed by tile, so that each tile of the loops finds
+    its pairs without scanning the list."""
+
+    def __init__(self, rows: Tensor, cols: Tensor, n_rows: int, n_cols: int, tile: int) -> None:
+        self.rows, self.cols, self.tile = rows, cols, tile
+        self.col_tiles = -(-n_cols // tile)
+        block = (rows // tile) * self.col_tiles + cols // tile  # (E,)
+        self.order = torch.argsort(block, stable=True)
+        counts = torch.bincount(block, minlength=-(-n_rows // tile) * self.col_tiles)
+        self.ends = counts.cumsum(0).tolist()  # one Python list: no device sync per tile
+
+    def at(self, i0: int, j0: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """(index into the list, row, col inside the tile) of the pairs in tile (i0, j0)."""
+        block = (i0 // self.tile) * self.col_tiles + j0 // self.tile
+        start = self.ends[block - 1] if block else 0
+        index = self.order[start:self.ends[block]]
+        return index, self.rows[index] - i0, self.cols[index] - j0
+
+
+def _masked_logits(z_buffer, queries, keys_t, scale, row_index, row_groups, col_groups, i0, i1, j0, j1,
+                   excluded: Optional[PairTiles] = None, listed: Optional[Tensor] = None) -> Tensor:
+    """(ti, tj) fp32 logits s q k^T of one tile, -inf where the pair is ignored or listed in
+    ``excluded``; the listed pairs' logits are first copied into ``listed`` (E,) when given."""
     z = _matmul_into(z_buffer, queries[i0:i1], keys_t[:, j0:j1], scale)
+    if excluded is not None:
+        index, rows, cols = excluded.at(i0, j0)
+        if listed is not None:
+            listed[index] = z[rows, cols]
     ignore = _ignore_tile(row_index, row_groups, col_groups, i0, i1, j0, j1)
     if ignore is not None:
         z.masked_fill_(ignore, float("-inf"))
+    if excluded is not None:
+        z[rows, cols] = float("-inf")
     return z
 
 
-def _lse_shared_shift(queries, keys, scale, bound, row_index, row_groups, col_groups, tile, both):
-    """Row / column log-sum-exp with the one shift ``bound`` (fast path, see SAFE_MARGIN)."""
+def _lse_shared_shift(queries, keys, scale, bound, row_index, row_groups, col_groups, tile, both,
+                      excluded=None, listed=None):
+    """Row / column log-sum-exp with the one shift ``bound`` (fast path, see SAFE_MARGIN); fills
+    ``listed`` with the logits of the ``excluded`` pairs when given."""
     n, m = queries.shape[0], keys.shape[0]
     keys_t = keys.T
     sum_rows = torch.zeros(n, dtype=torch.float32, device=queries.device)
@@ -241,7 +286,8 @@ def _lse_shared_shift(queries, keys, scale, bound, row_index, row_groups, col_gr
         i1 = min(i0 + tile, n)
         for j0 in range(0, m, tile):
             j1 = min(j0 + tile, m)
-            z = _masked_logits(z_buffer, queries, keys_t, scale, row_index, row_groups, col_groups, i0, i1, j0, j1)
+            z = _masked_logits(z_buffer, queries, keys_t, scale, row_index, row_groups, col_groups, i0, i1, j0, j1,
+                               excluded, listed)
             z.sub_(bound).exp_()  # (ti, tj) exp(z - c) in [0, 1]
             sum_rows[i0:i1] += z.sum(1)
             if both:
@@ -249,7 +295,7 @@ def _lse_shared_shift(queries, keys, scale, bound, row_index, row_groups, col_gr
     return sum_rows.log() + bound, sum_cols.log() + bound
 
 
-def _lse_exact(queries, keys, scale, row_index, row_groups, col_groups, tile, both):
+def _lse_exact(queries, keys, scale, row_index, row_groups, col_groups, tile, both, excluded=None):
     """Row / column log-sum-exp with exact maxima per tile line (robust path)."""
     n, m = queries.shape[0], keys.shape[0]
     keys_t = keys.T
@@ -262,7 +308,8 @@ def _lse_exact(queries, keys, scale, row_index, row_groups, col_groups, tile, bo
         running = lse_rows[i0:i1]
         for j0 in range(0, m, tile):
             j1 = min(j0 + tile, m)
-            z = _masked_logits(z_buffer, queries, keys_t, scale, row_index, row_groups, col_groups, i0, i1, j0, j1)
+            z = _masked_logits(z_buffer, queries, keys_t, scale, row_index, row_groups, col_groups, i0, i1, j0, j1,
+                               excluded)
             torch.logaddexp(running, _logsumexp_into(z, 1, scratch), out=running)
             if both:
                 torch.logaddexp(lse_cols[j0:j1], _logsumexp_into(z, 0, scratch), out=lse_cols[j0:j1])
@@ -300,7 +347,31 @@ def tiled_logsumexp(
     if tiled_backend(queries, backend) == "triton":
         from align.losses.tiled_triton import TritonLogSumExp  # imports Triton only when used
         return TritonLogSumExp.apply(queries, keys, scale, row_index, row_groups, col_groups, int(tile), both)
-    return _TiledLogSumExp.apply(queries, keys, scale, row_index, row_groups, col_groups, int(tile), both)
+    lse_rows, lse_cols, _ = _TiledLogSumExp.apply(queries, keys, scale, row_index, row_groups, col_groups, int(tile),
+                                                  both)
+    return lse_rows, lse_cols
+
+
+def tiled_negative_logsumexp(
+    queries: Tensor, keys: Tensor, logit_scale: Tensor, row_index: Tensor, excluded_rows: Tensor,
+    excluded_cols: Tensor, row_groups: Optional[Tensor] = None, col_groups: Optional[Tensor] = None,
+    *, tile: int = DEFAULT_TILE, both: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``tiled_logsumexp`` with the E listed pairs (excluded_rows[e], excluded_cols[e]) left out
+    too, whatever their group, and their logits s <q, k> returned, read off the same tiles.
+
+    For several positives per row, each against the negatives only (``graded_infonce_tiled``):
+    list every row's positives (its own pair among them). ``both`` needs the list symmetric.
+    Returns fp32 (n,), (M,) (empty unless ``both``) and (E,); a line with nothing left has
+    log-sum-exp -inf. Torch kernels only (no Triton variant yet).
+    """
+    if (row_groups is None) != (col_groups is None):
+        raise ValueError("row_groups and col_groups must be given together")
+    if both and (queries.shape[0] != keys.shape[0]):
+        raise ValueError("both=True needs as many queries as keys (row i pairs with column i)")
+    scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=queries.device)
+    excluded = PairTiles(excluded_rows, excluded_cols, queries.shape[0], keys.shape[0], int(tile))
+    return _TiledLogSumExp.apply(queries, keys, scale, row_index, row_groups, col_groups, int(tile), both, excluded)
 
 
 class _TiledSigmoidPairs(torch.autograd.Function):
