@@ -11,6 +11,7 @@ copied file). Each tower's keys are checked against its registered class's ``Con
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -44,6 +45,18 @@ class TowerConfig:
 
 
 @dataclass
+class FieldConfig:
+    """One field of a product, e.g. ``model.fields.title``: which tower encodes it and how much it
+    weighs in the item vector (align/fields.py). A text field is the manifest ``columns`` joined
+    with ``data.columns.text_separator``; an image or audio field reads ``data.columns.image`` /
+    ``data.columns.audio`` (its ``columns`` stay empty)."""
+
+    modality: str = "text"
+    columns: List[str] = field(default_factory=list)  # text fields: the manifest columns joined
+    weight: float = 1.0  # >= 0; the item vector is the weighted mean of its normalised field vectors
+
+
+@dataclass
 class ModelConfig:
     embed_dim: int = 512
     towers: Dict[str, TowerConfig] = field(default_factory=dict)
@@ -54,6 +67,13 @@ class ModelConfig:
     # the cap while t itself may drift above it. parameter: t is clamped to [0, log(max)] after
     # each optimiser step, as open_clip's trainer does (the losses then see the same value).
     logit_scale_clamp: Literal["forward", "parameter"] = "forward"
+    # Multi-field products: the item vector (training on a search log, align embed, search-eval,
+    # the index) is the weighted mean of these normalised field vectors. {} = one field per
+    # modality (text = data.columns.text joined), equal weights, as align embed fuses.
+    fields: Dict[str, FieldConfig] = field(default_factory=dict)
+    # Fine-tuning: start from this align checkpoint's weights (a checkpoint or its model/ folder,
+    # safetensors), whose towers must be the ones configured here; "" = the towers' own init.
+    init_from: str = ""
 
 
 @dataclass
@@ -118,6 +138,27 @@ class ColumnsConfig:
 
 
 @dataclass
+class SearchLogConfig:
+    """``data.search_log``: train on (query, product) judgements from a search log (read by
+    align/searchlog/log.py) over a catalogue, instead of on a manifest's own pairs.
+
+    Each training row is a query (text, photo or voice, by its column) and one product; the
+    product is encoded field by field (``model.fields``) and fused. ``pairs``: ``graded`` makes a
+    row of every (query, product) with a grade > 0 and hands the loss the query's other graded
+    products (``graded_infonce``); ``best`` makes one row per query with its highest-graded
+    product (ties: the first in the log), the plain InfoNCE baseline.
+    """
+
+    log: str = ""  # the log (CSV/JSONL/Parquet); "" = off
+    catalogue: List[str] = field(default_factory=list)  # manifests whose ids the log's items are
+    events: Dict[str, float] = field(default_factory=dict)  # event -> grade; {} = view 1, click 1, cart 2, buy 3
+    pairs: Literal["graded", "per_query", "best"] = "graded"
+    max_positives: int = 16  # graded products listed per query (the highest grades first)
+    media_root: Optional[str] = None  # base of photo/voice query paths; default: the log's folder
+    max_bad_fraction: float = 0.05  # of the log's rows
+
+
+@dataclass
 class DataConfig:
     train: str = ""  # manifest (.csv/.jsonl/.parquet) or shard spec (tars, {a..b}, pipe:, '::' joined)
     val: str = ""  # held-out split used for evaluation
@@ -133,6 +174,8 @@ class DataConfig:
     max_negatives: int = 0  # explicit hard-negative texts per sample (0 = off)
     # device: workers only decode (uint8, stored size) and draw the crop; crop/resize/flip/normalise on the model device
     image_pipeline: Literal["worker", "device"] = "worker"
+    # Fine-tune on a search log instead of data.train's pairs (align/searchlog/pairs.py)
+    search_log: SearchLogConfig = field(default_factory=SearchLogConfig)
 
 
 @dataclass
@@ -477,6 +520,8 @@ def validate(config: Config) -> None:
         if getattr(config.data, key) < 0 or (key == "batch_size" and config.data.batch_size == 0):
             raise ConfigError(f"data.{key} must be {'positive' if key == 'batch_size' else '>= 0'}")
     _check_columns(config.data.columns)
+    _check_fields(config.model.fields, config.model.towers)
+    _check_search_log(config)
     if not 0 <= config.data.max_bad_fraction <= 1:
         raise ConfigError("data.max_bad_fraction must lie in [0, 1]")
     if config.optim.lr <= 0:
@@ -508,6 +553,40 @@ def _check_matryoshka(matryoshka: MatryoshkaConfig, embed_dim: int) -> None:
                           "give one weight per dim, or none for equal weights")
     if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
         raise ConfigError(f"loss.matryoshka.weights {weights} must be >= 0 with a positive sum")
+
+
+def _check_fields(fields: Dict[str, FieldConfig], towers: Dict[str, TowerConfig]) -> None:
+    for name, spec in fields.items():
+        key = f"model.fields.{name}"
+        if spec.modality not in towers:
+            raise ConfigError(f"{key}.modality: {spec.modality!r} has no tower; the model has {', '.join(towers)}")
+        if spec.modality == "text" and not spec.columns:
+            raise ConfigError(f"{key}.columns: a text field lists the manifest columns it joins, e.g. [title]")
+        if spec.modality != "text" and spec.columns:
+            raise ConfigError(f"{key}.columns: only text fields list columns; a {spec.modality} field reads "
+                              f"data.columns.{spec.modality}")
+        if not (math.isfinite(spec.weight) and spec.weight >= 0):
+            raise ConfigError(f"{key}.weight: {spec.weight} must be a finite number >= 0")
+    if fields and not any(spec.weight > 0 for spec in fields.values()):
+        raise ConfigError("model.fields: every weight is 0; give one field a positive weight")
+
+
+def _check_search_log(config: "Config") -> None:
+    search = config.data.search_log
+    if not search.log:
+        return
+    if not search.catalogue:
+        raise ConfigError("data.search_log.catalogue: list the manifest(s) whose ids the log's items are")
+    if search.max_positives < 1:
+        raise ConfigError(f"data.search_log.max_positives: {search.max_positives} must be >= 1")
+    if not 0 <= search.max_bad_fraction <= 1:
+        raise ConfigError("data.search_log.max_bad_fraction must lie in [0, 1]")
+    if config.data.max_negatives:
+        raise ConfigError("data.max_negatives: explicit negative texts are for manifest pairs; with "
+                          "data.search_log the batch's other products are the negatives (set it to 0)")
+    if config.train.accum_steps != 1:
+        raise ConfigError(f"train.accum_steps: {config.train.accum_steps}; search-log training runs one forward "
+                          "per step for now (set train.accum_steps: 1 and raise data.batch_size instead)")
 
 
 def _check_classify(classify: ClassifyConfig, towers: Dict[str, TowerConfig]) -> None:

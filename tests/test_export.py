@@ -321,3 +321,37 @@ def test_hf_audio_tower_exports_its_graph_with_our_front_end(tmp_path):
     with torch.no_grad():
         want = load_model(str(tmp_path / "model")).encode("audio", waves).numpy()
     assert got.shape == (3, 16) and np.abs(got - want).max() <= ONNX_BOUND
+
+
+def test_hf_text_export_cut_to_a_prefix_and_quantised(minilm_checkpoint, tmp_path):
+    """--dim on an mlp projection keeps the first rows of its last Dense, so sentence-transformers
+    (in float64, weights copied as they are) gives our full embedding's prefix renormalised; the int8
+    text graph of the MiniLM (word and position tables, 38 integer matmuls) stays within the cosine
+    that align/export/quantize.py justifies for that many, at two sequence lengths in one session."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    from align.export.quantize import integer_matmuls, min_cosine
+
+    out = str(tmp_path / "export")
+    result = export(minilm_checkpoint, out, quantize="int8", dim=8)
+    assert result["dim"] == 8 and result["full_dim"] == 16
+    ours = load_model(minilm_checkpoint).double()
+    with torch.no_grad():
+        full = ours.encode("text", our_tokens(ours, TEXTS))  # (5, 16) float64
+    want = full[:, :8] / full[:, :8].norm(dim=1, keepdim=True)
+    theirs = SentenceTransformer(os.path.join(out, "sentence_transformers"), device="cpu", local_files_only=True)
+    got = theirs.double().encode(TEXTS, convert_to_tensor=True, batch_size=5)
+    assert got.shape == (5, 8) and (got - want).abs().max() <= FLOAT64
+    folder = os.path.join(out, "onnx")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    feeds = [{k: v.astype(np.int64) for k, v in tokenizer(texts, padding=True, truncation=True, max_length=16,
+                                                          return_tensors="np").items()
+              if k in ("input_ids", "attention_mask")} for texts in (TEXTS[:1], TEXTS)]
+    path = os.path.join(folder, "text.int8.onnx")
+    required = min_cosine(integer_matmuls(path))
+    assert integer_matmuls(path) >= 36 and required == result["int8_required"]["text"]  # 6 layers x 6 + the head
+    _, (one, five) = run_session(path, feeds)
+    for got, rows in ((one, want[:1]), (five, want)):
+        cosine = (torch.from_numpy(got).double() * rows).sum(1) / torch.from_numpy(got).double().norm(dim=1)
+        assert got.shape == (len(rows), 8) and cosine.min() >= required

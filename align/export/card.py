@@ -104,20 +104,57 @@ spec = json.load(open("onnx/preprocess.json"))  # image size/mean/std, tokenizer
 session = onnxruntime.InferenceSession("onnx/audio.onnx")
 embedding = session.run(["embedding"], {"waveform": waves})[0]                    # (B, D) float32, unit rows
 # text.onnx takes input_ids (+ attention_mask), image.onnx pixel_values: see preprocess.json
+# with --quantize int8, audio.int8.onnx (preprocess.json: towers.audio.int8_file) takes the same inputs
 ```""",
 }
 
 
+def _compression_lines(compression: Mapping[str, Any], matryoshka_dims: List[int]) -> List[str]:
+    """The card's "Compression" section: the Matryoshka cut and the int8 graphs, each said how."""
+    lines: List[str] = []
+    dim, full = compression.get("dim"), compression.get("full_dim")
+    if dim:
+        trained = (f"The model was trained with a Matryoshka loss at dims {matryoshka_dims}, "
+                   f"{'including' if dim in matryoshka_dims else 'not including'} {dim}."
+                   if matryoshka_dims else "The model was NOT trained with a Matryoshka loss (`loss.matryoshka`), so "
+                                           "its prefixes were not optimised to stand alone: expect lower retrieval "
+                                           "quality than at full width.")
+        lines += [f"- **Matryoshka truncation** (`--dim {dim}`): every tower outputs the first {dim} of the model's "
+                  f"{full} embedding coordinates, renormalised to unit length (the last linear map of each "
+                  f"projection keeps its first {dim} rows, in every format). Compare these vectors only with vectors "
+                  f"cut the same way (`align embed --dim {dim}`, `align index --dim {dim}`). {trained}"]
+    cosines = compression.get("int8") or {}
+    if cosines:
+        from align.export.quantize import ALLOWED_PER_MATMUL, METHOD
+
+        worst = ", ".join(f"{m} {c:.4f} (required {bound:.4f})" for m, (c, bound) in cosines.items())
+        lines += ["- **int8 ONNX graphs** (`--quantize int8`): `onnx/<modality>.int8.onnx` beside each float32 graph, "
+                  "same inputs and output. Made by onnxruntime's dynamic quantisation "
+                  f"(`{METHOD['tool']}`): weights {METHOD['weights']}; activations {METHOD['activations']}; "
+                  f"quantised ops {', '.join(METHOD['ops'])}; kept in float32: {METHOD['kept_float32']}. "
+                  f"Checked on export: smallest cosine between an int8 embedding and ours over the probes: {worst}; "
+                  f"the requirement is 1 - {ALLOWED_PER_MATMUL:g} x the graph's integer matmuls unless "
+                  "`--int8-min-cosine` set it."]
+    return lines or ["None: full width, float32 weights."]
+
+
 def write_card(out: str, config: Config, model_dir: str, dims: Mapping[str, str], written: Mapping[str, List[str]],
-               skipped: Mapping[str, str], checks: Mapping[str, float]) -> None:
-    """``out/README.md`` for the export folder ``out`` (its files already in place)."""
+               skipped: Mapping[str, str], checks: Mapping[str, float],
+               compression: Optional[Mapping[str, Any]] = None) -> None:
+    """``out/README.md`` for the export folder ``out`` (its files already in place). ``compression``:
+    {"dim": the Matryoshka cut or None, "full_dim": the model's width,
+    "int8": {modality: (smallest cosine, cosine required)}}."""
     state, summary, eval_path = run_records(model_dir)
     data = config.data
+    compression = compression or {}
+    width = compression.get("dim") or config.model.embed_dim
+    cut = f" (the first {width} of {compression.get('full_dim')}, renormalised)" if compression.get("dim") else ""
     lines = ["# Exported align model", "",
              f"Exported by `align export` from `{model_dir}`. Embeddings are L2-normalised rows of dimension "
-             f"{config.model.embed_dim} in one space shared by the towers below (cosine = dot product).", "",
+             f"{width}{cut} in one space shared by the towers below (cosine = dot product).", "",
              "## Model", "", "| modality | tower | output | settings |", "|---|---|---|---|"]
     lines += [_tower_line(m, t, dims) for m, t in config.model.towers.items()]
+    lines += ["", "## Compression", ""] + _compression_lines(compression, list(config.loss.matryoshka.dims or []))
     lines += ["", "## Training data", "",
               f"- train: `{data.train}`" + (f"; validation: `{data.val}`" if data.val else ""),
               f"- text columns: {list(data.columns.text) if data.columns.text else '(none)'}",

@@ -4,7 +4,17 @@ model's towers as folders that load with their own libraries, each checked by lo
     D/open_clip/              open_clip_config.json + open_clip_model.safetensors  (image + text pair)
     D/sentence_transformers/  a SentenceTransformer folder                          (hf_text tower)
     D/onnx/                   <modality>.onnx per tower + preprocess.json + tokenizer/
+                              (+ <modality>.int8.onnx beside each with --quantize int8)
     D/README.md               model card: towers, training data, evaluation, how to load, sha256 of files
+
+``--quantize int8`` adds an int8 twin of every ONNX graph next to its float32 one (the float32 graphs
+stay: the int8 ones are made from them and checked against them; pick either at load time),
+by onnxruntime's dynamic quantisation (align/export/quantize.py says what is quantised and why).
+Each int8 graph must give every probe a cosine with our float32 embedding of at least
+``--int8-min-cosine``, by default 1 - 0.001 x its integer matmuls (``quantize.min_cosine``).
+``--dim D`` writes towers that output the first ``D`` coordinates of the
+embeddings renormalised (Matryoshka, align/export/matryoshka.py), in every format; D must lie in
+1 .. embed_dim.
 
 Without ``--formats`` every format the towers allow is written, and the others are named with the
 reason; a format asked for by name that the towers do not allow is a ``ConfigError`` (exit 2), as
@@ -30,14 +40,18 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from align.errors import ConfigError, RunError
+from align.export.matryoshka import truncated_model
+from align.index.embed import check_prefix_dim
 from align.loading import load_model, model_folder, read_saved_config
 from align.model import AlignModel
+from align.objective import prefix
 
 FORMATS = ("open_clip", "sentence_transformers", "onnx")
 DEFAULT_TOLERANCE = 1e-4  # max |difference| of unit-vector entries; float32 rounding stays far below it
 PROBE_TEXTS = ["a red star", "blue cube, large, with a striped pattern and a long description that goes on",
                "Ünïcödé — the sound of rain on a tin roof", "x", "green"]
 PROBE_BATCHES = (1, len(PROBE_TEXTS))  # one onnxruntime session runs both: the batch axis is dynamic
+QUANTIZE = ("int8",)
 
 
 def parse_formats(text: Optional[str]) -> Optional[List[str]]:
@@ -116,27 +130,24 @@ def model_inputs(model: AlignModel, modality: str, values: Any) -> Any:
 
 
 @torch.no_grad()
-def our_embeddings(model: AlignModel, probes: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    return {m: model.encode(m, model_inputs(model, m, values)) for m, values in probes.items()}
+def our_embeddings(model: AlignModel, probes: Dict[str, Any], dim: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Our (B, D) embeddings of the probes; with ``dim``, their first ``dim`` coordinates renormalised."""
+    return {m: prefix(model.encode(m, model_inputs(model, m, values)), dim) for m, values in probes.items()}
 
 
 def onnx_feeds(model: AlignModel, modality: str, values: Any) -> Dict[str, Any]:
     """The ONNX graph's numpy inputs for ``values`` (names as in preprocess.json)."""
-    inputs = model_inputs(model, modality, values)
-    if modality == "image":
-        return {"pixel_values": inputs.numpy()}
-    if modality == "audio":
-        return {"waveform": inputs.numpy()}
-    if isinstance(inputs, dict):  # hf_text: cut to the longest text, as a user padding to "longest" would
-        length = int(inputs["attention_mask"].sum(1).max())
-        return {k: v[:, :length].numpy() for k, v in inputs.items()}
-    return {"input_ids": inputs.numpy()}
+    from align.export.onnx import tower_feeds
+
+    return tower_feeds(modality, model_inputs(model, modality, values), {})
 
 
 # ------------------------------------------------------------------ the export
 
 
-def write_format(name: str, model: AlignModel, folder: str) -> List[str]:
+def write_format(name: str, model: AlignModel, folder: str, int8: bool = False,
+                 full_dim: Optional[int] = None) -> List[str]:
+    """Write format ``name`` of ``model`` (already cut to its output dim) into ``folder``; the files."""
     if name == "open_clip":
         from align.export.open_clip import export_open_clip
 
@@ -147,13 +158,14 @@ def write_format(name: str, model: AlignModel, folder: str) -> List[str]:
         return export_sentence_transformers(model, folder)
     from align.export.onnx import export_onnx
 
-    return export_onnx(dict(model.towers.items()), model.embed_dim or 0, folder)
+    return export_onnx(dict(model.towers.items()), model.embed_dim or 0, folder, int8, full_dim)
 
 
-def check_format(name: str, model: AlignModel, folder: str) -> float:
-    """Load the written ``folder`` with the format's own library; max |difference| from ours."""
+def check_format(name: str, model: AlignModel, folder: str, dim: Optional[int] = None) -> float:
+    """Load the written ``folder`` with the format's own library; max |difference| from our (full,
+    uncut) ``model``'s embeddings, cut to ``dim`` when given."""
     probes = probe_inputs(model, max(PROBE_BATCHES))
-    ours = our_embeddings(model, probes)
+    ours = our_embeddings(model, probes, dim)
     if name == "open_clip":
         from align.export.open_clip import check_open_clip
 
@@ -173,39 +185,92 @@ def check_format(name: str, model: AlignModel, folder: str) -> float:
     return worst
 
 
+def check_int8_graphs(model: AlignModel, folder: str, dim: Optional[int] = None,
+                      required: Optional[float] = None) -> Dict[str, Tuple[float, float]]:
+    """Per modality, (the smallest cosine between the int8 graph's rows and our float32 ones (cut to
+    ``dim``) over the probes at batch 1 and 5 in one onnxruntime session, the cosine required:
+    ``required``, or ``min_cosine`` of the graph's integer matmuls)."""
+    from align.export.quantize import check_int8, int8_name, integer_matmuls, min_cosine
+
+    probes = probe_inputs(model, max(PROBE_BATCHES))
+    ours = our_embeddings(model, probes, dim)
+    cosines = {}
+    for modality, values in probes.items():
+        feeds = [onnx_feeds(model, modality, values[:n]) for n in PROBE_BATCHES]
+        expected = [ours[modality][:n].numpy() for n in PROBE_BATCHES]
+        path = os.path.join(folder, int8_name(f"{modality}.onnx"))
+        bound = required if required is not None else min_cosine(integer_matmuls(path))
+        cosines[modality] = (check_int8(path, feeds, expected), bound)
+    return cosines
+
+
+def output_width(model: AlignModel) -> int:
+    """The width of the model's embeddings (``embed_dim``, or what a tower gives when it is unset)."""
+    if model.embed_dim:
+        return int(model.embed_dim)
+    return int(next(iter(our_embeddings(model, probe_inputs(model, 1)).values())).shape[-1])
+
+
 def export(checkpoint: str, out: str, formats: Optional[List[str]] = None, overwrite: bool = False,
-           tolerance: float = DEFAULT_TOLERANCE) -> Dict[str, Any]:
+           tolerance: float = DEFAULT_TOLERANCE, quantize: Optional[str] = None, dim: Optional[int] = None,
+           int8_min_cosine: Optional[float] = None) -> Dict[str, Any]:
     """Export ``checkpoint`` to ``out``; {"written": {format: files}, "skipped": {format: why},
-    "max_abs_diff": {format: figure}, "out": out}."""
+    "max_abs_diff": {format: figure}, "out": out, "dim": output width, "full_dim": the model's,
+    "int8_min_cosine": {modality: smallest cosine}, "int8_required": {modality: its bound} (with
+    ``quantize``)}. ``int8_min_cosine``: the cosine every int8 graph must keep (default: its own
+    ``quantize.min_cosine``)."""
     folder = checked_model_folder(checkpoint)
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ConfigError(f"--quantize {quantize}: choose from {', '.join(QUANTIZE)}")
+    if quantize and formats is not None and "onnx" not in formats:
+        raise ConfigError(f"--quantize {quantize} quantises the ONNX graphs: add onnx to --formats")
+    if int8_min_cosine is not None and not 0 < int8_min_cosine <= 1:
+        raise ConfigError(f"--int8-min-cosine {int8_min_cosine}: must be in (0, 1]")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
         raise ConfigError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     config = read_saved_config(folder)
     model = load_model(folder)
-    chosen, skipped = choose_formats(format_problems(model), formats)
+    full_dim = output_width(model)
+    if dim is not None:
+        check_prefix_dim(dim, full_dim)
+    written_model = model if dim is None or dim == full_dim else truncated_model(model, dim, full_dim)
+    chosen, skipped = choose_formats(format_problems(written_model), formats)
+    if quantize and "onnx" not in chosen:
+        raise ConfigError(f"--quantize {quantize} quantises the ONNX graphs, which this model cannot have: "
+                          f"{skipped.get('onnx')}")
     if not chosen:
         raise ConfigError("no format is possible for this model: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".tmp", dir=parent)
-    written, checks = {}, {}
+    written, checks, cosines = {}, {}, {}
     try:
         for name in chosen:
             subdir = os.path.join(staging, name)
-            written[name] = write_format(name, model, subdir)
-            checks[name] = check_format(name, model, subdir)
+            written[name] = write_format(name, written_model, subdir, bool(quantize), full_dim)
+            checks[name] = check_format(name, model, subdir, dim)
             if not checks[name] <= tolerance:
                 raise RunError(f"the {name} export differs from the model by {checks[name]:.3g} (> --tolerance "
                                f"{tolerance:g}) when loaded with its own library; nothing was written to {out}")
+            if name == "onnx" and quantize:
+                cosines = check_int8_graphs(model, subdir, dim, int8_min_cosine)
+                low = {m: f"{c:.4f} < {bound:.4f}" for m, (c, bound) in cosines.items() if not c >= bound}
+                if low:
+                    raise RunError(f"int8 graphs stray from our float32 embeddings (smallest cosine < required: "
+                                   f"{low}); a broken quantisation, or lower --int8-min-cosine; nothing was written "
+                                   f"to {out}")
         from align.export.card import write_card
 
-        dims = {m: str(e.shape[-1]) for m, e in our_embeddings(model, probe_inputs(model, 1)).items()}
-        write_card(staging, config, folder, dims, written, skipped, checks)
+        dims = {m: str(e.shape[-1]) for m, e in our_embeddings(written_model, probe_inputs(model, 1)).items()}
+        write_card(staging, config, folder, dims, written, skipped, checks,
+                   compression={"dim": dim if dim != full_dim else None, "full_dim": full_dim, "int8": cosines})
         _replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return {"written": written, "skipped": skipped, "max_abs_diff": checks, "out": out}
+    return {"written": written, "skipped": skipped, "max_abs_diff": checks, "out": out,
+            "dim": dim or full_dim, "full_dim": full_dim, "int8_min_cosine": {m: c for m, (c, _) in cosines.items()},
+            "int8_required": {m: bound for m, (_, bound) in cosines.items()}}
 
 
 def _replace_folder(staging: str, out: str) -> None:
@@ -248,6 +313,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="largest |difference| of embedding entries accepted from an export (default 1e-4)")
+    parser.add_argument("--quantize", choices=QUANTIZE,
+                        help="also write <modality>.int8.onnx beside each float32 ONNX graph (onnxruntime dynamic "
+                             "quantisation)")
+    parser.add_argument("--int8-min-cosine", type=float,
+                        help="smallest cosine accepted between an int8 graph's embedding and ours (default: "
+                             "1 - 0.001 x the graph's integer matmuls)")
+    parser.add_argument("--dim", type=int, help="towers output the first DIM coordinates of the embeddings, "
+                                                "renormalised (Matryoshka; 1 .. embed_dim; default: all)")
     return parser
 
 
@@ -256,11 +329,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     formats = parse_formats(args.formats)
     start = time.perf_counter()
-    result = export(args.checkpoint, args.out, formats, args.overwrite, args.tolerance)
+    result = export(args.checkpoint, args.out, formats, args.overwrite, args.tolerance, args.quantize, args.dim,
+                    args.int8_min_cosine)
     lines = [f"exported {model_folder(args.checkpoint)} -> {args.out} in {time.perf_counter() - start:.1f} s"]
     for name, files in result["written"].items():
         lines.append(f"  {name + '/':24s} {len(files):3d} files, loaded by its own library: max |diff| "
                      f"{result['max_abs_diff'][name]:.2e}")
+    if result["int8_min_cosine"]:
+        worst = ", ".join(f"{m} {c:.4f} (>= {result['int8_required'][m]:.4f})"
+                          for m, c in result["int8_min_cosine"].items())
+        lines.append(f"  {'onnx/*.int8.onnx':24s} int8 graphs beside the float32 ones: smallest cosine with ours "
+                     f"{worst}")
+    if result["dim"] != result["full_dim"]:
+        lines.append(f"  every tower outputs the first {result['dim']} of {result['full_dim']} coordinates, "
+                     f"renormalised (--dim)")
     for name, why in result["skipped"].items():
         lines.append(f"  {name + '/':24s} skipped: {why}")
     lines.append(f"  {'README.md':24s} model card (towers, data, evaluation, loading, sha256 of every file)")

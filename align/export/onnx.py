@@ -2,7 +2,11 @@
 how to make its inputs; run with onnxruntime, no torch and no code of ours.
 
 Every graph has a dynamic batch axis and one output, ``embedding`` float32 (B, D), L2-normalised
-rows in the model's shared space. Inputs::
+rows in the model's shared space (with ``--dim``, D is the Matryoshka prefix and preprocess.json's
+``matryoshka`` says so). With ``--quantize int8`` each ``<modality>.onnx`` has an int8 twin
+``<modality>.int8.onnx`` with the same inputs and output (align/export/quantize.py; preprocess.json:
+``int8`` says how, each tower's ``int8_file`` names it). ``OnnxEncoder`` runs a folder's graphs
+behind the model's ``encode`` interface. Inputs::
 
     text  (open_clip_text)   input_ids       int64 (B, context_length), open_clip's tokenizer padded
                                              with 0 to the context length
@@ -28,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +51,7 @@ OUTPUT = "embedding"
 OPSET = 18  # LayerNormalization is a native op from opset 17 on
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GiB: bigger weights go to a .data file beside it
 MAX_BATCH = 65536
+Precision = Literal["float32", "int8"]
 
 
 # ------------------------------------------------------------------ graph modules
@@ -285,11 +290,21 @@ def audio_preprocess(tower: Tower) -> Dict[str, Any]:
                    "layout (B, T); the log-mel spectrogram is computed inside the graph"}
 
 
-def export_onnx(towers: Dict[str, Tower], embed_dim: int, out: str) -> List[str]:
-    """Write ``out/<modality>.onnx`` for each tower and ``out/preprocess.json``; the files written."""
+def export_onnx(towers: Dict[str, Tower], embed_dim: int, out: str, int8: bool = False,
+                full_dim: Optional[int] = None) -> List[str]:
+    """Write ``out/<modality>.onnx`` for each tower and ``out/preprocess.json``; with ``int8`` also
+    ``out/<modality>.int8.onnx`` (align/export/quantize.py). ``full_dim``: the model's width when
+    the towers were cut to a Matryoshka prefix of ``embed_dim`` (``truncated_model``). The files written."""
+    from align.export.quantize import METHOD, int8_name, quantize_graph
+
     os.makedirs(out, exist_ok=True)
     info: Dict[str, Any] = {"format": "align-onnx/1", "embed_dim": int(embed_dim), "output": OUTPUT,
                             "output_spec": "float32 (batch, embed_dim), L2-normalised rows", "towers": {}}
+    if full_dim is not None and full_dim != embed_dim:
+        info["matryoshka"] = {"dim": int(embed_dim), "full_dim": int(full_dim),
+                              "how": f"the first {embed_dim} of the model's {full_dim} coordinates, renormalised"}
+    if int8:
+        info["int8"] = METHOD
     for modality, tower in towers.items():
         path = os.path.join(out, f"{modality}.onnx")
         example = export_graph(tower, path)
@@ -298,6 +313,9 @@ def export_onnx(towers: Dict[str, Tower], embed_dim: int, out: str) -> List[str]
             name: {"dtype": str(x.dtype).replace("torch.", ""),
                    "shape": ["batch", *(["tokens"] if dynamic_length else list(x.shape[1:]))]}
             for name, x in example.items()}}
+        if int8:
+            entry["int8_file"] = int8_name(entry["file"])
+            entry["int8_kept_float32"] = quantize_graph(path, os.path.join(out, entry["int8_file"]))["kept_float32"]
         if modality == "image":
             entry["image"] = image_preprocess(tower)
         elif modality == "text":
@@ -312,22 +330,128 @@ def export_onnx(towers: Dict[str, Tower], embed_dim: int, out: str) -> List[str]
 # ------------------------------------------------------------------ checking
 
 
-def check_graph(path: str, batches: Sequence[Dict[str, Any]], expected: Sequence[Any]) -> float:
-    """onnx.checker on the file, then onnxruntime on each batch (one session: the batch axis must be
-    dynamic) against ``expected``; the largest |difference|. A graph that fails is a ``RunError``."""
-    import numpy as np
+def run_batches(path: str, names: Sequence[str], batches: Sequence[Dict[str, Any]]) -> List[Any]:
+    """onnx.checker on the file, then onnxruntime on each batch in one session (the batch axis must
+    be dynamic): the first output named in ``names`` per batch. A graph that fails is a ``RunError``."""
     import onnx
     import onnxruntime
 
     try:
         onnx.checker.check_model(path, full_check=True)
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        outputs = [session.run([OUTPUT], batch)[0] for batch in batches]
+        return [session.run(list(names), batch)[0] for batch in batches]
     except Exception as error:  # onnx and onnxruntime raise their own types
         raise RunError(f"{path}: does not check or run in onnxruntime ({type(error).__name__}: {error})") from None
+
+
+def check_graph(path: str, batches: Sequence[Dict[str, Any]], expected: Sequence[Any]) -> float:
+    """The graph at ``path`` run on each batch (``run_batches``) against ``expected``: the largest
+    |difference|."""
+    import numpy as np
+
     worst = 0.0
-    for output, reference in zip(outputs, expected):
+    for output, reference in zip(run_batches(path, [OUTPUT], batches), expected):
         if output.shape != tuple(reference.shape) or output.dtype != np.float32:
             raise RunError(f"{path}: gave {output.dtype} {output.shape}, expected float32 {tuple(reference.shape)}")
         worst = max(worst, float(np.abs(output - reference).max()))
     return worst
+
+
+# ------------------------------------------------------------------ reading
+
+
+def tower_feeds(modality: str, inputs: Any, spec: Dict[str, Any]) -> Dict[str, Any]:
+    """A graph's numpy inputs from what our tower takes (``model.preprocessors`` stacked by the
+    collate): token ids (B, L), or a dict with ``attention_mask`` for hf_text (cut to the longest
+    text, as a user padding to "longest" would); images uint8 raw pixels (normalised here with
+    ``spec``'s mean and std, i.e. preprocess.json's ``towers.image.image``) or float32 already
+    normalised; waveforms (B, T)."""
+    import numpy as np
+
+    if modality == "image":
+        pixels = inputs.numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
+        if pixels.dtype == np.uint8:
+            mean = np.asarray(spec["image"]["mean"], np.float32).reshape(1, -1, 1, 1)
+            std = np.asarray(spec["image"]["std"], np.float32).reshape(1, -1, 1, 1)
+            pixels = (pixels.astype(np.float32) / np.float32(255) - mean) / std
+        return {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)}
+    if modality == "audio":
+        return {"waveform": np.ascontiguousarray(inputs.numpy() if isinstance(inputs, torch.Tensor) else inputs,
+                                                 dtype=np.float32)}
+    if isinstance(inputs, dict):
+        length = int(inputs["attention_mask"].sum(1).max())
+        return {k: v[:, :length].numpy() for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    return {"input_ids": inputs.numpy()}
+
+
+class OnnxEncoder:
+    """An ``align export`` ONNX folder behind the model's encoding interface (``modalities``,
+    ``embed_dim``, ``encode``, ``preprocessors``, ``eval``), so that our own evaluation
+    (``align.encoding.embed_split``, ``align.eval.runner.embed_for_eval``) embeds a split through
+    onnxruntime, float32 or int8, exactly as it embeds it through torch.
+
+    Args:
+        folder: the export's ``onnx/`` folder (preprocess.json and the graphs).
+        precision: "float32" (``<modality>.onnx``) or "int8" (``<modality>.int8.onnx``).
+        preprocessors: modality -> the model's eval preprocessor (``model.preprocessors(train=False)``),
+            which make the inputs ``encode`` takes (see ``tower_feeds``); None when only ``encode`` is used.
+        threads: onnxruntime intra-op threads (None: its default, every core).
+    Example::
+
+        encoder = OnnxEncoder("export/onnx", "int8", model.preprocessors(train=False), threads=1)
+        embedded, _ = embed_for_eval(encoder, config, "data/demo/test.csv", Processes(0, 1, torch.device("cpu")))
+    """
+
+    def __init__(self, folder: str, precision: Precision = "float32",
+                 preprocessors: Optional[Dict[str, Any]] = None, threads: Optional[int] = None) -> None:
+        import onnxruntime
+
+        from align.loading import read_json
+
+        spec_path = os.path.join(folder, PREPROCESS_FILE)
+        if not os.path.isfile(spec_path):
+            raise RunError(f"{spec_path}: missing; give the onnx/ folder of an `align export`")
+        self.spec = read_json(spec_path)
+        key = {"float32": "file", "int8": "int8_file"}[precision]
+        towers = self.spec["towers"]
+        missing = [m for m, entry in towers.items() if key not in entry]
+        if missing:
+            raise RunError(f"{spec_path}: no {precision} graph for {missing}; export with --quantize int8")
+        self.files = {m: os.path.join(folder, entry[key]) for m, entry in towers.items()}
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.sessions = {m: onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+                         for m, path in self.files.items()}
+        self.embed_dim = int(self.spec["embed_dim"])
+        self.precision = precision
+        self._preprocessors = preprocessors
+
+    @property
+    def modalities(self) -> List[str]:
+        return list(self.sessions)
+
+    def eval(self) -> "OnnxEncoder":
+        return self
+
+    def preprocessors(self, train: bool = False) -> Dict[str, Any]:
+        if self._preprocessors is None or train:
+            raise RunError("this OnnxEncoder was built without the model's eval preprocessors")
+        return self._preprocessors
+
+    def feeds(self, modality: str, inputs: Any) -> Dict[str, Any]:
+        """The graph's numpy inputs for ``inputs`` (``tower_feeds``)."""
+        return tower_feeds(modality, inputs, self.spec["towers"][modality])
+
+    def encode(self, modality: str, inputs: Any) -> torch.Tensor:
+        """(B, embed_dim) float32 unit rows, from onnxruntime."""
+        if modality not in self.sessions:
+            raise KeyError(f"this export has no {modality!r} graph; it has {self.modalities}")
+        return torch.from_numpy(self.sessions[modality].run([OUTPUT], self.feeds(modality, inputs))[0])
+
+    def graph_bytes(self) -> int:
+        """Bytes on disk of the graphs this encoder runs (external weight files included)."""
+        from align.export.quantize import graph_bytes
+
+        return sum(graph_bytes(path) for path in self.files.values())

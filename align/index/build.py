@@ -13,7 +13,9 @@ Folder format ``align-index/1``::
     <out>/ids.json       {"labels": [int64 label of each item], "ids": [item id], "count": N}
                          in label order; only items that can be returned
     <out>/metadata.json  {"fields": [...], "items": {item id: {field: value}}}  (empty values left out)
-    <out>/index.json     {"format": "align-index/1", "kind", "factory", "dim", "count", "modality",
+    <out>/index.json     {"format": "align-index/1", "kind", "factory", "dim", "full_dim" (the model's
+                          width; dim < full_dim for a Matryoshka prefix: --dim here or in `align
+                          embed`, and queries must be cut to dim and renormalised too), "count", "modality",
                           "metric": "inner_product", "recall10", "recall_sample", "recall_target",
                           "recall_queries": [the items whose vectors measured recall10],
                           "recall_holdout": [both held-out samples' items],
@@ -84,7 +86,8 @@ import numpy as np
 import torch
 
 from align.errors import ConfigError, RunError, atomic_open
-from align.index.embed import FUSED, IDS_FILE as EMBED_IDS_FILE, TENSORS_FILE, ItemEmbeddings, load_item_embeddings
+from align.index.embed import (FUSED, IDS_FILE as EMBED_IDS_FILE, TENSORS_FILE, ItemEmbeddings, check_prefix_dim,
+                               load_item_embeddings, truncate_embeddings)
 from align.index.index import PAD_SCORE, Matrix, as_matrix
 from align.loading import read_json
 
@@ -668,7 +671,10 @@ def build_index(emb: ItemEmbeddings, kind: str = "auto", modality: str = FUSED, 
     _train(index, np.ascontiguousarray(vectors[kept]), seed)
     labels = np.arange(len(kept), dtype=np.int64)
     index.add_with_ids(np.ascontiguousarray(vectors[kept]), labels)
-    info = {"format": FORMAT, "kind": name, "factory": factory, "choice": why, "dim": dim, "count": len(kept),
+    # full_dim: the model's width; dim < full_dim when the vectors are a Matryoshka prefix (--dim),
+    # and a query must then be cut to dim and renormalised in the same way.
+    info = {"format": FORMAT, "kind": name, "factory": factory, "choice": why, "dim": dim,
+            "full_dim": int(emb.metadata.get("full_dim") or dim), "count": len(kept),
             "modality": modality, "metric": "inner_product", "recall10": 1.0 if factory == "Flat" else None,
             "recall_sample": 0, "recall_target": recall_target, "search_params": {},
             "checkpoint": emb.metadata.get("checkpoint"), "embeddings": None,
@@ -803,6 +809,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--recall-target", type=float, default=RECALL_TARGET,
                         help=f"recall@10 the search parameter is tuned to reach (default {RECALL_TARGET})")
     parser.add_argument("--seed", type=int, default=0, help="samples for training and measuring recall")
+    parser.add_argument("--dim", type=int, help="index the first DIM coordinates of the vectors, renormalised "
+                                                "(Matryoshka; queries are cut the same way; default: all)")
     return parser
 
 
@@ -822,8 +830,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     known = list(listing.get("modalities") or []) + [FUSED]
     if args.modality not in known:
         raise ConfigError(f"--modality {args.modality!r}: {args.embeddings} holds {known}")
+    dim = listing["dim"] if args.dim is None else check_prefix_dim(args.dim, listing["dim"])
     if args.kind not in KINDS:
-        check_factory(args.kind, listing["dim"])
+        check_factory(args.kind, dim)
     if args.memory_mb is not None and not args.memory_mb > 0:
         raise ConfigError(f"--memory-mb {args.memory_mb}: must be positive")
     if not 0 < args.recall_target <= 1:
@@ -836,13 +845,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     metadata, fields = read_metadata(args.metadata, fields, args.id_column) if args.metadata else ({}, [])
 
     emb = load_item_embeddings(args.embeddings)
+    if args.dim is not None:
+        emb = truncate_embeddings(emb, args.dim)
     index = build_index(emb, args.kind, args.modality, args.memory_mb, metadata, args.seed, args.recall_target)
     index.info["embeddings"] = os.path.abspath(args.embeddings)
     index.info["fields"] = index.fields = fields
     index.save(args.out)
     info = index.info
+    cut = "" if info["dim"] == info["full_dim"] else f" = the first of {info['full_dim']}, renormalised (Matryoshka)"
     lines = [f"built {info['kind']} index {info['factory']!r} over {info['count']} items ({args.modality}, dim "
-             f"{info['dim']}; {int((~emb.masks[args.modality].bool()).sum())} without this modality left out)",
+             f"{info['dim']}{cut}; {int((~emb.masks[args.modality].bool()).sum())} without this modality left out)",
              f"  why: {info['choice']}"]
     if info["recall_sample"]:
         params = ", ".join(f"{k}={v}" for k, v in info["search_params"].items()) or "no search parameter"

@@ -12,11 +12,17 @@ Folder format ``align-item-embeddings/1``::
         mask.text, ...,      bool (N,)       the row is a real embedding (the item has it)
         mask.fused
         metadata (strings)   format "align-item-embeddings/1", checkpoint (absolute path of the
-                             model folder), dim "D", modalities "text,image,audio",
+                             model folder), dim "D", full_dim (only after --dim: the model's
+                             embed_dim, D < full_dim), modalities "text,image,audio",
                              fusion "mean" | "weighted_mean" (then also fusion_weights "image=2,text=1")
     <out>/ids.json           {"ids": [item ids in row order], "modalities": [...], "dim": D, "count": N}
 
 Rows follow the manifests' rows, manifest after manifest in the order given; an id may appear once.
+``--dim D`` (Matryoshka, Kusupati et al. 2022, https://arxiv.org/abs/2205.13147) stores every vector,
+the fused one included, as the first D coordinates of its full-width vector renormalised to unit
+length (``truncate_embeddings``): what a model trained with ``loss.matryoshka`` keeps usable at D.
+``align index`` records the dim, so that queries are cut the same way.
+
 Both files are written atomically (a temporary file renamed over the old one), the tensors first;
 ``load_item_embeddings`` refuses a pair whose counts or keys disagree.
 
@@ -45,13 +51,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from align.data.loader import loader_from_config
 from align.data.manifest import is_manifest
 from align.data.transforms import SampleProcessor
 from align.errors import MODALITIES, ConfigError, RunError, write_json_atomic
 from align.encoding import Processes, embed_split, join_processes
+from align.fields import check_weights
+from align.fields import fuse as fuse_fields
 from align.loading import load_model, model_folder, read_json, read_saved_config, read_tensors, write_tensors
 
 FORMAT = "align-item-embeddings/1"
@@ -97,45 +104,14 @@ class ItemEmbeddings:
 
 def check_fusion_weights(weights: Optional[Dict[str, float]], modalities: Sequence[str]) -> None:
     """A ``ConfigError`` unless ``weights`` is None or gives every one of ``modalities`` a weight >= 0."""
-    if weights is None:
-        return
-    if set(weights) != set(modalities):
-        raise ConfigError(f"fusion weights name {sorted(weights)}; give exactly the modalities {list(modalities)} "
-                          f"a weight each (0 leaves one out of the fused vector)")
-    bad = {m: w for m, w in weights.items() if not (math.isfinite(w) and w >= 0)}
-    if bad or not any(weights.values()):
-        raise ConfigError(f"fusion weights {weights}: each must be finite and >= 0, and one > 0")
+    check_weights(weights, modalities)
 
 
 def fuse(vectors: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor],
          weights: Optional[Dict[str, float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One vector per item: the normalised weighted mean of the modality vectors it has,
-
-        fused_i = normalize( sum_m w_m [i has m] v_im / sum_m w_m [i has m] ),   v_im = normalize(row)
-
-    Args:
-        vectors: modality -> (N, D); a ``"fused"`` entry is ignored.
-        masks: modality -> (N,) bool, the item has that modality.
-        weights: modality -> weight >= 0 for every modality of ``vectors``; None: equal weights.
-            The weights are fixed numbers: learning them (from interactions, say) is out of scope.
-    Returns:
-        (fused (N, D) float32 with unit rows, zero rows where the item has no modality of positive
-        weight; mask (N,) bool, True where the row is real).
-    """
-    names = [name for name in vectors if name != FUSED]
-    if not names:
-        raise ValueError("fuse needs at least one modality's vectors")
-    check_fusion_weights(weights, names)
-    first = vectors[names[0]]
-    total = torch.zeros(first.shape, dtype=torch.float32, device=first.device)  # (N, D)
-    weight_sum = torch.zeros(first.shape[0], dtype=torch.float32, device=first.device)  # (N,)
-    for name in names:
-        weight = masks[name].float() * (1.0 if weights is None else float(weights[name]))  # (N,)
-        total += weight[:, None] * F.normalize(vectors[name].float(), dim=-1)
-        weight_sum += weight
-    present = weight_sum > 0
-    mean = total / weight_sum.clamp_min(1e-12)[:, None]  # (N, D); rows without a modality stay zero
-    return F.normalize(mean, dim=-1), present
+    """One vector per item: the normalised weighted mean of the modality vectors it has
+    (``align.fields.fuse``, the same function that fuses a product's fields in training)."""
+    return fuse_fields(vectors, masks, weights)
 
 
 def fusion_metadata(weights: Optional[Dict[str, float]]) -> Dict[str, str]:
@@ -143,6 +119,27 @@ def fusion_metadata(weights: Optional[Dict[str, float]]) -> Dict[str, str]:
     if weights is None:
         return {"fusion": "mean"}
     return {"fusion": "weighted_mean", "fusion_weights": ",".join(f"{m}={weights[m]:g}" for m in sorted(weights))}
+
+
+def check_prefix_dim(dim: int, full_dim: int, flag: str = "--dim") -> int:
+    """``dim`` when 1 <= dim <= full_dim; else a ``ConfigError`` naming ``flag``."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= full_dim:
+        raise ConfigError(f"{flag} {dim}: must be a whole number from 1 to the embedding width {full_dim} "
+                          f"(Matryoshka truncation keeps the first {flag.lstrip('-')} coordinates)")
+    return dim
+
+
+def truncate_embeddings(emb: ItemEmbeddings, dim: int, flag: str = "--dim") -> ItemEmbeddings:
+    """``emb`` with every vector cut to its first ``dim`` coordinates and renormalised (zero rows stay
+    zero); metadata ``dim`` becomes ``dim``, ``full_dim`` keeps the model's width. A ``dim`` wider
+    than the vectors is a ``ConfigError`` naming ``flag``."""
+    from align.objective import prefix
+
+    width = emb.vectors[FUSED].shape[-1]
+    check_prefix_dim(dim, width, flag)
+    full = emb.metadata.get("full_dim") or str(width)
+    return ItemEmbeddings(list(emb.ids), {name: prefix(v, dim).contiguous() for name, v in emb.vectors.items()},
+                          dict(emb.masks), {**emb.metadata, "dim": str(dim), "full_dim": full})
 
 
 class _ProgressLoader:
@@ -347,10 +344,12 @@ def load_for_embedding(checkpoint: str, manifests: Sequence[str], batch_size: in
 
 def embed_manifests(checkpoint: str, manifests: Sequence[str], batch_size: int = 256,
                     device: Optional[Union[str, torch.device]] = None,
-                    fusion_weights: Optional[Dict[str, float]] = None, progress: bool = True) -> ItemEmbeddings:
+                    fusion_weights: Optional[Dict[str, float]] = None, progress: bool = True,
+                    fields: Optional[Dict[str, Any]] = None) -> ItemEmbeddings:
     """Embed every item of ``manifests`` (rows in order, manifest after manifest) with the model in
     ``checkpoint`` (a checkpoint or its ``model/`` folder), and fuse the modalities (``fuse``), in
-    memory. The vectors are bit for bit those of ``align embed`` at the same batch size, sharded
+    memory. A checkpoint trained with ``model.fields`` (or ``fields`` given here) is embedded
+    field by field and fused with the field weights instead (align/index/fields.py). The vectors are bit for bit those of ``align embed`` at the same batch size, sharded
     or not (``Catalogue``).
 
     Args:
@@ -367,6 +366,17 @@ def embed_manifests(checkpoint: str, manifests: Sequence[str], batch_size: int =
     """
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, catalogue, metadata = load_for_embedding(checkpoint, manifests, batch_size, target, fusion_weights)
+    config = read_saved_config(model_folder(checkpoint), [f"eval.batch_size={batch_size}"])
+    fields = dict(config.model.fields) if fields is None else dict(fields)
+    if fields:
+        from align.index.fields import embed_fields, fields_metadata
+
+        if fusion_weights is not None:
+            raise ConfigError("fusion weights and model.fields both say how to fuse; the fields' weights are used, "
+                              "drop the fusion weights")
+        ids, vectors, masks = embed_fields(model, config, manifests, batch_size, target, fields,
+                                           "" if progress else None)
+        return ItemEmbeddings(ids, vectors, masks, {**metadata, **fields_metadata(fields)})
     part = embed_batches(model, catalogue, catalogue.batches(), target, "" if progress else None)
     return merge_parts(catalogue, [part], model.modalities, model.embed_dim, metadata, fusion_weights)
 
@@ -679,6 +689,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "launch each rank's own GPU, or cpu for all)")
     parser.add_argument("--fusion-weights", type=parse_fusion_weights,
                         help="weighted mean for the fused vector, e.g. text=1,image=2,audio=0 (default: equal)")
+    parser.add_argument("--dim", type=int, help="keep the first DIM coordinates of every vector, renormalised "
+                                                "(Matryoshka; at most the model's embed_dim; default: all)")
     parser.add_argument("--append", action="store_true",
                         help="merge into the embeddings already in --out: new ids added, repeated ids replaced")
     parser.add_argument("--shards", type=int, help=f"cut the catalogue into this many shards (default: one per "
@@ -714,6 +726,8 @@ def _summary(emb: ItemEmbeddings, seconds: float) -> List[str]:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
+    if args.dim is not None and os.path.isdir(args.checkpoint):  # before any work (no folder: refused later)
+        check_prefix_dim(args.dim, read_saved_config(model_folder(args.checkpoint)).model.embed_dim)
     if args.shards is not None and args.shards < 1:
         raise ConfigError(f"--shards {args.shards}: must be positive")
     if args.restart and (args.part or args.merge_only):
@@ -730,6 +744,9 @@ def _existing(args: argparse.Namespace) -> Optional[ItemEmbeddings]:
     existing = load_item_embeddings(args.out)
     expected = {"checkpoint": os.path.abspath(model_folder(args.checkpoint)), **fusion_metadata(args.fusion_weights)}
     check_same_space(existing.metadata, expected, ("checkpoint", "fusion", "fusion_weights"), f"--append {args.out}")
+    width = int(existing.vectors[FUSED].shape[-1])
+    if width != (args.dim or int(existing.metadata.get("full_dim", width))):
+        raise ConfigError(f"--append {args.out}: its vectors have dim {width}; embed with --dim {width} to add to them")
     return existing
 
 
@@ -781,7 +798,11 @@ def _merge(args: argparse.Namespace, existing: Optional[ItemEmbeddings], start: 
     loaded = [read_part(parts, j, plan, catalogue) for j in range(plan["shards"])]
     weights = args.fusion_weights
     emb = merge_parts(catalogue, loaded, plan["modalities"], plan["dim"], plan["metadata"], weights)
+    if args.dim is not None:  # the parts stay full width, so another --dim reuses them
+        emb = truncate_embeddings(emb, args.dim)
     lines = _summary(emb, time.perf_counter() - start)
+    if args.dim is not None:
+        lines.append(f"  vectors cut to their first {args.dim} of {plan['dim']} coordinates, renormalised (--dim)")
     lost = {m: sum(len(p.lost[m]) for p in loaded) for m in plan["modalities"]}
     if any(lost.values()):
         lines.append("  unreadable files (reported per shard above): "
