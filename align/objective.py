@@ -190,3 +190,93 @@ class ContrastiveObjective(nn.Module):
         if mode != "loss":
             raise ValueError(f"unknown mode {mode!r}")
         return self.loss_from_embeddings(self.embed(batch), batch["masks"], batch.get("groups"), negatives_mask)
+
+
+class QueryProductObjective(nn.Module):
+    """Search-log training (``data.search_log``, align/searchlog/pairs.py): each row is a query
+    (text, photo or voice, through its modality's tower) and a product (its fields through their
+    towers, fused as align/fields.py says: the item vector ``align embed`` makes). One loss
+    between the two sides, ``loss.name`` with ``loss.params``: ``graded_infonce`` receives the
+    rows' graded products (``item_keys``, ``positive_keys``, ``positive_grades``); any other
+    loss gets the product's catalogue row as its group, so a product in two rows of a batch is
+    never its own negative (under ``same_group: ignore``).
+
+    ``forward(batch)`` returns {"loss", "query-product", "query-product/top1", "logit_scale"}
+    and, with ``loss.matryoshka``, "query-product@<d>" per level, as ``ContrastiveObjective``.
+    """
+
+    NAME = "query-product"
+
+    def __init__(self, model: AlignModel, loss: nn.Module, fields: Mapping[str, Any],
+                 matryoshka: Optional[MatryoshkaConfig] = None) -> None:
+        super().__init__()
+        import inspect
+
+        self.model = model
+        self.loss = loss
+        self.fields = {name: spec.modality for name, spec in fields.items()}
+        self.field_weights = {name: float(spec.weight) for name, spec in fields.items()}
+        self.levels = matryoshka_levels(matryoshka, model.embed_dim)
+        self.graded = "item_keys" in inspect.signature(loss.forward).parameters
+
+    def _zeros(self, size: int) -> torch.Tensor:
+        scale = self.model.logit_scale()
+        return scale.new_zeros(size, self.model.embed_dim) * scale  # on the graph, as ContrastiveObjective's
+
+    def embed(self, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+        """{"query": (B, D), "product": (B, D), "query_mask": (B,), "product_mask": (B,)}."""
+        from align.fields import fuse
+
+        size = len(batch["ids"])
+        query = self._zeros(size)
+        for modality, x in batch["inputs"].items():
+            query = query + scatter_rows(self.model.encode(modality, x), batch["masks"][modality])
+        query_mask = torch.zeros(size, dtype=torch.bool, device=query.device)
+        for mask in batch["masks"].values():
+            query_mask = query_mask | mask.to(query.device)
+        vectors, masks = {}, {}
+        for name, modality in self.fields.items():
+            mask = batch["fields"]["masks"].get(name)
+            if mask is None or not bool(mask.any()):
+                vectors[name], masks[name] = self._zeros(size), torch.zeros(size, dtype=torch.bool, device=query.device)
+                continue
+            vectors[name] = scatter_rows(self.model.encode(modality, batch["fields"]["inputs"][name]), mask)
+            masks[name] = mask.to(query.device)
+        product, product_mask = fuse(vectors, masks, self.field_weights)
+        return {"query": query, "product": product.to(query.dtype), "query_mask": query_mask,
+                "product_mask": product_mask}
+
+    def loss_from_embeddings(self, embeddings: Mapping[str, torch.Tensor], batch: Mapping[str, Any]
+                             ) -> Dict[str, torch.Tensor]:
+        scale = self.model.logit_scale()
+        valid = embeddings["query_mask"] & embeddings["product_mask"]
+        kwargs: Dict[str, Any] = {"valid": valid}
+        if self.graded:
+            kwargs.update(item_keys=batch["item_keys"], positive_keys=batch["positive_keys"],
+                          positive_grades=batch["positive_grades"])
+        else:
+            kwargs["groups"] = batch["groups"]
+        terms: Dict[str, torch.Tensor] = {}
+        total = None
+        query, product = embeddings["query"], embeddings["product"]
+        for dim, level_weight in self.levels:
+            out = self.loss(prefix(query, dim), prefix(product, dim), logit_scale=scale, **kwargs)
+            if dim is not None or len(self.levels) > 1:
+                terms[f"{self.NAME}@{dim or query.shape[-1]}"] = out["loss"].detach()
+            level = out["loss"] if level_weight == 1.0 else level_weight * out["loss"]
+            total = level if total is None else total + level
+        terms[self.NAME] = total.detach()
+        terms[f"{self.NAME}/top1"] = batch_top1(query, product, valid)
+        terms["loss"] = total
+        terms["logit_scale"] = scale.detach()
+        return terms
+
+    def forward(self, batch: Mapping[str, Any], mode: str = "loss", embeddings: Optional[Mapping] = None):
+        """``mode="loss"``: the step's loss terms; ``"embed"``: the two sides' vectors."""
+        if mode == "embed":
+            return self.embed(batch)
+        if mode == "loss_from_embeddings":
+            return self.loss_from_embeddings(embeddings, batch)
+        if mode != "loss":
+            raise ValueError(f"unknown mode {mode!r}")
+        return self.loss_from_embeddings(self.embed(batch), batch)

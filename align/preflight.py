@@ -46,12 +46,21 @@ def check_towers(config: Config) -> None:
 
 def check_run_inputs(config: Config) -> None:
     """Everything a training run reads: its data, its media root and its towers' sources."""
-    if not config.data.train:
-        raise ConfigError("data.train is required: a manifest (.csv/.jsonl/.parquet) or a shard spec")
+    search = config.data.search_log
+    if search.log:
+        for key, path in [("data.search_log.log", search.log)] + [
+                (f"data.search_log.catalogue[{n}]", p) for n, p in enumerate(search.catalogue)]:
+            if not os.path.isfile(path):
+                raise ConfigError(f"{key}: {path} does not exist")
+    elif not config.data.train:
+        raise ConfigError("data.train is required: a manifest (.csv/.jsonl/.parquet) or a shard spec "
+                          "(or data.search_log.log to train on a search log)")
     for key, spec in (("data.train", config.data.train), ("data.val", config.data.val),
                       ("eval.split", config.eval.split)):
         if spec:
             check_data_spec(key, spec)
+    if config.model.init_from and not os.path.isdir(config.model.init_from):
+        raise ConfigError(f"model.init_from: no such checkpoint folder {config.model.init_from}")
     if config.data.root and not os.path.isdir(config.data.root):
         raise ConfigError(f"data.root: no such folder {config.data.root}")
     resume = config.train.resume

@@ -98,7 +98,7 @@ class ManifestLoader:
 
     def __init__(self, dataset: ManifestDataset, *, batch_size: int, num_workers: int, train: bool, seed: int,
                  rank: int = 0, world_size: int = 1, max_bad_fraction: float = 0.05, drop_last: bool = True,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, collate: Any = collate_with_report) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if batch_size < 1:
@@ -107,6 +107,7 @@ class ManifestLoader:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
         self.drop_last, self.pin_memory = drop_last, pin_memory
+        self.collate = collate  # processed samples -> batch + its "bad" report (collate_with_report's contract)
         self.bad = BadSampleTally(max_bad_fraction, source=dataset.path)
 
     def order(self, epoch: int) -> np.ndarray:
@@ -134,7 +135,7 @@ class ManifestLoader:
             return
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_IndexBatches(batches, epoch), num_workers=self.num_workers,
-            collate_fn=collate_with_report, persistent_workers=False,
+            collate_fn=self.collate, persistent_workers=False,
             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
             # its own generator: otherwise DataLoader draws a base seed from the global one,
             # shifting the trainer's random stream (dropout, ...) on every epoch

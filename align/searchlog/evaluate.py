@@ -33,14 +33,14 @@ import argparse
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from align.errors import MODALITIES, ConfigError, RunError, write_json_atomic
 from align.loading import read_json
+from align.objective import prefix
 from align.searchlog.log import EventGrades, SearchLog, read_search_log
 from align.searchlog.metrics import GradedRelevance, graded_report, rank_by_similarity
 from align.searchlog.simulate import CANDIDATES
@@ -158,11 +158,6 @@ def relevance_of(split: SplitData) -> GradedRelevance:
                                         len(split.log.queries))
 
 
-def truncated(vectors: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
-    """The first ``dim`` coordinates renormalised to unit rows (zero rows stay zero); None: as is."""
-    return vectors if dim is None else F.normalize(vectors[:, :dim], dim=-1)
-
-
 def score_split(queries: torch.Tensor, items: torch.Tensor, relevance: GradedRelevance, modalities: Sequence[str],
                 dims: Sequence[Optional[int]], max_grade: float, k: int, depth: int) -> Dict[str, Dict[str, Dict]]:
     """{"all" | modality: {"full" | "<dim>": graded_report}} for queries (Q, D) against candidate
@@ -172,7 +167,7 @@ def score_split(queries: torch.Tensor, items: torch.Tensor, relevance: GradedRel
     groups.update({m: np.flatnonzero(names == m) for m in MODALITIES if (names == m).any()})
     out: Dict[str, Dict[str, Dict]] = {group: {} for group in groups}
     for dim in dims:
-        lists = rank_by_similarity(truncated(queries, dim), truncated(items, dim), depth)  # (Q, depth)
+        lists = rank_by_similarity(prefix(queries, dim), prefix(items, dim), depth)  # (Q, depth)
         for group, rows in groups.items():
             picked = relevance if group == ALL else relevance.select(rows)
             out[group][FULL if dim is None else str(dim)] = graded_report(
@@ -236,6 +231,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="samples per forward (64)")
     parser.add_argument("--id-column", default="id", help="item id column of the catalogue (id)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--fields-from", help="embed the catalogue with this run config's model.fields (e.g. to "
+                        "judge an untuned model with the multi-field products a fine-tune uses)")
     parser.add_argument("--output", help="JSON path (default: <checkpoint>/search_eval.json)")
     return parser
 
@@ -256,43 +253,66 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``align search-eval``; a ``ConfigError`` (exit 2) or ``RunError`` (exit 1) is left to align/cli.py."""
+def judge(checkpoint: str, catalogue: Sequence[str], log_dir: str, splits: Sequence[str], dims: Sequence[int],
+          batch_size: int = 256, device: Optional[str] = None, max_grade: float = 3.0, k: int = 10, depth: int = 100,
+          id_column: str = "id", fields: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], int, Dict[str, int]]:
+    """(results {split: {"all" | modality: {"full" | "<dim>": graded_report}}}, full dim, candidates
+    per split) of a
+    checkpoint on a search log's splits (module doc). ``fields``: product fields to embed the
+    catalogue with instead of the checkpoint's own (``model.fields``; None = the checkpoint's)."""
     from align.index.embed import embed_manifests
     from align.index.search import QueryEncoder
     from align.rec.interactions import read_catalogue_ids
 
-    args = _parser().parse_args(argv)
-    _check_arguments(args)
-    splits, dims = _parse_splits(args.splits), _parse_dims(args.dims)
-    stats = read_json(os.path.join(args.log_dir, STATS_FILE))
-    item_ids = read_catalogue_ids(args.catalogue, args.id_column)
-    data = [read_split(args.log_dir, split, stats, item_ids) for split in splits]  # all checked first
+    stats = read_json(os.path.join(log_dir, STATS_FILE))
+    item_ids = read_catalogue_ids(catalogue, id_column)
+    data = [read_split(log_dir, split, stats, item_ids) for split in splits]  # all checked first
 
-    encoder = QueryEncoder(args.checkpoint, args.device)
+    encoder = QueryEncoder(checkpoint, device)
     full_dim = encoder.dim
     if dims and dims[-1] > full_dim:
-        raise ConfigError(f"--dims {args.dims}: the model embeds into {full_dim}; give dimensions <= {full_dim}")
-    query_vectors = {d.name: encode_queries(encoder, d, args.batch_size) for d in data}
+        raise ConfigError(f"--dims {list(dims)}: the model embeds into {full_dim}; give dimensions <= {full_dim}")
+    query_vectors = {d.name: encode_queries(encoder, d, batch_size) for d in data}
     del encoder  # one model in memory at a time: embed_manifests loads its own
-    items = embed_manifests(args.checkpoint, args.catalogue, args.batch_size, args.device, progress=False)
+    items = embed_manifests(checkpoint, catalogue, batch_size, device, progress=False, fields=fields)
     if items.ids != item_ids:
-        raise RunError(f"the checkpoint's data.columns read other item ids from {args.catalogue} than "
-                       f"--id-column {args.id_column!r}; give the id column the checkpoint was trained with")
+        raise RunError(f"the checkpoint's data.columns read other item ids from {list(catalogue)} than "
+                       f"--id-column {id_column!r}; give the id column the checkpoint was trained with")
 
     steps: List[Optional[int]] = [d for d in dims if d != full_dim] + [None]
     results = {}
     for d in data:
         candidates = items.vectors["fused"][torch.as_tensor(d.candidates)]  # (C, D)
         results[d.name] = score_split(query_vectors[d.name], candidates, relevance_of(d),
-                                      [q.modality for q in d.log.queries], steps, args.max_grade, args.k,
-                                      args.depth)
+                                      [q.modality for q in d.log.queries], steps, max_grade, k, depth)
+    return results, full_dim, {d.name: int(len(d.candidates)) for d in data}
+
+
+def fields_from(path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """``--fields-from CONFIG``: that run config's ``model.fields`` (None without the flag)."""
+    if not path:
+        return None
+    from align.config import load_config
+
+    fields = dict(load_config(path).model.fields)
+    if not fields:
+        raise ConfigError(f"--fields-from {path}: the config has no model.fields")
+    return fields
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``align search-eval``; a ``ConfigError`` (exit 2) or ``RunError`` (exit 1) is left to align/cli.py."""
+    args = _parser().parse_args(argv)
+    _check_arguments(args)
+    splits, dims = _parse_splits(args.splits), _parse_dims(args.dims)
+    results, full_dim, candidates = judge(args.checkpoint, args.catalogue, args.log_dir, splits, dims, args.batch_size,
+                              args.device, args.max_grade, args.k, args.depth, args.id_column,
+                              fields_from(args.fields_from))
     output = args.output or os.path.join(args.checkpoint, "search_eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_json_atomic({"checkpoint": os.path.abspath(args.checkpoint), "log_dir": os.path.abspath(args.log_dir),
                        "k": args.k, "depth": args.depth, "max_grade": args.max_grade, "dim": full_dim,
-                       "dims": dims, "candidates": {d.name: int(len(d.candidates)) for d in data},
-                       "splits": _json_safe(results)}, output)
+                       "dims": dims, "candidates": candidates, "splits": _json_safe(results)}, output)
     print(format_table(results, args.k))
     plot = plot_ndcg_by_dim(results, args.k, dims, full_dim, os.path.join(os.path.dirname(os.path.abspath(output)),
                                                                          PLOT_FILE))

@@ -24,7 +24,7 @@ from align.data.loader import loader_from_config
 from align.data.transforms import SampleProcessor
 from align.errors import write_json_atomic
 from align.model import build_model
-from align.objective import ContrastiveObjective, build_pair_losses
+from align.objective import ContrastiveObjective, QueryProductObjective, build_pair_losses
 from align.train import checkpoint
 from align.train.checkpoint import TrainState
 from align.train.cached_step import cached_step
@@ -107,14 +107,14 @@ def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
     set_seed(config.train.seed)
 
     model = build_model(config.model)
-    objective = ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss),
-                                     matryoshka=config.loss.matryoshka)
+    if config.model.init_from:
+        init_weights(model, config.model.init_from)
+    objective = build_objective(model, config)
     processor = SampleProcessor(model.preprocessors(train=True), max_negatives=config.data.max_negatives)
     if config.train.compile:  # in place: the towers keep their parameter names (checkpoints load as ever)
         for tower in model.towers.values():
             tower.compile(backend=config.train.compile_backend)
-    loader = loader_from_config(config, processor, rank=accelerator.process_index,
-                                world_size=accelerator.num_processes, pin_memory=accelerator.device.type == "cuda")
+    loader = build_train_loader(config, processor, accelerator)
     check_train_split_fills_a_step(config, loader, accelerator.num_processes)
     if accelerator.is_main_process:
         save_config(config, os.path.join(out_dir, "config.yaml"))
@@ -154,6 +154,46 @@ def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
         if run.seen is not None:
             run.seen.close()
     return finish(run, state, started)
+
+
+def init_weights(model, source: str) -> None:
+    """``model.init_from``: load an align checkpoint's weights (safetensors only) into ``model``."""
+    from align.errors import ConfigError
+    from align.loading import model_folder, read_tensors
+
+    weights = os.path.join(model_folder(source), "model.safetensors")
+    if not os.path.isfile(weights):
+        raise ConfigError(f"model.init_from: {source} holds no model.safetensors; give an align checkpoint folder")
+    state, _ = read_tensors(weights)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ConfigError(f"model.init_from: {weights} does not fit model.towers ({error}); configure the towers "
+                          f"as that checkpoint's config.yaml does") from None
+
+
+def build_objective(model, config: Config):
+    """The modality-pair objective, or the query-product one when training on a search log."""
+    if config.data.search_log.log:
+        from align.fields import product_fields
+        from align.objective import build_loss
+
+        fields = product_fields(config.model, config.data.columns)
+        return QueryProductObjective(model, build_loss(config.loss.name, config.loss.params), fields,
+                                     matryoshka=config.loss.matryoshka)
+    return ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss),
+                                matryoshka=config.loss.matryoshka)
+
+
+def build_train_loader(config: Config, processor, accelerator):
+    pin = accelerator.device.type == "cuda"
+    if config.data.search_log.log:
+        from align.searchlog.pairs import search_log_loader
+
+        return search_log_loader(config, processor, rank=accelerator.process_index,
+                                 world_size=accelerator.num_processes, pin_memory=pin)
+    return loader_from_config(config, processor, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes, pin_memory=pin)
 
 
 def start_trackers(accelerator, config: Config, state: TrainState) -> None:

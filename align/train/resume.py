@@ -17,7 +17,9 @@ from align.train.preempt import slurm_job
 def reading_of(config: Config, processes: int) -> Dict[str, Any]:
     """What decides which samples each step of an epoch reads; saved with every checkpoint."""
     data = config.data
-    return {"kind": "manifest" if is_manifest(data.train) else "shards", "processes": processes,
+    # search-log rows are read as manifest rows are (align/searchlog/pairs.py)
+    by_rows = bool(data.search_log.log) or is_manifest(data.train)
+    return {"kind": "manifest" if by_rows else "shards", "processes": processes,
             "batch_size": data.batch_size, "num_workers": data.num_workers, "seed": config.train.seed,
             "shuffle_buffer": data.shuffle_buffer, "resampled": data.resampled, "epoch_samples": data.epoch_samples}
 
