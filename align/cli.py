@@ -26,7 +26,9 @@ TOOL_VERBS = {
     "serve": ("align.serve.app", "serve search (and recommendations) over HTTP with FastAPI + uvicorn"),
     "rec-eval": ("align.rec.evaluate", "evaluate a recommender head and its peers on the held-out interactions"),
     "recommend": ("align.rec.recommend", "top-k items for a user id or a history of item ids"),
+    "rec-update": ("align.rec.update", "continue training a recommender head on new events only (warm start)"),
     "map": ("align.map.command", "2-D map of a catalogue's embeddings (PCA, or UMAP) as PNG and offline HTML"),
+    "audit": ("align.audit.command", "audit a catalogue: mismatched, duplicate, outlying and unreadable listings"),
 }
 
 

@@ -16,7 +16,8 @@ vectors of two models share a size, not a space).
 
 Output: a table of rank, id, score (cosine) and the metadata columns the index keeps, or with
 ``--json`` one line ``{"results": [{"id": ..., "score": ..., "metadata": {...}}, ...]}``
-(``metadata`` only when the index keeps some for that item).
+(``metadata`` only when the index keeps some for that item). ``--explain`` adds each modality's
+share of every score and the catalogue words of the match (align/explain).
 """
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ import torch
 from align.data.manifest import open_audio, open_image
 from align.data.sample import BadSample, collate
 from align.errors import MODALITIES, ConfigError
+from align.explain.report import attach_explanation, format_explanation, search_explainer
+from align.index.embed import check_prefix_dim
 from align.loading import load_model, model_folder
+from align.objective import prefix
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -68,13 +72,16 @@ class QueryEncoder:
         vectors = encoder.encode("image", [open("photo.jpg", "rb").read()], names=["photo.jpg"])
     """
 
-    def __init__(self, checkpoint: str, device: Optional[Union[str, torch.device]] = None) -> None:
+    def __init__(self, checkpoint: str, device: Optional[Union[str, torch.device]] = None,
+                 dim: Optional[int] = None) -> None:
         self.checkpoint = os.path.abspath(model_folder(checkpoint))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_model(self.checkpoint, device=self.device)  # eval mode
         self.model.requires_grad_(False)
         self.preprocessors = self.model.preprocessors(train=False)
-        self.dim = int(self.model.embed_dim)
+        self.full_dim = int(self.model.embed_dim)
+        # dim < full_dim: the index holds Matryoshka prefixes (`align index --dim`); queries are cut alike
+        self.dim = self.full_dim if dim is None else check_prefix_dim(dim, self.full_dim)
         self.modalities: List[str] = list(self.model.modalities)
 
     def check_modality(self, modality: str) -> None:
@@ -125,7 +132,7 @@ class QueryEncoder:
         inputs = collate([{"id": str(n), modality: value} for n, value in enumerate(prepared)])["inputs"][modality]
         inputs = ({k: v.to(self.device) for k, v in inputs.items()} if isinstance(inputs, dict)
                   else inputs.to(self.device))
-        return self.model.encode(modality, inputs).float().cpu()  # (Q, D)
+        return prefix(self.model.encode(modality, inputs).float(), self.dim).cpu()  # (Q, dim)
 
     def encode(self, modality: str, values: Sequence[Any], names: Optional[Sequence[str]] = None) -> torch.Tensor:
         """(Q, D) float32 unit rows for ``values`` of one modality (see ``prepare``), one forward."""
@@ -161,7 +168,9 @@ def open_catalogue(index_path: str, checkpoint: Optional[str] = None,
         raise ConfigError(f"index {index_path} does not record the checkpoint that made it; give --checkpoint")
     if not os.path.isdir(checkpoint):
         raise ConfigError(f"checkpoint {checkpoint} (recorded with {index_path}): no such folder; give --checkpoint")
-    encoder = QueryEncoder(checkpoint, device)
+    info = getattr(index, "info", None) or {}
+    cut = int(info["dim"]) if int(info.get("full_dim") or info.get("dim") or 0) > int(info.get("dim") or 0) else None
+    encoder = QueryEncoder(checkpoint, device, dim=cut)
     check_index_fits(index, encoder, index_path)
     return index, encoder
 
@@ -236,6 +245,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="model folder (default: the one recorded with the index)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--json", action="store_true", help='print {"results": [{"id", "score"}, ...]} instead')
+    parser.add_argument("--explain", action="store_true",
+                        help="say why: each modality's share of the score and the catalogue words of the match")
+    parser.add_argument("--vocabulary", nargs="+", metavar="MANIFEST",
+                        help="catalogue manifests whose words explain (default: the index's metadata, else the "
+                             "model's training manifests)")
     return parser
 
 
@@ -249,10 +263,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     index, encoder = open_catalogue(args.index, args.checkpoint, args.device)
     vector = encoder.encode(modality, [value], names=[f"--{modality} {value}" if modality != "text" else "--text"])
     results = search(index, vector, args.k, where)[0]
+    why = None
+    if args.explain and results:
+        why = search_explainer(index, encoder, args.vocabulary).explain(vector[0], [r["id"] for r in results])
     if args.json:
-        print(json.dumps({"results": results}))
+        answer: Dict[str, Any] = {"results": results}
+        if why is not None:
+            attach_explanation(answer, results, why)
+        print(json.dumps(answer))
     elif results:
         print(format_table(results))
+        if why is not None:
+            print("\n" + format_explanation(why))
     else:
         print(f"no item matches {where}" if where else "the index holds no item", file=sys.stderr)
     return 0

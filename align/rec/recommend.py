@@ -7,7 +7,9 @@ were during training (ID dropout). Scores come from an exact inner-product index
 vectors (ranked after the hub penalty when it is on); a user's own history is never recommended
 back; the pool is re-ranked by the config's popularity penalty and MMR. A head with learned
 fusion (``head.fusion: learned``) reads every modality's vectors of the folder, in the order its
-``items.json`` records, and fuses them with its weights, new items included.
+``items.json`` records, and fuses them with its weights, new items included. ``--explain`` says
+why for each item (align/explain): each history item's contribution, each modality's share of
+the score and the catalogue words of the match.
 """
 from __future__ import annotations
 
@@ -22,8 +24,12 @@ import torch
 
 from align.config import load_dataclass
 from align.errors import RunError
+from align.explain.history import LOO_MAX, METHODS
+from align.explain.report import (RecommendationExplainer, attach_explanation, checkpoint_of, format_explanation,
+                                  recommender_probe)
 from align.index.embed import load_item_embeddings
 from align.index.index import ExactIndex
+from align.index.search import QueryEncoder
 from align.loading import read_json, read_tensors
 from align.rec.config import RecConfig, validate_rec
 from align.rec.data import item_features, stack_modalities
@@ -45,6 +51,7 @@ class Recommender:
     item_vectors: torch.Tensor  # (N, dim) head item vectors
     log_counts: torch.Tensor  # (N,) log(1 + training count), 0 for new items
     hub: torch.Tensor  # (N,) the hub penalty's r(i): mean cosine to the nearest reference users; 0 when off
+    items_folder: str = ""  # the `align embed` folder the item side was built from (explanations read it)
 
     @classmethod
     def load(cls, folder: str, items: Optional[str] = None, device: Optional[torch.device] = None) -> "Recommender":
@@ -93,7 +100,7 @@ class Recommender:
             hub = hubness(vectors, users["users"], config.rerank.hub_k)  # new items get theirs too
         return cls(head=head, config=config, item_ids=list(embeddings.ids), content=content, features=features,
                    present=present, id_rows=id_rows, item_vectors=vectors,
-                   log_counts=log_counts, hub=hub)
+                   log_counts=log_counts, hub=hub, items_folder=items or meta["items"])
 
     def fusion_weights(self) -> Dict[str, float]:
         """Learned fusion: modality -> weight (summing to 1); given: empty."""
@@ -115,16 +122,16 @@ class Recommender:
         safe = hist.clamp(min=0)
         return self.head.encode_users(self.features[safe], torch.where(mask, self.id_rows[safe], -1), mask)
 
+    def history_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(U, dim) unit user vectors of histories of item rows (oldest first, any length: the
+        newest ``head.history`` are read; an empty one is the head's "anyone")."""
+        return self.user_vectors(pad_histories(histories, self.config.head.history))
+
     def recommend(self, histories: Sequence[Sequence[int]], k: int, exclude_history: bool = True,
                   allowed: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (rows (U, k) int64, -1 pad; scores (U, k)) for each history of item rows."""
         histories = [list(h) for h in histories]
-        padded = np.full((len(histories), self.config.head.history), -1, dtype=np.int64)
-        for row, items in enumerate(histories):
-            items = items[-self.config.head.history:]
-            if items:
-                padded[row, -len(items):] = items
-        users = self.user_vectors(padded)
+        users = self.history_vectors(histories)
         mask = self.present.numpy() if allowed is None else (self.present.numpy() & allowed)
         # With the hub penalty, cos(u, i) - w_u * r(i) is the inner product of [u, -w_u] and [i, r(i)]:
         # one more column, and the exact search ranks by the penalised score.
@@ -154,6 +161,17 @@ class Recommender:
             raise RunError(f"{where}: unknown item id(s) {', '.join(unknown[:5])}; they are not in the item "
                            "embeddings (run `align embed --append` on them)")
         return [row_of[i] for i in ids]
+
+
+def pad_histories(histories: Sequence[Sequence[int]], length: int) -> np.ndarray:
+    """(U, length) int64: each history's newest ``length`` item rows, left-padded with -1 (what
+    ``Recommender.user_vectors`` reads)."""
+    padded = np.full((len(histories), length), -1, dtype=np.int64)
+    for row, items in enumerate(histories):
+        items = list(items)[-length:]
+        if items:
+            padded[row, -len(items):] = items
+    return padded
 
 
 def learned_inputs(config: RecConfig, meta: Dict, embeddings, where: str, folder: str
@@ -198,13 +216,34 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--items", help="item embeddings folder (default: the one the head was trained on)")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--explain", action="store_true",
+                        help="say why: each history item's contribution, each modality's share of the score and "
+                             "the catalogue words of the match (align/explain)")
+    parser.add_argument("--explain-method", default="auto", choices=METHODS,
+                        help="how history items are credited (auto: leave-one-out up to --loo-max items read)")
+    parser.add_argument("--loo-max", type=int, default=LOO_MAX,
+                        help=f"auto: leave-one-out up to this many items ({LOO_MAX})")
+    parser.add_argument("--vocabulary", nargs="+", metavar="MANIFEST",
+                        help="catalogue manifests whose words explain (default: the head's data.catalogue)")
     return parser
+
+
+def explain(recommender: Recommender, history: List[str], picked: List[Tuple[str, float]],
+            args: argparse.Namespace) -> Dict:
+    """``--explain``: the explanation of ``picked`` for ``history`` (align/explain/report.py); the
+    model's text tower embeds the catalogue's words."""
+
+    probe = recommender_probe(recommender, QueryEncoder(checkpoint_of(recommender)), args.vocabulary)
+    explainer = RecommendationExplainer(recommender, probe, args.explain_method, args.loo_max)
+    return explainer.explain(history, [i for i, _ in picked], [s for _, s in picked])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.k < 1:
         raise RunError(f"-k {args.k}: ask for at least one item")
+    if args.loo_max < 0:
+        raise RunError(f"--loo-max {args.loo_max}: must be >= 0")
     recommender = Recommender.load(args.checkpoint, args.items)
     if args.user is not None:
         history = user_history(recommender, args.user)
@@ -213,12 +252,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows, scores = recommender.recommend([recommender.rows_of(history, "--history" if args.user is None else
                                                               f"user {args.user}")], args.k)
     picked = [(recommender.item_ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
+    why = explain(recommender, history, picked, args) if args.explain else None
     if args.json:
-        print(json.dumps({"history": history, "items": [{"id": i, "score": s} for i, s in picked]}))
+        answer = {"history": history, "items": [{"id": i, "score": s} for i, s in picked]}
+        if why is not None:
+            attach_explanation(answer, answer["items"], why)
+        print(json.dumps(answer))
     else:
         rerank = recommender.config.rerank
         print(f"rank  item  cosine (ranked after hub_penalty={rerank.hub_penalty:g}, "
               f"popularity_penalty={rerank.popularity_penalty:g}, mmr_lambda={rerank.mmr_lambda:g})")
         for rank, (item, score) in enumerate(picked, 1):
             print(f"{rank:4d}  {item}  {score:.4f}")
+        if why is not None:
+            print(f"\nwhy (from a history of {len(history)} items):")
+            print(format_explanation(why))
     return 0

@@ -20,15 +20,30 @@ request field>"}`` with a 4xx status, and the server goes on serving):
 ``POST /recommend`` (with ``--recommender``)
     ``{"user": "u-17", "k": 10}`` (the user's history from the head's interaction log) or
     ``{"history": ["id1", "id2"], "k": 10}`` (oldest first). Answer: ``{"results": [{"id",
-    "score"}], "history": [...]}``, scores being the head's cosine.
+    "score"}], "history": [...]}``, scores being the head's cosine. A ``user``'s history is their
+    log's items followed by their live events (``POST /events``); a user with live events only
+    is served from those.
+``POST /events`` (with ``--recommender``)
+    ``{"user": "u-17", "item": "id1", "event": "click", "timestamp": 1714000000}`` (timestamp
+    optional: seconds or ISO-8601; the server's clock when absent). Read by that user's next
+    ``/recommend``, no retraining. Memory is bounded (align/rec/events.py): the newest
+    ``--events-per-user`` events per user, at most ``--event-users`` users (least recently used
+    forgotten first). Answer: ``{"user", "events": <held for the user>, "limits": {...}}``.
+``"explain": true`` (a field of /search, JSON or form, and of /recommend)
+    Each result also gets ``"explanation"``: ``{"modalities": {"method", "shares": {modality:
+    share}, "score"}, "words": [{"word", "field", "score", ...}]}``, on /recommend also
+    ``"history": {"method", "contributions": [{"id", "position", "contribution"}], "unread"}``;
+    the answer gets ``query_words`` or ``user_words`` (align/explain/report.py). The first such
+    request embeds the catalogue's words (seconds). 422 for an ``explain`` that is not true or
+    false, 409 when the server cannot explain (the message says why).
 ``GET /healthz``
     ``{"status": "ok", "items", "dim", "modalities", "kind", "batching": {"forwards", "rows",
     "mean_batch", ...}, ...}``.
 
 Statuses: 400 an unreadable upload, an unknown file field, text and a file together, a modality
-the model lacks; 404 an unknown user, or /recommend without a recommender; 413 a body over
-``--max-upload-mb``; 422 malformed JSON, empty text, ``k`` outside 1..1000, an unknown or
-mistyped field, unknown history items.
+the model lacks; 404 an unknown user, or /recommend or /events without a recommender; 413 a body
+over ``--max-upload-mb``; 422 malformed JSON, empty text, ``k`` outside 1..1000, an unknown or
+mistyped field, unknown history items, an event's unknown item or event type or missing field.
 """
 from __future__ import annotations
 
@@ -48,7 +63,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from align.errors import MODALITIES, ConfigError, RunError
+from align.explain.report import Explainers, attach_explanation
 from align.index.search import FilterError, QueryEncoder, QueryError, open_catalogue, search
+from align.rec.events import DEFAULT_EVENT_TYPES, EventError, LiveEvents, identity_map, names_list, parse_event
 from align.serve.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -59,8 +76,8 @@ FORM_SLACK = 64 * 1024  # multipart boundaries, part headers and the small field
 DRAIN_FACTOR = 8  # an oversized body is read (and dropped) up to this many times the limit, so the
 # client gets its 413 instead of a broken pipe; past that the connection is simply closed
 FILE_FIELDS = tuple(m for m in MODALITIES if m != "text")
-SEARCH_FIELDS = ("text", "k", "where")
-RECOMMEND_FIELDS = ("user", "history", "k")
+SEARCH_FIELDS = ("text", "k", "where", "explain")
+RECOMMEND_FIELDS = ("user", "history", "k", "explain")
 
 
 class RequestError(Exception):
@@ -80,6 +97,7 @@ class SearchQuery:
     name: str  # how errors name the query (the field, and the file name when uploaded)
     k: int
     where: Dict[str, str]
+    explain: bool = False  # answer each result's explanation too (align/explain)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,6 +138,17 @@ def parse_where(value: Any) -> Dict[str, str]:
     return {str(key): str(v) for key, v in value.items()}
 
 
+def parse_explain(value: Any) -> bool:
+    """``explain``: JSON true/false, or a form field's "true"/"false" (also 1/0, yes/no); 422 otherwise."""
+    if value is None:
+        return False
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    if not isinstance(value, bool):
+        raise RequestError(422, "explain", f"explain must be true or false, got {value!r}")
+    return value
+
+
 def parse_json_object(body: bytes) -> Dict[str, Any]:
     """The request body as a JSON object; 422 naming the problem otherwise."""
     try:
@@ -148,7 +177,8 @@ def search_query_from_json(body: Dict[str, Any]) -> SearchQuery:
         raise RequestError(422, "text", f"text must be a string, got {type(text).__name__}")
     if not text.strip():
         raise RequestError(422, "text", "text is empty; give some words to search for")
-    return SearchQuery("text", text, "text", parse_k(body.get("k")), parse_where(body.get("where")))
+    return SearchQuery("text", text, "text", parse_k(body.get("k")), parse_where(body.get("where")),
+                       parse_explain(body.get("explain")))
 
 
 def _declared_length(request: Request) -> Optional[int]:
@@ -218,7 +248,7 @@ async def search_query_from_form(request: Request, max_upload: int) -> SearchQue
                 raise RequestError(400, key, f"{key!r} must be a file upload (curl -F {key}=@file), not a text field")
             elif key not in SEARCH_FIELDS:
                 raise RequestError(422, key, f"unknown form field {key!r}; a multipart /search takes a file "
-                                             f"{' or '.join(FILE_FIELDS)} and the fields k and where")
+                                             f"{' or '.join(FILE_FIELDS)} and the fields k, where and explain")
             else:
                 fields[key] = value
         if len(files) > 1:
@@ -226,19 +256,20 @@ async def search_query_from_form(request: Request, max_upload: int) -> SearchQue
         if files and "text" in fields:
             raise RequestError(400, "text", f"give text or a file, not both (got text and {files[0][0]!r})")
         k, where = parse_k(fields.get("k")), parse_where(fields.get("where"))
+        explain = parse_explain(fields.get("explain"))
         if not files:
             if "text" not in fields:
                 raise RequestError(422, "body", f"no query: upload a file field {' or '.join(FILE_FIELDS)}, "
                                                 f"or send JSON {{\"text\": ...}}")
             if not fields["text"].strip():
                 raise RequestError(422, "text", "text is empty; give some words to search for")
-            return SearchQuery("text", fields["text"], "text", k, where)
+            return SearchQuery("text", fields["text"], "text", k, where, explain)
         key, upload = files[0]
         data = await upload.read()
         if len(data) > max_upload:
             raise too_big(key, len(data), max_upload)
         name = f"{key} upload" + (f" {upload.filename!r}" if upload.filename else "")
-        return SearchQuery(key, data, name, k, where)
+        return SearchQuery(key, data, name, k, where, explain)
     finally:
         await form.close()
 
@@ -285,21 +316,25 @@ class UserHistories:
         return {user: [log_rows.item_ids[i] for i in codes]
                 for user, codes in zip(log_rows.user_ids, user_histories(log_rows))}
 
-    async def of(self, user: str) -> List[str]:
+    async def of(self, user: str, live: Optional[List[str]] = None) -> List[str]:
+        """The user's logged items, then ``live`` (their events since the server started, POST
+        /events); a user the log lacks has ``live`` alone, and with none of it is a 404."""
         async with self._lock:
             if self._items is None:
                 self._items = await asyncio.get_running_loop().run_in_executor(None, self._read)
-        if user not in self._items:
+        if user not in self._items and not live:
             raise RequestError(404, "user", f"no user {user!r} in {self.recommender.config.data.interactions}; "
-                                            f"send {{\"history\": [item ids]}} for a new user")
-        return self._items[user]
+                                            f"send {{\"history\": [item ids]}} for a new user, or their events to "
+                                            f"POST /events")
+        return self._items.get(user, []) + list(live or [])
 
 
 class Service:
     """What the endpoints share: the query encoder, the index, the batcher, the recommender."""
 
     def __init__(self, encoder: QueryEncoder, index: Any, recommender: Any = None, max_batch: int = 32,
-                 max_wait_ms: float = 5.0, max_upload_mb: float = 10.0) -> None:
+                 max_wait_ms: float = 5.0, max_upload_mb: float = 10.0, events_per_user: int = 50,
+                 event_users: int = 10_000, event_types: Tuple[str, ...] = DEFAULT_EVENT_TYPES) -> None:
         self.encoder, self.index, self.recommender = encoder, index, recommender
         self.max_upload = int(max_upload_mb * MIB)
         self.batcher = MicroBatcher(encoder.encode_prepared, encoder.modalities, max_batch, max_wait_ms)
@@ -307,6 +342,11 @@ class Service:
         # without queueing behind a forward.
         self.search_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="align-search")
         self.histories = UserHistories(recommender) if recommender is not None else None
+        self.explainers = Explainers(encoder, index, recommender)  # "explain": true, built on first use
+        # POST /events: bounded per user and in users (align/rec/events.py)
+        self.events = LiveEvents(events_per_user, event_users)
+        self.event_items = identity_map(recommender.item_ids) if recommender is not None else {}
+        self.event_types = identity_map(event_types)
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -319,7 +359,8 @@ class Service:
         return {"status": "ok", "items": len(self.index), "dim": self.encoder.dim,
                 "modalities": self.encoder.modalities, "kind": self.index.kind,
                 "vectors": getattr(self.index, "modality", None), "checkpoint": self.encoder.checkpoint,
-                "recommender": self.recommender is not None, "batching": self.batcher.stats.as_dict()}
+                "recommender": self.recommender is not None, "batching": self.batcher.stats.as_dict(),
+                "events": self.events.stats()}
 
     async def search(self, query: SearchQuery) -> Dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -338,7 +379,19 @@ class Service:
                                                  query.where)
         except FilterError as error:
             raise RequestError(422, "where", str(error)) from None
-        return {"results": results[0]}
+        answer = {"results": results[0]}
+        if query.explain and results[0]:
+            why = await self.explain(self.explainers.search, vector, [r["id"] for r in results[0]])
+            attach_explanation(answer, answer["results"], why)
+        return answer
+
+    async def explain(self, explainer: Any, *args: Any) -> Dict[str, Any]:
+        """An ``Explainers`` method's answer, run on the forwards' thread (it may embed the
+        vocabulary with the text tower); 409 naming ``explain`` when this server cannot explain."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.batcher.executor, explainer, *args)
+        except RunError as error:
+            raise RequestError(409, "explain", f"cannot explain: {error}") from None
 
     def require_recommender(self) -> None:
         if self.recommender is None:
@@ -348,7 +401,7 @@ class Service:
     async def recommend(self, user: Optional[str], history: Optional[List[str]], k: int) -> Dict[str, Any]:
         self.require_recommender()
         if user is not None:
-            history = await self.histories.of(user)
+            history = await self.histories.of(user, self.events.user_items(user))  # log + live events
         try:
             rows = self.recommender.rows_of(history, "history" if user is None else f"user {user}'s history")
         except RunError as error:  # a history sent names unknown items (422); a logged one does (409)
@@ -360,12 +413,26 @@ class Service:
                    for r, s in zip(picked[0].tolist(), np.asarray(scores[0]).tolist()) if r >= 0]
         return {"results": results, "history": history}
 
+    def add_event(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        """Keep one POST /events object for its user's next /recommend; 422 naming the field at fault."""
+        self.require_recommender()
+        try:
+            event = parse_event(body, self.event_items, self.event_types)
+        except EventError as error:
+            raise RequestError(422, error.field, error.message) from None
+        held = self.events.add(event)
+        return {"user": event.user, "events": held,
+                "limits": {"events_per_user": self.events.max_events_per_user, "users": self.events.max_users}}
+
 
 def create_app(encoder: QueryEncoder, index: Any, recommender: Any = None, max_batch: int = 32,
-               max_wait_ms: float = 5.0, max_upload_mb: float = 10.0) -> FastAPI:
+               max_wait_ms: float = 5.0, max_upload_mb: float = 10.0, events_per_user: int = 50,
+               event_users: int = 10_000, event_types: Tuple[str, ...] = DEFAULT_EVENT_TYPES) -> FastAPI:
     """The FastAPI app over ``index`` (``open_index``'s), queries encoded by ``encoder``,
-    recommendations by ``recommender`` (an ``align.rec.recommend.Recommender``) when given."""
-    service = Service(encoder, index, recommender, max_batch, max_wait_ms, max_upload_mb)
+    recommendations by ``recommender`` (an ``align.rec.recommend.Recommender``) when given, live
+    events kept within ``events_per_user`` per user and ``event_users`` users."""
+    service = Service(encoder, index, recommender, max_batch, max_wait_ms, max_upload_mb, events_per_user,
+                      event_users, event_types)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -401,7 +468,19 @@ def create_app(encoder: QueryEncoder, index: Any, recommender: Any = None, max_b
         service.require_recommender()  # said before the body is looked at
         body = parse_json_object(await read_body(request, service.max_upload))
         user, history, k = recommend_request(body)
-        return await service.recommend(user, history, k)
+        explain = parse_explain(body.get("explain"))
+        answer = await service.recommend(user, history, k)
+        if explain and answer["results"]:  # the history the answer was made from, live events included
+            results = answer["results"]
+            why = await service.explain(service.explainers.recommend, answer["history"], [r["id"] for r in results],
+                                        [r["score"] for r in results])
+            attach_explanation(answer, results, why)
+        return answer
+
+    @app.post("/events")
+    async def events_endpoint(request: Request) -> Dict[str, Any]:
+        service.require_recommender()
+        return service.add_event(parse_json_object(await read_body(request, service.max_upload)))
 
     return app
 
@@ -424,6 +503,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    parser.add_argument("--events-per-user", type=int, default=50,
+                        help="POST /events: newest events kept per user (default 50)")
+    parser.add_argument("--event-users", type=int, default=10_000,
+                        help="POST /events: most users held, least recently used forgotten first (default 10000)")
+    parser.add_argument("--event-types", type=names_list, default=",".join(DEFAULT_EVENT_TYPES),
+                        help=f"POST /events: the event types taken (default {','.join(DEFAULT_EVENT_TYPES)})")
     return parser
 
 
@@ -439,6 +524,11 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-upload-mb {args.max_upload_mb}: must be > 0")
     if args.recommender is not None and not os.path.isdir(args.recommender):
         raise ConfigError(f"--recommender {args.recommender}: no such folder (give the output of align rec-train)")
+    if args.events_per_user < 1 or args.event_users < 1:
+        raise ConfigError(f"--events-per-user {args.events_per_user} / --event-users {args.event_users}: "
+                          f"each must be at least 1")
+    if not args.event_types:
+        raise ConfigError("--event-types: name at least one event type, e.g. view,click,purchase")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -453,7 +543,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from align.rec.recommend import Recommender
 
         recommender = Recommender.load(args.recommender)
-    app = create_app(encoder, index, recommender, args.max_batch, args.max_wait_ms, args.max_upload_mb)
+    app = create_app(encoder, index, recommender, args.max_batch, args.max_wait_ms, args.max_upload_mb,
+                     args.events_per_user, args.event_users, args.event_types)
     log.info("serving %d items (%s index, dim %d, %s queries%s) from %s", len(index), index.kind, encoder.dim,
              "/".join(encoder.modalities), ", recommendations" if recommender is not None else "", args.index)
     # One worker: the model is loaded once and each forward already uses torch's threads.
