@@ -133,6 +133,16 @@ def test_product_vector_in_training_is_the_embedded_item_vector(shop, tmp_path):
     items = embed_manifests(checkpoint, manifests, batch_size=64, device="cpu", progress=False)
     assert items.metadata["fusion"] == "fields"
     assert "attributes:text[colour+kind]=2" in items.metadata["fields"]
+    # `align embed` of such a checkpoint writes those same vectors (same batch size: bit for bit)
+    from align.cli import main as cli_main
+    from align.index.embed import load_item_embeddings
+
+    out = str(tmp_path / "items")
+    assert cli_main(["embed", "--checkpoint", checkpoint, "--manifest", *manifests, "--out", out,
+                     "--batch-size", "64", "--device", "cpu"]) == 0
+    written = load_item_embeddings(out)
+    assert written.ids == items.ids and written.metadata["fusion"] == "fields"
+    assert torch.equal(written.vectors["fused"], items.vectors["fused"])
 
     from align.loading import load_model
     model = load_model(checkpoint)

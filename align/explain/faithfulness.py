@@ -20,7 +20,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -28,8 +28,7 @@ from align.errors import RunError
 from align.explain.history import LOO_MAX, Method, history_contributions, removal_scores
 from align.explain.words import WordProbe, user_preference
 
-if TYPE_CHECKING:  # align recommend imports this package: no import back at run time
-    from align.rec.recommend import Recommender
+Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend / align search import this package
 
 Histories = Mapping[str, Sequence[str]]  # user id -> item ids, oldest first
 

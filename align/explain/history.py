@@ -19,13 +19,12 @@ than the window are not read by the head: they contribute nothing and are only c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence, Tuple
+from typing import Any, Literal, Sequence, Tuple
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # align recommend imports this package: no import back at run time
-    from align.rec.recommend import Recommender
+Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend / align search import this package
 
 Method = Literal["auto", "leave_one_out", "gradient_x_input"]
 METHODS = ("auto", "leave_one_out", "gradient_x_input")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from align.errors import RunError
 from align.index.embed import FUSED, ItemEmbeddings, fuse, parse_fusion_weights
 
-if TYPE_CHECKING:  # align recommend imports this package: no import back at run time
-    from align.rec.recommend import Recommender
+Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend / align search import this package
 
 
 def fusion_weights_of(embeddings: ItemEmbeddings) -> Optional[Dict[str, float]]:

@@ -20,7 +20,7 @@ modalities.py, words.py).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -30,9 +30,8 @@ from align.explain.modalities import fusion_weights_of, linear_shares, shapley_s
 from align.explain.words import Terms, WordProbe, catalogue_terms, metadata_terms, user_preference
 from align.index.embed import FUSED, ItemEmbeddings, load_item_embeddings
 
-if TYPE_CHECKING:  # align recommend and align search import this package: no import back at run time
-    from align.index.search import QueryEncoder
-    from align.rec.recommend import Recommender
+QueryEncoder = Any  # an align.index.search.QueryEncoder: not imported, as align recommend / align search import this package
+Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend / align search import this package
 
 TOP_WORDS = 5  # words listed per result and for the query or user
 

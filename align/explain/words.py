@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +35,7 @@ from align.config import ColumnsConfig
 from align.data.manifest import read_table_rows
 from align.errors import RunError
 
-if TYPE_CHECKING:  # align recommend imports this package: no import back at run time
-    from align.rec.recommend import Recommender
+Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend / align search import this package
 
 MAX_VALUES = 64  # a column with more distinct values is not an attribute (ids, prices, free text)
 TITLE_WORDS = 40  # most frequent title words kept

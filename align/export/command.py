@@ -190,6 +190,7 @@ def check_int8_graphs(model: AlignModel, folder: str, dim: Optional[int] = None,
     """Per modality, (the smallest cosine between the int8 graph's rows and our float32 ones (cut to
     ``dim``) over the probes at batch 1 and 5 in one onnxruntime session, the cosine required:
     ``required``, or ``min_cosine`` of the graph's integer matmuls)."""
+    from align.export.onnx import OUTPUT, run_batches
     from align.export.quantize import check_int8, int8_name, integer_matmuls, min_cosine
 
     probes = probe_inputs(model, max(PROBE_BATCHES))
@@ -200,7 +201,7 @@ def check_int8_graphs(model: AlignModel, folder: str, dim: Optional[int] = None,
         expected = [ours[modality][:n].numpy() for n in PROBE_BATCHES]
         path = os.path.join(folder, int8_name(f"{modality}.onnx"))
         bound = required if required is not None else min_cosine(integer_matmuls(path))
-        cosines[modality] = (check_int8(path, feeds, expected), bound)
+        cosines[modality] = (check_int8(path, run_batches(path, [OUTPUT], feeds), expected), bound)
     return cosines
 
 

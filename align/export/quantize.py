@@ -125,15 +125,12 @@ def graph_bytes(path: str) -> int:
     return os.path.getsize(path) + (os.path.getsize(data) if os.path.isfile(data) else 0)
 
 
-def check_int8(path: str, batches: Sequence[Dict[str, Any]], expected: Sequence[Any]) -> float:
-    """Run the int8 graph on each batch (one session) and return the smallest cosine between its
-    rows and ``expected``'s (unit rows). A graph that does not run is a ``RunError``. Compare it with
-    ``min_cosine(integer_matmuls(path))``."""
+def check_int8(path: str, outputs: Sequence[Any], expected: Sequence[Any]) -> float:
+    """The smallest cosine between the int8 graph's rows (``outputs``: its embedding per probe
+    batch, from ``align.export.onnx.run_batches`` in one session) and ``expected``'s (unit rows).
+    Compare it with ``min_cosine(integer_matmuls(path))``."""
     import numpy as np
 
-    from align.export.onnx import OUTPUT, run_batches
-
-    outputs = run_batches(path, [OUTPUT], batches)
     worst = 1.0
     for output, reference in zip(outputs, expected):
         reference = np.asarray(reference, dtype=np.float64)

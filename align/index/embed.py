@@ -40,6 +40,7 @@ safetensors, YAML and JSON only, nothing here is ever unpickled.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -48,7 +49,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -57,7 +58,8 @@ from align.data.manifest import is_manifest
 from align.data.transforms import SampleProcessor
 from align.errors import MODALITIES, ConfigError, RunError, write_json_atomic
 from align.encoding import Processes, embed_split, join_processes
-from align.fields import check_weights
+from align.config import FieldConfig
+from align.fields import check_weights, field_weights
 from align.fields import fuse as fuse_fields
 from align.loading import load_model, model_folder, read_json, read_saved_config, read_tensors, write_tensors
 
@@ -342,6 +344,65 @@ def load_for_embedding(checkpoint: str, manifests: Sequence[str], batch_size: in
     return model, catalogue, _space_metadata(folder, model, fusion_weights)
 
 
+# ---------------------------------------------------------------- multi-field products
+# A model trained with ``model.fields`` (search-log fine-tuning) was taught that an item is the
+# weighted mean of its field vectors, each text field embedded on its own (align/fields.py). Its
+# catalogue is embedded the same way: one pass of the catalogue encoder per text field (the
+# manifests read with ``data.columns.text`` set to that field's columns, so the text is joined as
+# in training) and one per media field, then fused with the field weights. The result is an
+# ``ItemEmbeddings`` like any other: ``image``/``audio`` per item, ``text`` the weighted mean of its
+# text fields, ``fused`` the weighted mean over all fields (what the index holds); its metadata
+# says ``fusion: fields`` and the weights, so an append with other fields is refused.
+
+def fields_metadata(fields: Mapping[str, FieldConfig]) -> Dict[str, str]:
+    described = ",".join(f"{name}:{spec.modality}{'[' + '+'.join(spec.columns) + ']' if spec.columns else ''}"
+                         f"={spec.weight:g}" for name, spec in fields.items())
+    return {"fusion": "fields", "fields": described}
+
+
+def embed_fields(model: Any, config: Any, manifests: Sequence[str], batch_size: int, device: torch.device,
+                 fields: Mapping[str, FieldConfig], progress: Optional[str] = None
+                 ) -> Tuple[list, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """(ids, vectors, masks) of every item of ``manifests``: per modality and ``fused`` (module doc)."""
+    processor = SampleProcessor(model.preprocessors(train=False))
+    passes: Dict[str, Tuple[str, Any]] = {}  # field -> (modality, config it is read with)
+    for name, spec in fields.items():
+        if spec.modality == "text":
+            columns = dataclasses.replace(config.data.columns, text=list(spec.columns))
+            passes[name] = ("text", dataclasses.replace(config, data=dataclasses.replace(config.data, columns=columns)))
+        else:
+            passes[name] = (spec.modality, config)
+    ids = None
+    vectors: Dict[str, torch.Tensor] = {}
+    masks: Dict[str, torch.Tensor] = {}
+    for name, (modality, read_config) in passes.items():
+        loaders = [loader_from_config(read_config, processor, train=False, spec=m, pin_memory=device.type == "cuda")
+                   for m in manifests]
+        rows = iter([loader.dataset.rows for loader in loaders])
+        catalogue = read_catalogue(manifests, [modality], batch_size, lambda _: next(rows), loaders)
+        part = embed_batches(model, catalogue, catalogue.batches(), device,
+                             None if progress is None else f"{progress} {name}")
+        ids = catalogue.ids if ids is None else ids
+        count = len(ids)
+        vectors[name] = torch.zeros(count, model.embed_dim)
+        masks[name] = torch.zeros(count, dtype=torch.bool)
+        vectors[name][part.rows[modality]] = part.vectors[modality]
+        masks[name][part.rows[modality]] = True
+    weights = field_weights(fields)
+    out_vectors: Dict[str, torch.Tensor] = {}
+    out_masks: Dict[str, torch.Tensor] = {}
+    for modality in model.modalities:  # per modality: its fields fused (text: title + description + ...)
+        own = [name for name, spec in fields.items() if spec.modality == modality and weights[name] > 0]
+        if own:
+            out_vectors[modality], out_masks[modality] = fuse({n: vectors[n] for n in own},
+                                                              {n: masks[n] for n in own}, {n: weights[n] for n in own})
+        else:
+            out_vectors[modality] = torch.zeros(len(ids), model.embed_dim)
+            out_masks[modality] = torch.zeros(len(ids), dtype=torch.bool)
+    out_vectors[FUSED], out_masks[FUSED] = fuse(vectors, masks, weights)
+    return list(ids), out_vectors, out_masks
+
+
 def embed_manifests(checkpoint: str, manifests: Sequence[str], batch_size: int = 256,
                     device: Optional[Union[str, torch.device]] = None,
                     fusion_weights: Optional[Dict[str, float]] = None, progress: bool = True,
@@ -369,8 +430,6 @@ def embed_manifests(checkpoint: str, manifests: Sequence[str], batch_size: int =
     config = read_saved_config(model_folder(checkpoint), [f"eval.batch_size={batch_size}"])
     fields = dict(config.model.fields) if fields is None else dict(fields)
     if fields:
-        from align.index.fields import embed_fields, fields_metadata
-
         if fusion_weights is not None:
             raise ConfigError("fusion weights and model.fields both say how to fuse; the fields' weights are used, "
                               "drop the fusion weights")
@@ -819,6 +878,25 @@ def _merge(args: argparse.Namespace, existing: Optional[ItemEmbeddings], start: 
     print("\n".join(lines + [f"  -> {os.path.join(args.out, TENSORS_FILE)}, {IDS_FILE}"]), flush=True)
 
 
+def _embed_by_fields(args: argparse.Namespace, existing: Optional[ItemEmbeddings], start: float) -> int:
+    """``align embed`` of a checkpoint trained with ``model.fields``: field by field, in one process
+    (``embed_manifests``), then cut (``--dim``), appended and saved as the sharded path does."""
+    if args.part or args.merge_only or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"{args.checkpoint} embeds products field by field (model.fields); --part, --merge-only "
+                          f"and several processes are not supported for such checkpoints yet: run one process")
+    emb = embed_manifests(args.checkpoint, args.manifest, args.batch_size, args.device,
+                          fusion_weights=args.fusion_weights)
+    if args.dim is not None:
+        emb = truncate_embeddings(emb, args.dim)
+    lines = _summary(emb, time.perf_counter() - start) + [f"  fused from the fields {emb.metadata['fields']}"]
+    if existing is not None:
+        emb = append_item_embeddings(existing, emb)
+        lines.append(f"  appended: {len(emb.ids)} items now")
+    save_item_embeddings(emb, args.out)
+    print("\n".join(lines + [f"  -> {os.path.join(args.out, TENSORS_FILE)}, {IDS_FILE}"]), flush=True)
+    return 0
+
+
 def _read_rows(manifest: str, config: Any) -> List[Dict[str, Any]]:
     """A manifest's rows as the loader reads them (the checkpoint's columns), without loading the model."""
     from align.data.manifest import read_manifest
@@ -835,6 +913,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_arguments(args)
     start = time.perf_counter()
     existing = _existing(args)  # checked before the long embedding
+    if read_saved_config(model_folder(args.checkpoint)).model.fields:
+        return _embed_by_fields(args, existing, start)
     processes = join_processes(args.device)
     index, count = args.part or (0, 1)
     worker, workers = index * processes.world + processes.rank, count * processes.world
