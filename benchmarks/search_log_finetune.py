@@ -6,8 +6,9 @@ splits holding queries and products out), it
 
 1. judges the untuned demo checkpoint (``base``),
 2. fine-tunes (a) ``plain``: ``infonce`` on one (query, best product) row per query, and
-   (b) ``ours``: ``graded_infonce`` on every graded (query, product) row with the query's
-   graded products as positives, plus ``loss.matryoshka`` -- both from the demo checkpoint, with
+   (b) ``ours``: ``graded_infonce`` with the query's graded products as positives (one row per
+   query, its product drawn by grade each epoch: ``pairs: per_query``; ``--ours-pairs graded``
+   makes a row of every graded pair), plus ``loss.matryoshka`` -- both from the demo checkpoint, with
    the same multi-field products (``model.fields`` of configs/finetune_search_log.yaml, so the
    fields alone cannot make the difference), the same steps, batch, learning rate and seed,
 3. judges both with ``align search-eval``'s code on every split (nDCG@10 with gains 2^g - 1,
@@ -85,10 +86,10 @@ def main() -> int:
     parser.add_argument("--checkpoint", default=os.path.join(REPO, "runs", "demo"), help="the demo checkpoint")
     parser.add_argument("--data", default=os.path.join(REPO, "data", "demo"), help="the demo catalogue")
     parser.add_argument("--work", default=os.path.join(REPO, "runs", "bench_search_log"))
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ours-pairs", default="graded", choices=["graded", "per_query"],
+    parser.add_argument("--ours-pairs", default="per_query", choices=["graded", "per_query"],
                         help="ours: a row per graded pair, or one per query with a product drawn by grade")
     args = parser.parse_args()
     if not os.path.isdir(args.checkpoint) or not os.path.isfile(os.path.join(args.data, "train.csv")):
