@@ -160,6 +160,7 @@ def colour_pixels(png, hex_colour):
     return int((pixels == rgb).all(axis=1).sum())
 
 
+@pytest.mark.once  # a browser drawing a page: nothing in it depends on the float kernels
 def test_the_html_opens_offline_and_draws_every_category_and_the_flags(drawn, tmp_path):
     out, result = drawn
     html = (out / "map.html").read_text(encoding="utf-8")
