@@ -1,0 +1,213 @@
+"""`align audit` finds what is wrong with a catalogue's listings: a swapped photo (and says the photo
+is the wrong view), a re-encoded and cropped copy of a photo under a new id, an unreadable and a
+missing file; distinct renders of look-alike products are not duplicates; audit.csv is sorted by
+severity with a reason per row; report.html opens in headless Chromium and draws the findings."""
+import io
+import json
+import os
+import shutil
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from align.audit.agreement import AgreementThresholds, View, isolation, measure_agreement, robust_z, text_groups
+from align.audit.duplicates import DuplicateThresholds, ImageDigests, candidate_pairs, compare_pairs
+from align.audit.findings import FLAGS
+from align.cli import main as align_main
+from align.data.demo_catalogue import build_demo_catalogue, render_image
+from tests.browser import assert_drawn, screenshot
+from tests.conftest import one_step_checkpoint
+from tests.test_index import read_rows, write_rows
+
+
+def reencoded_crop(image: Image.Image, left: float, top: float, right: float, bottom: float, scale: float,
+                   quality: int) -> Image.Image:
+    """``image`` cropped by those shares of its sides, resized by ``scale``, through JPEG at ``quality``."""
+    width, height = image.size
+    image = image.crop((round(left * width), round(top * height), round(width * (1 - right)),
+                        round(height * (1 - bottom))))
+    image = image.resize((round(image.width * scale), round(image.height * scale)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+# ------------------------------------------------------------------------------------------------
+# duplicates: pixels only, no model
+# ------------------------------------------------------------------------------------------------
+LOOK_ALIKES = [("circle", "red", "solid", "large"), ("ring", "yellow", "solid", "small"),
+               ("square", "blue", "solid", "medium"), ("star", "green", "dots", "large")]
+
+
+def test_look_alike_renders_are_not_duplicates_but_a_cropped_reencoded_copy_is():
+    # 13 renders of each combination (the demo's most): same shape, colour, size and text, drawn at
+    # other positions, rotations and background tints; solid circles differ in nothing else.
+    renders = [render_image(*combo, np.random.default_rng([11, c, n]), 64)
+               for c, combo in enumerate(LOOK_ALIKES) for n in range(13)]
+    copies = {4: reencoded_crop(renders[4], 0.06, 0.02, 0.0, 0.03, 1.3, 70),  # a solid red circle
+              30: reencoded_crop(renders[30], 0.0, 0.0, 0.09, 0.05, 0.8, 80)}  # a blue square
+    digests = ImageDigests.build(enumerate(renders + list(copies.values())))
+    planted = {(4, 52), (30, 53)}
+    thresholds = DuplicateThresholds()
+
+    # Every pair of renders of one combination is checked (not only the candidates): none is the same photo.
+    look_alike_pairs = np.array([(a, b) for c in range(len(LOOK_ALIKES))
+                                 for a, b in combinations(range(13 * c, 13 * c + 13), 2)])
+    checked = compare_pairs(digests, look_alike_pairs, thresholds)
+    assert not checked["same"].any(), look_alike_pairs[checked["same"]]
+
+    candidates = candidate_pairs(digests, None, thresholds)
+    found = {tuple(pair) for pair in candidates[compare_pairs(digests, candidates, thresholds)["same"]].tolist()}
+    assert found == planted
+    # the estimated crop is the planted one (within the search grid), whichever photo is the crop
+    checked = compare_pairs(digests, np.array(sorted(planted)), thresholds)
+    assert checked["crop"] == pytest.approx([0.06, 0.09], abs=0.02)
+
+
+# ------------------------------------------------------------------------------------------------
+# agreement: hand-made vectors, no model
+# ------------------------------------------------------------------------------------------------
+def test_agreement_names_the_wrong_view_and_ranks_among_other_products():
+    generator = torch.Generator().manual_seed(0)
+    normalize = torch.nn.functional.normalize
+    centres = normalize(torch.randn(3, 16, generator=generator), dim=-1)  # 3 categories of 4 products
+    products = normalize(centres[torch.arange(12) % 3] + 0.2 * torch.randn(12, 16, generator=generator), dim=-1)
+    group = torch.arange(36) // 3  # 12 products, 3 look-alike items each with identical text
+    def view():
+        return normalize(products[group] + 0.1 * torch.randn(36, 16, generator=generator), dim=-1)
+    image, title, sound = view(), view(), view()
+    image[7] = products[0]  # item 7 (product 2, another category) shows product 0's photo
+    texts = [f"product {int(g)}" for g in group]
+    views = {name: View(vectors, torch.ones(36, dtype=torch.bool))
+             for name, vectors in (("image", image), ("title", title), ("audio", sound))}
+    agreement = measure_agreement(views, text_groups(texts), AgreementThresholds())
+    assert np.nonzero(agreement.mismatch)[0].tolist() == [7]
+    assert agreement.culprit[7] == "image"
+
+    stats = agreement.pairs[("image", "title")]
+    # ranks by brute force: other products' titles closer to the item's photo than its own title
+    for row in range(36):
+        own = float(image[row] @ title[row])
+        expected = sum(1 for other in range(36)
+                       if group[other] != group[row] and float(image[row] @ title[other]) > own)
+        assert stats.rank_ab[list(stats.rows).index(row)] == expected
+    assert stats.rank_ab[7] > 0 and np.median(stats.rank_ab) == 0
+    # robust z against its definition in float64
+    similarity = (image.double() * title.double()).sum(-1).numpy()
+    median = np.median(similarity)
+    scale = 1.4826 * np.median(np.abs(similarity - median))
+    assert robust_z(similarity)[0] == pytest.approx((similarity - median) / scale)
+    assert agreement.worst[7] == pytest.approx(np.mean([agreement.pairs[("image", "title")].z[7],
+                                                       agreement.pairs[("image", "audio")].z[7]]))
+
+    # an outlier: product 11 moved away from every category in all three views
+    far = normalize(-centres.sum(0), dim=-1)
+    for vectors in (image, title, sound):
+        vectors[33:36] = normalize(far + 0.1 * torch.randn(3, 16, generator=generator), dim=-1)
+    apart = isolation(views, text_groups(texts), ~agreement.mismatch, AgreementThresholds())
+    assert np.nonzero(apart.outlier)[0].tolist() == [33, 34, 35]
+    assert np.isnan(apart.score[7])  # a mismatched item is not judged for isolation
+
+
+# ------------------------------------------------------------------------------------------------
+# the command, end to end on a tiny trained model
+# ------------------------------------------------------------------------------------------------
+STEPS = 60  # the swapped pair then scores about -8 and the next item about -3 (the flag is at -4.5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 160 + 40 item demo catalogue at 32 px and a tiny model trained on titles and descriptions
+    long enough (STEPS) to tell a product's photo from another's."""
+    demo = str(tmp_path_factory.mktemp("audit_demo"))
+    build_demo_catalogue(demo, seed=0, n_train=160, n_test=40, image_size=32, clip_seconds=0.5)
+    checkpoint = one_step_checkpoint(demo, tmp_path_factory.mktemp("run"), f"train.max_steps={STEPS}",
+                                     "data.columns.text=[title,description]")
+    return demo, checkpoint
+
+
+def plant(demo: str, folder: Path):
+    """A copy of the catalogue with a swapped pair, a re-encoded cropped copy, a garbage photo and a
+    missing sound; returns the ids involved."""
+    shutil.copytree(demo, folder)
+    train = read_rows(folder / "train.csv")
+    with_photo = [row for row in train if row["image"] and row["audio"]]
+    first = with_photo[0]
+    second = next(row for row in with_photo if row["kind"] != first["kind"] and row["colour"] != first["colour"])
+    first["image"], second["image"] = second["image"], first["image"]
+    source = with_photo[5]
+    copy = dict(source, id="copy-" + source["id"], image="images/copy.jpg", audio="")
+    with Image.open(folder / source["image"]) as photo:
+        reencoded_crop(photo.convert("RGB"), 0.07, 0.03, 0.0, 0.02, 1.25, 75).save(folder / copy["image"], quality=95)
+    broken, gone = with_photo[8], with_photo[9]
+    (folder / broken["image"]).write_bytes(os.urandom(2000))
+    gone["audio"] = "audio/nowhere.flac"
+    write_rows(train + [copy], folder / "train.csv")
+    return {"swap": {first["id"], second["id"]}, "copy": copy["id"], "source": source["id"],
+            "unreadable": broken["id"], "missing": gone["id"]}
+
+
+def test_audit_finds_planted_faults_and_reports_them(trained, tmp_path):
+    demo, checkpoint = trained
+    catalogue = tmp_path / "catalogue"
+    planted = plant(demo, catalogue)
+    out = tmp_path / "audit"
+    code = align_main(["audit", "--checkpoint", checkpoint, "--manifest", str(catalogue / "train.csv"),
+                       str(catalogue / "test.csv"), "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert code == 0
+
+    findings = read_rows(out / "audit.csv")
+    by_flag = {flag: {row["item_id"]: row for row in findings if row["flag"] == flag} for flag in FLAGS}
+    # a swapped pair: both items, and the photo is the view found wrong
+    assert planted["swap"] <= set(by_flag["mismatch"])
+    assert {by_flag["mismatch"][item]["view"] for item in planted["swap"]} == {"image"}
+    assert all("wrong photo" in by_flag["mismatch"][item]["reason"] for item in planted["swap"])
+    # the untouched items agree: few of them are called mismatched
+    assert len(set(by_flag["mismatch"]) - planted["swap"]) <= 0.03 * 201
+    # the re-encoded crop, and nothing else, is a duplicate, of its source
+    assert set(by_flag["duplicate"]) == {planted["copy"]}
+    assert by_flag["duplicate"][planted["copy"]]["related_id"] == planted["source"]
+    # broken media: found, counted, and the run did not stop
+    assert set(by_flag["unreadable"]) == {planted["unreadable"]}
+    assert by_flag["unreadable"][planted["unreadable"]]["view"] == "image"
+    assert set(by_flag["missing"]) == {planted["missing"]}
+    assert "nowhere.flac" in by_flag["missing"][planted["missing"]]["reason"]
+
+    # most severe first, a reason on every row; broken files before mismatches before duplicates
+    severities = [float(row["severity"]) for row in findings]
+    assert severities == sorted(severities, reverse=True)
+    assert all(len(row["reason"]) > 20 for row in findings)
+    order = [row["flag"] for row in findings]
+    assert order.index("missing") < order.index("mismatch") < order.index("duplicate")
+
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["counts"] == {flag: len(by_flag[flag]) for flag in FLAGS}
+    assert summary["items"] == 201 and summary["thresholds"]["agreement"]["mismatch_z"] == 4.5
+    agreement = read_rows(out / "agreement.csv")
+    assert len(agreement) == 201 and {"z_image", "z_title", "z_description", "z_audio"} <= set(agreement[0])
+
+    # the report stands alone: photos inline, nothing fetched; Chromium draws it
+    page = (out / "report.html").read_text()
+    assert "data:image/jpeg;base64," in page and "http://" not in page and "https://" not in page
+    assert planted["copy"] in page and planted["missing"] in page
+    assert_drawn(screenshot(out / "report.html", tmp_path / "report.png"))
+
+
+def test_thresholds_can_be_overridden_and_bad_ones_are_refused(trained, tmp_path, capsys):
+    demo, checkpoint = trained
+    out = tmp_path / "audit"
+    code = align_main(["audit", "--checkpoint", checkpoint, "--manifest", os.path.join(demo, "test.csv"),
+                       "--out", str(out), "--device", "cpu", "--no-progress", "--outlier-z", "1",
+                       "--min-grain", "0.5"])
+    assert code == 0
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["thresholds"]["agreement"]["outlier_z"] == 1.0
+    assert summary["thresholds"]["duplicates"]["min_grain"] == 0.5
+    assert summary["counts"]["outlier"] > 0  # z <= -1 is common: the override took effect
+    assert align_main(["audit", "--checkpoint", checkpoint, "--manifest", os.path.join(demo, "test.csv"),
+                       "--out", str(out), "--max-crop", "0.7"]) == 2
+    assert "--max-crop" in capsys.readouterr().err
