@@ -11,12 +11,16 @@ splits holding queries and products out), it
    makes a row of every graded pair), plus ``loss.matryoshka`` -- both from the demo checkpoint, with
    the same multi-field products (``model.fields`` of configs/finetune_search_log.yaml, so the
    fields alone cannot make the difference), the same steps, batch, learning rate and seed,
-3. judges both with ``align search-eval``'s code on every split (nDCG@10 with gains 2^g - 1,
-   ERR@10, R@10), and ours at each Matryoshka width beside plain truncated the same way.
+3. judges all three with ``align search-eval``'s code on every split (nDCG@10 with gains 2^g - 1,
+   ERR@10, R@10), and ours at each Matryoshka width beside plain truncated the same way, twice:
+   against the simulator's complete judgements (``<split>.truth.csv``: every candidate that fits
+   the query, graded by match level; the targets are read here) and against the log's own events
+   (a few shown-and-viewed products per query, so mostly the luck of the simulated page).
 
 The last line is the JSON ``{"base_ndcg10": {split: ..}, "plain_ndcg10": {split: ..},
 "ours_ndcg10": {split: ..}, "ours_ndcg10_by_dim": {dim: ..}, "plain_ndcg10_by_dim": {dim: ..},
-...}`` (by-dim figures over all four splits' queries: the mean of the split means).
+..., "log_judged": {the same keys, judged by the log}}`` (by-dim figures over all four splits'
+queries: the mean of the split means).
 
     make demo                                      # the demo checkpoint and catalogue
     python benchmarks/search_log_finetune.py       # a few minutes on 2 cores
@@ -35,11 +39,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "finetune_search_log.yaml")
 SPLITS = ["eval_in_domain", "eval_novel_queries", "eval_novel_products", "eval_both_novel"]
 DIMS = [16, 32, 64]
+JUDGED_BY = ("truth", "log")  # the simulator's complete judgements (the targets), and the log's own
 
 
 def simulate(data: str, out: str, seed: int) -> None:
-    if os.path.isfile(os.path.join(out, "stats.json")):
-        return
+    if all(os.path.isfile(os.path.join(out, name)) for name in ("stats.json", f"{SPLITS[-1]}.truth.csv")):
+        return  # simulated before (a folder from before the complete judgements is written again)
     manifests = [os.path.join(data, "train.csv"), os.path.join(data, "test.csv")]
     subprocess.run([sys.executable, "-m", "align.cli", "prep", "search-log", "simulate", "--catalogue", *manifests,
                     "--new", manifests[1], "--out", out, "--seed", str(seed)], check=True, cwd=REPO)
@@ -63,11 +68,12 @@ def fine_tune(name: str, overrides: List[str], args: argparse.Namespace, work: s
 
 
 def judge(checkpoint: str, args: argparse.Namespace, work: str, fields: Any = None) -> Dict[str, Any]:
+    """{"truth" | "log": {split: ...}}: one embedding of the model, scored both ways."""
     from align.searchlog.evaluate import judge as judge_splits
 
     manifests = [os.path.join(args.data, "train.csv"), os.path.join(args.data, "test.csv")]
     results, _, _ = judge_splits(checkpoint, manifests, os.path.join(work, "search"), SPLITS, DIMS,
-                                 batch_size=256, device="cpu", fields=fields)
+                                 batch_size=256, device="cpu", fields=fields, judged_by=JUDGED_BY)
     return results
 
 
@@ -79,6 +85,32 @@ def by_dim(results: Dict[str, Any], full: int) -> Dict[str, float]:
     """nDCG@10 per width: the mean over the four splits."""
     return {str(d): sum(figure(results, s, "ndcg@10", str(d) if d != full else "full") for s in SPLITS) / len(SPLITS)
             for d in DIMS + [full]}
+
+
+def summarise(base: Dict[str, Any], plain: Dict[str, Any], ours: Dict[str, Any], full: int, how: str) -> Dict[str, Any]:
+    """Print the tables of one way of judging and return its figures (the JSON's keys)."""
+    print(f"\njudged by {how}:\n{'split':22s} {'model':6s} {'nDCG@10':>8s} {'ERR@10':>8s} {'R@10':>8s}")
+    for split in SPLITS:
+        for name, results in (("base", base), ("plain", plain), ("ours", ours)):
+            print(f"{split:22s} {name:6s} " + " ".join(f"{figure(results, split, m):8.4f}"
+                                                      for m in ("ndcg@10", "err@10", "recall@10")))
+    ours_dims, plain_dims = by_dim(ours, full), by_dim(plain, full)
+    print(f"\n{'dim':>5s} {'ours':>8s} {'plain':>8s}   (nDCG@10, mean of the four splits)")
+    for dim in ours_dims:
+        print(f"{dim:>5s} {ours_dims[dim]:8.4f} {plain_dims[dim]:8.4f}")
+    models = (("base", base), ("plain", plain), ("ours", ours))
+    ndcg = {name: {s: round(figure(r, s, "ndcg@10"), 4) for s in SPLITS} for name, r in models}
+    quarter = str(full // 4)
+    out: Dict[str, Any] = {f"{name}_ndcg10": ndcg[name] for name, _ in models}
+    out.update({
+        "ours_ndcg10_by_dim": {k: round(v, 4) for k, v in ours_dims.items()},
+        "plain_ndcg10_by_dim": {k: round(v, 4) for k, v in plain_dims.items()},
+        "ours_over_plain": {s: round(ndcg["ours"][s] / max(ndcg["plain"][s], 1e-12), 3) for s in SPLITS},
+        "ours_quarter_keeps": round(ours_dims[quarter] / max(ours_dims[str(full)], 1e-12), 3),
+    })
+    for metric, key in (("err@10", "err10"), ("recall@10", "r10")):
+        out.update({f"{name}_{key}": {s: round(figure(r, s, metric), 4) for s in SPLITS} for name, r in models})
+    return out
 
 
 def main() -> int:
@@ -108,33 +140,12 @@ def main() -> int:
     ours_dir = fine_tune("ours", [f"data.search_log.pairs={args.ours_pairs}"], args, args.work)
     plain, ours = judge(plain_dir, args, args.work), judge(ours_dir, args, args.work)
 
-    print(f"\n{'split':22s} {'model':6s} {'nDCG@10':>8s} {'ERR@10':>8s} {'R@10':>8s}")
-    for split in SPLITS:
-        for name, results in (("base", base), ("plain", plain), ("ours", ours)):
-            print(f"{split:22s} {name:6s} " + " ".join(f"{figure(results, split, m):8.4f}"
-                                                      for m in ("ndcg@10", "err@10", "recall@10")))
-    ours_dims, plain_dims = by_dim(ours, full), by_dim(plain, full)
-    print(f"\n{'dim':>5s} {'ours':>8s} {'plain':>8s}   (nDCG@10, mean of the four splits)")
-    for dim in ours_dims:
-        print(f"{dim:>5s} {ours_dims[dim]:8.4f} {plain_dims[dim]:8.4f}")
-    ndcg = {name: {s: round(figure(r, s, "ndcg@10"), 4) for s in SPLITS}
-            for name, r in (("base", base), ("plain", plain), ("ours", ours))}
-    ratio = {s: round(ndcg["ours"][s] / max(ndcg["plain"][s], 1e-12), 3) for s in SPLITS}
-    quarter = str(full // 4)
-    summary = {
-        "base_ndcg10": ndcg["base"], "plain_ndcg10": ndcg["plain"], "ours_ndcg10": ndcg["ours"],
-        "ours_ndcg10_by_dim": {k: round(v, 4) for k, v in ours_dims.items()},
-        "plain_ndcg10_by_dim": {k: round(v, 4) for k, v in plain_dims.items()},
-        "ours_over_plain": ratio,
-        "ours_quarter_keeps": round(ours_dims[quarter] / max(ours_dims[str(full)], 1e-12), 3),
-        "base_err10": {s: round(figure(base, s, "err@10"), 4) for s in SPLITS},
-        "plain_err10": {s: round(figure(plain, s, "err@10"), 4) for s in SPLITS},
-        "ours_err10": {s: round(figure(ours, s, "err@10"), 4) for s in SPLITS},
-        "base_r10": {s: round(figure(base, s, "recall@10"), 4) for s in SPLITS},
-        "plain_r10": {s: round(figure(plain, s, "recall@10"), 4) for s in SPLITS},
-        "ours_r10": {s: round(figure(ours, s, "recall@10"), 4) for s in SPLITS},
-        "steps": args.steps, "batch_size": args.batch_size, "seconds": round(time.time() - started, 1),
-    }
+    summary: Dict[str, Any] = {}
+    for how in JUDGED_BY:
+        figures = summarise(base[how], plain[how], ours[how], full, how)
+        summary.update(figures if how == JUDGED_BY[0] else {f"{how}_judged": figures})
+    summary.update({"judged_by": JUDGED_BY[0], "steps": args.steps, "batch_size": args.batch_size,
+                    "seconds": round(time.time() - started, 1)})
     print(json.dumps(summary))
     return 0
 

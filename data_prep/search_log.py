@@ -14,7 +14,9 @@ ends with the message and exit code 1.
 ``simulate`` writes into ``--out`` (the story and every knob in align/searchlog/simulate.py;
 ``--queries`` is ``--n-queries``): ``log.csv`` (every event, with a ``split`` column), one file
 per split with the same columns (``train.csv``, ``eval_in_domain.csv``, ``eval_novel_queries.csv``,
-``eval_novel_products.csv``, ``eval_both_novel.csv``), then ``stats.json`` last (the knobs, the
+``eval_novel_products.csv``, ``eval_both_novel.csv``), the complete judgements of each evaluation
+split in ``<split>.truth.csv`` (``query, query_image, query_audio, item_id, relevance``: every
+candidate that fits a query, its match level as the grade), then ``stats.json`` last (the knobs, the
 held-out items and templates, the counts per split). Photo and voice query paths are written
 relative to ``--out``, so every file there validates as it is. The items of ``--new`` are held out
 as products (with their whole combinations). The same flags and ``--seed`` give the same files.
@@ -25,7 +27,7 @@ import argparse
 import csv
 import dataclasses
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -33,8 +35,8 @@ from align.errors import atomic_open, write_json_atomic
 from align.data.tables import BadRows, read_columns
 from align.rec.interactions import read_catalogue_columns, read_catalogue_ids
 from align.searchlog.log import DEFAULT_EVENT_GRADES, EventGrades, SearchLog, SearchLogColumns, read_search_log
-from align.searchlog.simulate import (DEFAULT_ATTRIBUTES, LOG_COLUMNS, SPLITS, SearchSimConfig, SimCatalogue,
-                                      simulate_search_log, split_stats)
+from align.searchlog.simulate import (DEFAULT_ATTRIBUTES, JUDGEMENT_COLUMNS, LOG_COLUMNS, SPLITS, TRUTH_SUFFIX,
+                                      SearchSimConfig, SimCatalogue, simulate_search_log, split_stats)
 from data_prep.simulator_flags import add_knob_flags, config_from_flags, new_item_positions
 
 
@@ -131,9 +133,9 @@ def read_sim_catalogue(manifests: List[str], attributes: List[str], id_column: s
     return SimCatalogue(item_ids=item_ids, attributes=values, images=media["image"], audio=media["audio"])
 
 
-def _write_rows(rows: List[Dict[str, str]], path: str) -> None:
+def _write_rows(rows: List[Dict[str, str]], path: str, columns: Sequence[str] = LOG_COLUMNS) -> None:
     with atomic_open(path, newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -150,11 +152,14 @@ def _simulate(args: argparse.Namespace) -> int:
     _write_rows(sim.rows, os.path.join(args.out, "log.csv"))
     for split in SPLITS:
         _write_rows([r for r in sim.rows if r["split"] == split], os.path.join(args.out, f"{split}.csv"))
+    for split, judged in sim.judgements.items():
+        _write_rows(judged, os.path.join(args.out, f"{split}{TRUTH_SUFFIX}"), JUDGEMENT_COLUMNS)
     stats = split_stats(sim.rows)
     write_json_atomic({"config": dataclasses.asdict(config), "attributes": attributes,
                        "catalogue": list(args.catalogue), "new": list(args.new), "rows": len(sim.rows),
                        "splits": stats, "held_out_items": sim.held_out_items,
-                       "held_out_templates": sim.held_out_templates, "reserved_words": sim.reserved_words},
+                       "held_out_templates": sim.held_out_templates, "reserved_words": sim.reserved_words,
+                       "complete_judgements": {split: len(j) for split, j in sim.judgements.items()}},
                       os.path.join(args.out, "stats.json"))  # last: its presence means the folder is complete
     print(f"simulated {len(sim.rows)} events of {config.n_queries} searches over {len(catalogue.item_ids)} items "
           f"({len(sim.held_out_items)} held out) -> {args.out}")

@@ -1,6 +1,6 @@
 """`align search-eval` judges a checkpoint on a simulated search log: every split and query modality
 is reported, at the full dimension the figures are those of metrics.graded_report over the same
-vectors, ranked among the candidates stats.json names (recomputed here from the split CSVs),
+vectors (judged by the log or by the simulator's complete judgements), ranked among the candidates stats.json names (recomputed here from the split CSVs),
 --dims adds prefix dimensions, a PNG is drawn, and bad flags are refused with exit 2 naming them."""
 import csv
 import json
@@ -53,7 +53,8 @@ def split_judgements(path):
             if key not in queries:
                 queries[key] = (key[0], " ".join(row["query"].split()) if key[0] == "text" else key[1])
             pair = (list(queries).index(key), row["item_id"])
-            grades[pair] = max(grades.get(pair, 0), GRADES[row["event"]])
+            grade = float(row["relevance"]) if row.get("relevance") else GRADES[row["event"]]
+            grades[pair] = max(grades.get(pair, 0), grade)
     return list(queries.values()), grades
 
 
@@ -76,8 +77,16 @@ def test_every_split_and_modality_is_reported_with_metrics_in_range(evaluated):
     assert os.path.getsize(os.path.join(os.path.dirname(output), "search_eval_ndcg.png")) > 0
 
 
-def test_full_dimension_equals_graded_report_over_the_same_vectors(evaluated):
+@pytest.mark.parametrize("judged_by", ["log", "truth"])
+def test_full_dimension_equals_graded_report_over_the_same_vectors(evaluated, judged_by, tmp_path):
     checkpoint, manifests, log_dir, _, result = evaluated
+    if judged_by == "truth":  # the simulator's complete judgements of the same queries
+        output = str(tmp_path / "truth.json")
+        assert cli_main(["search-eval", "--checkpoint", checkpoint, "--catalogue", *manifests, "--log-dir",
+                         log_dir, "--judged-by", "truth", "--device", "cpu", "--output", output]) == 0
+        with open(output) as handle:
+            result = json.load(handle)
+        assert result["judged_by"] == "truth"
     with open(os.path.join(log_dir, "stats.json")) as handle:
         stats = json.load(handle)
     items = embed_manifests(checkpoint, manifests, BATCH, "cpu", progress=False)
@@ -87,7 +96,8 @@ def test_full_dimension_equals_graded_report_over_the_same_vectors(evaluated):
         want_held = stats["splits"][split]["candidates"] == "held_out"
         candidates = [n for n, item in enumerate(items.ids) if (item in held_out) == want_held]
         position = {items.ids[n]: p for p, n in enumerate(candidates)}
-        queries, grades = split_judgements(os.path.join(log_dir, f"{split}.csv"))
+        name = f"{split}.csv" if judged_by == "log" else f"{split}.truth.csv"
+        queries, grades = split_judgements(os.path.join(log_dir, name))
         vectors = torch.zeros(len(queries), encoder.dim)
         for modality in ("text", "image", "audio"):
             rows = [n for n, (m, _) in enumerate(queries) if m == modality]

@@ -255,6 +255,62 @@ def test_relevance_follows_attribute_match(simulated):
     assert sum(s["rows"] for s in stats["splits"].values()) == len(rows) == stats["rows"]
 
 
+def _level(item, intent):
+    """The docstring's match level, restated: 3 all mentioned match; 2 one non-noun mismatch and two
+    or more match; 1 the noun is mentioned and matches, or no noun and something matches; else 0."""
+    matched = sum(item[name] == value for name, value in intent.items())
+    mismatched = len(intent) - matched
+    noun_ok = "kind" not in intent or item["kind"] == intent["kind"]
+    if mismatched == 0:
+        return 3
+    if mismatched == 1 and noun_ok and matched >= 2:
+        return 2
+    return int(("kind" in intent and noun_ok) or ("kind" not in intent and matched > 0))
+
+
+def test_complete_judgements_grade_every_fitting_candidate_of_the_log_queries(simulated):
+    out, manifests = simulated
+    catalogue = _catalogue(manifests)
+    ids = list(catalogue)
+    stats = json.loads((out / "stats.json").read_text())
+    held_out = set(stats["held_out_items"])
+    intents = {}
+    with open(out / "log.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            intent = dict(kv.split("=") for kv in row["intent"].split(";"))
+            key = (row["query"], row["query_image"], row["query_audio"])
+            assert intents.setdefault(key, intent) == intent  # one intent per distinct query
+    rng = np.random.default_rng(0)
+    for split in SPLIT_FILES[1:]:
+        log, _ = read_search_log(str(out / f"{split}.csv"), ids)
+        truth, report = read_search_log(str(out / f"{split}.truth.csv"), ids)
+        assert report.n_bad == report.n_merged == 0 and truth.queries == log.queries  # same queries, same order
+        assert stats["complete_judgements"][split] == len(truth)
+        side = [i for i in ids if (i in held_out) == (stats["splits"][split]["candidates"] == "held_out")]
+        with open(out / f"{split}.truth.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert {r["item_id"] for r in rows} <= set(side)
+        by_query = {}
+        for row in rows:
+            by_query.setdefault((row["query"], row["query_image"], row["query_audio"]), {})[row["item_id"]] = \
+                int(row["relevance"])
+        assert len(by_query) == len(log.queries)
+        for n in rng.choice(len(by_query), size=min(25, len(by_query)), replace=False):
+            key = list(by_query)[n]
+            expected = {i: _level(catalogue[i], intents[key]) for i in side}
+            assert {i: g for i, g in by_query[key].items() if g} == {i: g for i, g in expected.items() if g}, key
+            shown = {log.item_ids[i] for i in log.judgements()[n][1]}  # the truth file keeps the log's order
+            assert {i for i, g in by_query[key].items() if not g} <= shown  # grade 0: logged, but does not fit
+    # Every logged pair of a query that fits it is judged with its match level: the log is a sample.
+    with open(out / "eval_in_domain.csv", newline="") as handle:
+        logged = [(r["query"], r["query_image"], r["query_audio"], r["item_id"]) for r in csv.DictReader(handle)]
+    with open(out / "eval_in_domain.truth.csv", newline="") as handle:
+        judged = {(r["query"], r["query_image"], r["query_audio"], r["item_id"]) for r in csv.DictReader(handle)}
+    fitting = [p for p in logged if _level(catalogue[p[3]], intents[p[:3]]) > 0]
+    assert fitting and all(p in judged for p in fitting)
+    assert len(judged) > 3 * len(set(logged))  # a log judges a small part of what fits
+
+
 def test_simulator_refuses_bad_knobs(small_demo, tmp_path):
     from data_prep.search_log import main
 

@@ -3,12 +3,19 @@ graded metrics (nDCG, ERR, RBP, MRR, Recall; align/searchlog/metrics.py)::
 
     align search-eval --checkpoint runs/demo --catalogue data/demo/train.csv data/demo/test.csv \\
         --log-dir data/demo/search [--splits eval_in_domain,eval_novel_queries] [--dims 16,32,64] \\
-        [--max-grade 3] [--k 10] [--depth 100] [--device cpu] [--output runs/demo/search_eval.json]
+        [--judged-by log|truth] [--max-grade 3] [--k 10] [--depth 100] [--device cpu] \
+        [--output runs/demo/search_eval.json]
 
 ``--log-dir`` is a folder as ``align prep search-log simulate`` writes it (align/searchlog/simulate.py):
 one CSV per split and ``stats.json``, which says per split which products it ranks
-(``candidates``: "seen" = the catalogue less ``held_out_items``, "held_out" = those items; each
-split's judgements are complete only over its own side).
+(``candidates``: "seen" = the catalogue less ``held_out_items``, "held_out" = those items).
+
+Judgements (``--judged-by``): ``log`` (default) scores against the split's log file, a pair's grade
+its deepest event; ``truth`` against ``<split>.truth.csv``, the simulator's complete
+judgements of the same queries (every candidate that fits a query, graded by match level 1..3;
+align/searchlog/simulate.py). A log judges only the products its pages showed, a few of the many
+that fit a broad query, so its figures credit a model for ranking the shown ones first; the
+complete judgements credit it for ranking the fitting ones first, which is what a shop wants.
 
 For every split: each distinct query (text, photo = ``image``, voice = ``audio``) is encoded by its
 modality's tower exactly as ``align search`` encodes an upload (``QueryEncoder``); every catalogue
@@ -43,9 +50,10 @@ from align.loading import read_json
 from align.objective import prefix
 from align.searchlog.log import EventGrades, SearchLog, read_search_log
 from align.searchlog.metrics import GradedRelevance, graded_report, rank_by_similarity
-from align.searchlog.simulate import CANDIDATES
+from align.searchlog.simulate import CANDIDATES, TRUTH_SUFFIX
 
 EVAL_SPLITS = tuple(CANDIDATES)  # the simulator's evaluation splits, in its order
+JUDGED_BY = ("log", "truth")
 STATS_FILE = "stats.json"
 PLOT_FILE = "search_eval_ndcg.png"
 FULL = "full"
@@ -109,12 +117,17 @@ def candidate_rows(stats: Dict[str, Any], split: str, item_ids: Sequence[str], s
     return np.flatnonzero(is_held if side == "held_out" else ~is_held).astype(np.int64)
 
 
-def read_split(log_dir: str, split: str, stats: Dict[str, Any], item_ids: Sequence[str]) -> SplitData:
-    """The split's judgements against the catalogue; an unknown item, or a judged item outside the
-    split's candidates, is a ``ConfigError`` naming the file and row."""
-    path = os.path.join(log_dir, f"{split}.csv")
+def read_split(log_dir: str, split: str, stats: Dict[str, Any], item_ids: Sequence[str],
+               judged_by: str = "log") -> SplitData:
+    """The split's judgements against the catalogue (``judged_by``: its log file, or the complete
+    judgements in ``<split>.truth.csv``); an unknown item, or a judged item outside the split's
+    candidates, is a ``ConfigError`` naming the file and row."""
+    if judged_by not in JUDGED_BY:
+        raise ConfigError(f"--judged-by {judged_by!r}: choose from {', '.join(JUDGED_BY)}")
+    name = f"{split}.csv" if judged_by == "log" else f"{split}{TRUTH_SUFFIX}"
+    path = os.path.join(log_dir, name)
     if not os.path.isfile(path):
-        raise ConfigError(f"--log-dir {log_dir}: no {split}.csv (write the folder with `align prep search-log "
+        raise ConfigError(f"--log-dir {log_dir}: no {name} (write the folder with `align prep search-log "
                           f"simulate`, or leave the split out of --splits)")
     log, report = read_search_log(path, item_ids, EventGrades(), max_bad_fraction=1.0)
     if report.counts.get("unknown_item"):
@@ -225,6 +238,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-dir", required=True, help="split CSVs + stats.json (align prep search-log simulate)")
     parser.add_argument("--splits", help=f"comma-separated (default: {','.join(EVAL_SPLITS)})")
     parser.add_argument("--dims", help="also evaluate these prefix dimensions, e.g. 16,32,64 (Matryoshka)")
+    parser.add_argument("--judged-by", default="log", choices=JUDGED_BY,
+                        help="score against the split's log (log), or the simulator's complete judgements (truth)")
     parser.add_argument("--max-grade", type=float, default=3.0, help="top of the grading scale (3: buy)")
     parser.add_argument("--k", type=int, default=10, help="cut-off of nDCG, ERR and Recall (10)")
     parser.add_argument("--depth", type=int, default=100, help="ranked list length for MRR and RBP (100)")
@@ -255,24 +270,33 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def judge(checkpoint: str, catalogue: Sequence[str], log_dir: str, splits: Sequence[str], dims: Sequence[int],
           batch_size: int = 256, device: Optional[str] = None, max_grade: float = 3.0, k: int = 10, depth: int = 100,
-          id_column: str = "id", fields: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], int, Dict[str, int]]:
-    """(results {split: {"all" | modality: {"full" | "<dim>": graded_report}}}, full dim, candidates
-    per split) of a
-    checkpoint on a search log's splits (module doc). ``fields``: product fields to embed the
-    catalogue with instead of the checkpoint's own (``model.fields``; None = the checkpoint's)."""
+          id_column: str = "id", fields: Optional[Dict[str, Any]] = None,
+          judged_by: Sequence[str] = ("log",)) -> Tuple[Dict[str, Any], int, Dict[str, int]]:
+    """(results, full dim, candidates per split) of a checkpoint on a search log's splits (module
+    doc). results: {split: {"all" | modality: {"full" | "<dim>": graded_report}}} for one entry of
+    ``judged_by``; with several, {judged_by: that} (the model and the vectors are shared).
+    ``fields``: product fields to embed the catalogue with instead of the checkpoint's own
+    (``model.fields``; None = the checkpoint's)."""
     from align.index.embed import embed_manifests
     from align.index.search import QueryEncoder
     from align.rec.interactions import read_catalogue_ids
 
     stats = read_json(os.path.join(log_dir, STATS_FILE))
     item_ids = read_catalogue_ids(catalogue, id_column)
-    data = [read_split(log_dir, split, stats, item_ids) for split in splits]  # all checked first
+    judged = {how: [read_split(log_dir, split, stats, item_ids, how) for split in splits]
+              for how in judged_by}  # all checked first
+    data = judged[judged_by[0]]
 
     encoder = QueryEncoder(checkpoint, device)
     full_dim = encoder.dim
     if dims and dims[-1] > full_dim:
         raise ConfigError(f"--dims {list(dims)}: the model embeds into {full_dim}; give dimensions <= {full_dim}")
     query_vectors = {d.name: encode_queries(encoder, d, batch_size) for d in data}
+    for how, other in judged.items():  # both judge the same queries, so one encoding serves all
+        for d, o in zip(data, other):
+            if o.log.queries != d.log.queries:
+                raise ConfigError(f"{o.path}: its queries are not those of {d.path} in the same order; "
+                                  f"simulate the folder again")
     del encoder  # one model in memory at a time: embed_manifests loads its own
     items = embed_manifests(checkpoint, catalogue, batch_size, device, progress=False, fields=fields)
     if items.ids != item_ids:
@@ -280,11 +304,15 @@ def judge(checkpoint: str, catalogue: Sequence[str], log_dir: str, splits: Seque
                        f"--id-column {id_column!r}; give the id column the checkpoint was trained with")
 
     steps: List[Optional[int]] = [d for d in dims if d != full_dim] + [None]
-    results = {}
-    for d in data:
-        candidates = items.vectors["fused"][torch.as_tensor(d.candidates)]  # (C, D)
-        results[d.name] = score_split(query_vectors[d.name], candidates, relevance_of(d),
-                                      [q.modality for q in d.log.queries], steps, max_grade, k, depth)
+    results: Dict[str, Any] = {}
+    for how, splits_data in judged.items():
+        results[how] = {}
+        for d in splits_data:
+            candidates = items.vectors["fused"][torch.as_tensor(d.candidates)]  # (C, D)
+            results[how][d.name] = score_split(query_vectors[d.name], candidates, relevance_of(d),
+                                               [q.modality for q in d.log.queries], steps, max_grade, k, depth)
+    if len(judged) == 1:
+        results = results[judged_by[0]]
     return results, full_dim, {d.name: int(len(d.candidates)) for d in data}
 
 
@@ -307,11 +335,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     splits, dims = _parse_splits(args.splits), _parse_dims(args.dims)
     results, full_dim, candidates = judge(args.checkpoint, args.catalogue, args.log_dir, splits, dims, args.batch_size,
                               args.device, args.max_grade, args.k, args.depth, args.id_column,
-                              fields_from(args.fields_from))
+                              fields_from(args.fields_from), (args.judged_by,))
     output = args.output or os.path.join(args.checkpoint, "search_eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_json_atomic({"checkpoint": os.path.abspath(args.checkpoint), "log_dir": os.path.abspath(args.log_dir),
-                       "k": args.k, "depth": args.depth, "max_grade": args.max_grade, "dim": full_dim,
+                       "judged_by": args.judged_by, "k": args.k, "depth": args.depth, "max_grade": args.max_grade, "dim": full_dim,
                        "dims": dims, "candidates": candidates, "splits": _json_safe(results)}, output)
     print(format_table(results, args.k))
     plot = plot_ndcg_by_dim(results, args.k, dims, full_dim, os.path.join(os.path.dirname(os.path.abspath(output)),

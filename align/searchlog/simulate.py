@@ -56,8 +56,17 @@ Splits (each distinct query is one unit: all its sessions go to one side)
         novel                eval_novel_queries    eval_both_novel
 
   * Candidates to rank: the seen products for ``eval_in_domain`` and ``eval_novel_queries``,
-    the held-out products for ``eval_novel_products`` and ``eval_both_novel`` (each split's
-    judgements are complete only over its own side). ``stats.json`` lists the held-out items.
+    the held-out products for ``eval_novel_products`` and ``eval_both_novel``. ``stats.json``
+    lists the held-out items.
+Complete judgements (``SimulatedLog.judgements``, written as ``<split>.truth.csv``)
+  * A log judges only what a page showed and somebody viewed: a few of the tens or hundreds of
+    products that fit a query (a "red star" fits every red star, of any size and pattern).
+    Scored against the log alone, a model that puts an equally fitting but unshown product first
+    is marked wrong, so the log's figures are mostly the luck of the page. The simulator knows
+    the truth, so for each evaluation split it also lists, for every query of that split's log
+    file, every candidate on the split's side that fits it, its match level (1..3) as its grade:
+    complete judgements (``align search-eval --judged-by truth``). A photo query's own item is
+    among them (it fits its own intent); a logged item that does not fit is listed with grade 0.
 """
 from __future__ import annotations
 
@@ -75,6 +84,8 @@ SPLITS = ("train", "eval_in_domain", "eval_novel_queries", "eval_novel_products"
 CANDIDATES = {"eval_in_domain": "seen", "eval_novel_queries": "seen",
               "eval_novel_products": "held_out", "eval_both_novel": "held_out"}
 LOG_COLUMNS = ("query", "query_image", "query_audio", "item_id", "event", "timestamp", "split", "intent")
+TRUTH_SUFFIX = ".truth.csv"  # <split>.truth.csv: a split's complete judgements, beside its log file
+JUDGEMENT_COLUMNS = ("query", "query_image", "query_audio", "item_id", "relevance")
 EVENTS = ("view", "cart", "buy")  # graded 1, 2, 3 by the default EventGrades
 
 # Surface forms of a value: the canonical one first, then synonyms; the last of three or more is
@@ -152,13 +163,15 @@ class SimCatalogue:
 
 @dataclass
 class SimulatedLog:
-    """The simulated log: ``rows`` (one dict per event, keys ``LOG_COLUMNS``, in time order)
-    and what was held out."""
+    """The simulated log: ``rows`` (one dict per event, keys ``LOG_COLUMNS``, in time order),
+    what was held out, and ``judgements``: per evaluation split, the complete judgements of its
+    queries (one dict per (query, fitting candidate), keys ``JUDGEMENT_COLUMNS``; module doc)."""
 
     rows: List[Dict[str, str]]
     held_out_items: List[str]
     held_out_templates: List[str]
     reserved_words: List[str]
+    judgements: Dict[str, List[Dict[str, str]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -174,7 +187,12 @@ class _Session:
 
     @property
     def key(self) -> str:
-        return self.text if self.text else f"image:{self.image}" if self.image else f"audio:{self.audio}"
+        return query_key(self.text, self.image, self.audio)
+
+
+def query_key(text: str, image: str, audio: str) -> str:
+    """One string per distinct query: its text, or its photo's or voice clip's path."""
+    return text if text else f"image:{image}" if image else f"audio:{audio}"
 
 
 def simulate_search_log(catalogue: SimCatalogue, config: SearchSimConfig,
@@ -212,8 +230,38 @@ def simulate_search_log(catalogue: SimCatalogue, config: SearchSimConfig,
         rows += _session_rows(rng, session, side, start, codes, held_out, catalogue, names, vocab, config)
     said = [SURFACES.get(value, [value]) for values in vocab for value in values]
     reserved = sorted({forms[-1] for forms in said if len(forms) >= 3})
+    intents = {}
+    for session in sessions:  # a query's wording fixes its intent; the first session's is kept
+        intents.setdefault(session.key, session.intent)
     return SimulatedLog(rows=rows, held_out_items=[catalogue.item_ids[i] for i in np.flatnonzero(held_out)],
-                        held_out_templates=[TEMPLATES[t] for t in held_templates], reserved_words=reserved)
+                        held_out_templates=[TEMPLATES[t] for t in held_templates], reserved_words=reserved,
+                        judgements=complete_judgements(rows, intents, codes, held_out, catalogue.item_ids))
+
+
+def complete_judgements(rows: Sequence[Dict[str, str]], intents: Dict[str, Dict[int, int]], codes: np.ndarray,
+                        held_out: np.ndarray, item_ids: Sequence[str]) -> Dict[str, List[Dict[str, str]]]:
+    """Per evaluation split, every candidate of its side that fits each of its queries (match
+    level >= 1, the level as ``relevance``), queries in order of first appearance in the log;
+    an item the log has for a query but that does not fit it is listed with relevance 0, so
+    every query of the log is judged (one with nothing fitting is left out of the metrics'
+    means, as metrics.py says). ``intents`` maps a ``query_key`` to its intent."""
+    row_of = {item: n for n, item in enumerate(item_ids)}
+    out: Dict[str, List[Dict[str, str]]] = {}
+    for split, side in CANDIDATES.items():
+        on_side = held_out if side == "held_out" else ~held_out
+        logged: Dict[Tuple[str, str, str], np.ndarray] = {}
+        for row in rows:
+            if row["split"] == split:
+                query = (row["query"], row["query_image"], row["query_audio"])
+                logged.setdefault(query, np.zeros(len(item_ids), dtype=bool))[row_of[row["item_id"]]] = True
+        judged = []
+        for (text, image, audio), shown in logged.items():
+            level = match_levels(codes, intents[query_key(text, image, audio)])
+            for item in np.flatnonzero(((level > 0) | shown) & on_side):
+                judged.append({"query": text, "query_image": image, "query_audio": audio,
+                               "item_id": item_ids[item], "relevance": str(int(level[item]))})
+        out[split] = judged
+    return out
 
 
 def _held_out_items(rng: np.random.Generator, codes: np.ndarray, fraction: float,
@@ -319,7 +367,8 @@ def match_levels(codes: np.ndarray, intent: Dict[int, int]) -> np.ndarray:
     noun_known = noun in intent
     noun_ok = codes[:, noun] == intent[noun] if noun_known else np.ones(len(codes), dtype=bool)
     level = np.zeros(len(codes), dtype=np.int64)
-    level[(noun_ok & noun_known) | (~noun_known & (matched > 0))] = 1
+    # Boolean masks only: ``~`` of a Python bool is an int, and an int array would index items.
+    level[noun_ok & (matched > 0) if not noun_known else noun_ok] = 1
     level[(mismatched == 1) & noun_ok & (matched >= 2)] = 2
     level[mismatched == 0] = 3
     return level
