@@ -1,4 +1,4 @@
-"""The leaf every other module may import: error types, modality names, atomic file writes.
+"""The leaf every other module may import: error types, modality names, atomic file and folder writes.
 
 It imports nothing of ours, so config, towers, data, losses and train can all share these
 names without tying each other into an import circle.
@@ -13,8 +13,10 @@ Two kinds of error end a command with a message and a non-zero exit instead of a
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Iterator, TextIO
 
@@ -57,3 +59,30 @@ def write_json_atomic(data: Any, path: str) -> None:
     with atomic_open(path) as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")
+
+
+def replace_folder(staging: str, out: str) -> None:
+    """Put the folder ``staging`` at ``out``. An existing ``out`` is exchanged with it in one
+    ``renameat2(RENAME_EXCHANGE)`` where the kernel and filesystem allow it (a reader never finds
+    ``out`` missing), else moved aside first; the old folder is then removed."""
+    out = os.path.abspath(out)
+    if not os.path.exists(out):
+        os.replace(staging, out)
+        return
+    if not _exchange(staging, out):
+        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".old", dir=os.path.dirname(out))
+        os.rmdir(aside)
+        os.replace(out, aside)
+        os.replace(staging, out)
+        staging = aside
+    shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28 / not Linux
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0

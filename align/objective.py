@@ -9,7 +9,7 @@ in align/train/cached_step.py is made of.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,20 @@ def prefix(x: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
     return F.normalize(x[..., :dim], dim=-1)
 
 
+def nested_loss(levels: Sequence[Tuple[Optional[int], float]], loss_at: Callable[[Optional[int]], torch.Tensor],
+                name: str, full_dim: int, terms: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """sum_d w_d * loss_at(d) over the Matryoshka ``levels`` (``matryoshka_levels``); with more
+    than the full width, each level's value is also reported in ``terms`` as "<name>@<d>"."""
+    total = None
+    for dim, weight in levels:
+        value = loss_at(dim)
+        if dim is not None or len(levels) > 1:
+            terms[f"{name}@{dim or full_dim}"] = value.detach()
+        level = value if weight == 1.0 else weight * value
+        total = level if total is None else total + level
+    return total
+
+
 class ContrastiveObjective(nn.Module):
     """Model + pair losses. ``forward(batch)`` returns {"loss": total, "<a>-<b>": term,
     "<a>-<b>/top1": batch_top1, ..., "logit_scale": s}.
@@ -155,17 +169,15 @@ class ContrastiveObjective(nn.Module):
             if "neg_text" in embeddings and "text" in (a, b):
                 a, b = (b, a) if a == "text" else (a, b)  # explicit negatives are candidates for text
                 kwargs = {"negatives": embeddings["neg_text"], "negatives_mask": negatives_mask & valid[:, None]}
-            pair_loss = None
-            for dim, level_weight in self.levels:
+
+            def at(dim: Optional[int]) -> torch.Tensor:  # called at once, in this iteration
                 if "negatives" in kwargs:
                     kwargs["negatives"] = prefix(embeddings["neg_text"], dim)
                 # Every rank must call every pair's loss (it gathers across ranks), even with no valid rows.
-                out = loss(prefix(embeddings[a], dim), prefix(embeddings[b], dim), logit_scale=scale, valid=valid,
-                           groups=groups, **kwargs)
-                if dim is not None or len(self.levels) > 1:
-                    terms[f"{name}@{dim or embeddings[a].shape[-1]}"] = out["loss"].detach()
-                level = out["loss"] if level_weight == 1.0 else level_weight * out["loss"]
-                pair_loss = level if pair_loss is None else pair_loss + level
+                return loss(prefix(embeddings[a], dim), prefix(embeddings[b], dim), logit_scale=scale, valid=valid,
+                            groups=groups, **kwargs)["loss"]
+
+            pair_loss = nested_loss(self.levels, at, name, embeddings[a].shape[-1], terms)
             terms[name] = pair_loss.detach()
             terms[f"{name}/top1"] = batch_top1(embeddings[a], embeddings[b], valid)
             weighted = self.weights[name] * pair_loss
@@ -257,14 +269,10 @@ class QueryProductObjective(nn.Module):
         else:
             kwargs["groups"] = batch["groups"]
         terms: Dict[str, torch.Tensor] = {}
-        total = None
         query, product = embeddings["query"], embeddings["product"]
-        for dim, level_weight in self.levels:
-            out = self.loss(prefix(query, dim), prefix(product, dim), logit_scale=scale, **kwargs)
-            if dim is not None or len(self.levels) > 1:
-                terms[f"{self.NAME}@{dim or query.shape[-1]}"] = out["loss"].detach()
-            level = out["loss"] if level_weight == 1.0 else level_weight * out["loss"]
-            total = level if total is None else total + level
+        total = nested_loss(self.levels, lambda dim: self.loss(prefix(query, dim), prefix(product, dim),
+                                                               logit_scale=scale, **kwargs)["loss"],
+                            self.NAME, query.shape[-1], terms)
         terms[self.NAME] = total.detach()
         terms[f"{self.NAME}/top1"] = batch_top1(query, product, valid)
         terms["loss"] = total

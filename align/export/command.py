@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from align.errors import ConfigError, RunError
+from align.errors import ConfigError, RunError, replace_folder
 from align.export.matryoshka import truncated_model
 from align.index.embed import check_prefix_dim
 from align.loading import load_model, model_folder, read_saved_config
@@ -265,27 +265,14 @@ def export(checkpoint: str, out: str, formats: Optional[List[str]] = None, overw
         dims = {m: str(e.shape[-1]) for m, e in our_embeddings(written_model, probe_inputs(model, 1)).items()}
         write_card(staging, config, folder, dims, written, skipped, checks,
                    compression={"dim": dim if dim != full_dim else None, "full_dim": full_dim, "int8": cosines})
-        _replace_folder(staging, out)
+        _usual_modes(staging)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {"written": written, "skipped": skipped, "max_abs_diff": checks, "out": out,
             "dim": dim or full_dim, "full_dim": full_dim, "int8_min_cosine": {m: c for m, (c, _) in cosines.items()},
             "int8_required": {m: bound for m, (_, bound) in cosines.items()}}
-
-
-def _replace_folder(staging: str, out: str) -> None:
-    """Rename ``staging`` to ``out``; an old ``out`` is moved aside first and removed after."""
-    _usual_modes(staging)
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".old",
-                               dir=os.path.dirname(os.path.abspath(out)))
-        os.rmdir(old)
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _usual_modes(folder: str) -> None:

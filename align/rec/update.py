@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from align.config import load_dataclass
-from align.errors import ConfigError, RunError, write_json_atomic
+from align.errors import ConfigError, RunError, replace_folder, write_json_atomic
 from align.index.embed import load_item_embeddings
 from align.loading import read_json, read_tensors, write_tensors
 from align.rec.config import RecConfig, validate_rec
@@ -306,32 +305,6 @@ def staged_folder(out: str):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def replace_folder(staging: str, out: str) -> None:
-    """Put the folder ``staging`` at ``out``. An existing ``out`` is exchanged with it in one
-    ``renameat2(RENAME_EXCHANGE)`` where the kernel and filesystem allow it (a reader never finds
-    ``out`` missing), else moved aside first; the old folder is then removed."""
-    if not os.path.exists(out):
-        os.replace(staging, out)
-        return
-    if not _exchange(staging, out):
-        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".old", dir=os.path.dirname(out))
-        os.rmdir(aside)
-        os.replace(out, aside)
-        os.replace(staging, out)
-        staging = aside
-    shutil.rmtree(staging, ignore_errors=True)  # now the old folder
-
-
-def _exchange(first: str, second: str) -> bool:
-    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not glibc >= 2.28 / not Linux
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
 
 
 # ------------------------------------------------------------------------------------------------

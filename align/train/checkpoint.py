@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from align.config import Config, save_config
-from align.errors import ConfigError, RunError, write_json_atomic
+from align.errors import ConfigError, RunError, replace_folder, write_json_atomic
 from align.loading import read_json, read_tensors, write_tensors
 
 log = logging.getLogger("align.train")
@@ -213,9 +213,7 @@ def save_checkpoint(accelerator, objective, optimizer, scheduler, config: Config
     _raise_if_any_failed(accelerator, failure, f"writing checkpoint {tmp}")
     if accelerator.is_main_process:
         try:
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_folder(tmp, final)  # a checkpoint saved again at the same step is swapped whole
         except OSError as error:
             failure = error
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
