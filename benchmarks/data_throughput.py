@@ -6,8 +6,12 @@ shuffle buffer, open_clip image transform (train mode: random resized crop) and 
 tokenizer, and nothing else runs (no model). Measured: samples per second over one epoch,
 from the first batch to the last (worker start-up excluded, the shuffle-buffer fill included),
 median of ``--rounds`` alternating runs; and, as a figure that other load on a shared machine
-does not distort, CPU milliseconds per sample (user + system of the child process and its
-dataloader workers, imports included for both).
+does not distort, CPU milliseconds per sample: user + system of the child process and its
+dataloader workers, less what the child spent starting and importing before it built its loader
+(``cpu_ms_per_sample``, what a long run pays per sample; ``cpu_ratio`` compares these), and with
+that included (``..._with_imports``). The imports differ by environment, not by pipeline: with
+``transformers`` installed, as our towers need, ``import open_clip`` alone costs about a second
+more CPU than in the peer's bare venv.
 Then ours again with audio decoding + resampling + cropping added (tri-modal shards).
 
     python benchmarks/data_throughput.py [--items 4000] [--workers 2] [--batch-size 64]
@@ -16,7 +20,8 @@ Then ours again with audio decoding + resampling + cropping added (tri-modal sha
 open_clip's loader runs in a subprocess: in this venv when it works with our webdataset, else
 in ``benchmarks/.peer-venv`` (created on demand: ``pip install open_clip_torch pandas
 'webdataset<=0.2.86' torch torchvision``). The last line is JSON:
-``{"ours_sps", "openclip_sps", "ratio", "ours_audio_sps", "cpu_ms_per_sample", "cpu_ratio", ...}``.
+``{"ours_sps", "openclip_sps", "ratio", "ours_audio_sps", "cpu_ms_per_sample", "cpu_ratio",
+"cpu_ms_per_sample_with_imports", "cpu_ratio_with_imports", "import_cpu_s", ...}``.
 """
 from __future__ import annotations
 
@@ -37,9 +42,11 @@ PEER_VENV = os.path.join(REPO, "benchmarks", ".peer-venv")
 _WORKING_PEER: list = []  # the interpreter open_clip's loader worked with, once known
 
 PEER_SCRIPT = r'''
-import argparse, json, sys, time
+import argparse, json, resource, sys, time
 import open_clip
 from open_clip_train.data import get_wds_dataset
+usage = resource.getrusage(resource.RUSAGE_SELF)
+import_cpu = usage.ru_utime + usage.ru_stime  # interpreter start and imports, before any loading
 spec, items, workers, batch_size, image_size, model = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 args = argparse.Namespace(train_data=spec, val_data=None, train_num_samples=items, val_num_samples=None,
                           dataset_resampled=False, seed=0, batch_size=batch_size, workers=workers, world_size=1,
@@ -52,7 +59,7 @@ for images, texts in data.dataloader:
         first, first_n = time.perf_counter(), len(images)
     samples += len(images)
 seconds = time.perf_counter() - first
-print(json.dumps({"sps": (samples - first_n) / seconds, "samples": samples}))
+print(json.dumps({"sps": (samples - first_n) / seconds, "samples": samples, "import_cpu": import_cpu}))
 '''
 
 
@@ -112,6 +119,8 @@ def ours(spec: str, workers: int, batch_size: int, image_size: int, model: str, 
     from align.data.loader import build_loader
     from align.data.transforms import SampleProcessor
 
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    import_cpu = usage.ru_utime + usage.ru_stime  # interpreter start and imports, before any loading
     preprocessors = {"image": open_clip.image_transform(image_size, is_train=True), "text": Tokenize(model)}
     if audio:
         preprocessors["audio"] = AudioPreprocessor(sample_rate=16000, clip_seconds=1.0, crop="random")
@@ -122,7 +131,7 @@ def ours(spec: str, workers: int, batch_size: int, image_size: int, model: str, 
         if first is None:
             first, first_n = time.perf_counter(), len(batch["ids"])
         samples += len(batch["ids"])
-    return {"sps": (samples - first_n) / (time.perf_counter() - first), "samples": samples}
+    return {"sps": (samples - first_n) / (time.perf_counter() - first), "samples": samples, "import_cpu": import_cpu}
 
 
 def _child_cpu(command: list) -> tuple:
@@ -133,15 +142,21 @@ def _child_cpu(command: list) -> tuple:
     return done, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def _cpu_figures(result: dict, cpu: float) -> dict:
+    """CPU ms per sample of a child's run: of the loading alone (all its CPU, its workers' too, less
+    what the interpreter's start and imports took before the loader was built), and with them."""
+    result["cpu_ms_per_sample"] = 1000 * (cpu - result["import_cpu"]) / result["samples"]
+    result["cpu_ms_per_sample_with_imports"] = 1000 * cpu / result["samples"]
+    return result
+
+
 def ours_child(spec: str, items: int, workers: int, batch_size: int, image_size: int, model: str,
                audio: bool) -> dict:
     argv = ["--child", spec, str(workers), str(batch_size), str(image_size), model, str(int(audio))]
     done, cpu = _child_cpu([sys.executable, os.path.abspath(__file__), *argv])
     if done.returncode != 0:
         raise RuntimeError(f"our loader failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["cpu_ms_per_sample"] = 1000 * cpu / result["samples"]
-    return result
+    return _cpu_figures(json.loads(done.stdout.strip().splitlines()[-1]), cpu)
 
 
 def peer(spec: str, items: int, workers: int, batch_size: int, image_size: int, model: str) -> dict:
@@ -155,8 +170,7 @@ def peer(spec: str, items: int, workers: int, batch_size: int, image_size: int, 
                             "webdataset<=0.2.86", "torch", "torchvision"], check=True)
         done, cpu = _child_cpu([python, "-c", PEER_SCRIPT, *argv])
         if done.returncode == 0:
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            result["cpu_ms_per_sample"] = 1000 * cpu / result["samples"]
+            result = _cpu_figures(json.loads(done.stdout.strip().splitlines()[-1]), cpu)
             result["python"] = "this venv" if python == sys.executable else ".peer-venv"
             _WORKING_PEER[:] = [python]
             return result
@@ -198,10 +212,16 @@ def main(argv=None) -> int:
             for name, r in results.items()), flush=True)
     sps = {k: statistics.median(r["sps"] for r in v) for k, v in runs.items()}
     cpu = {k: statistics.median(r["cpu_ms_per_sample"] for r in v) for k, v in runs.items()}
+    with_imports = {k: statistics.median(r["cpu_ms_per_sample_with_imports"] for r in v) for k, v in runs.items()}
     print(json.dumps({"ours_sps": round(sps["ours"], 1), "openclip_sps": round(sps["openclip"], 1),
                       "ratio": round(sps["ours"] / sps["openclip"], 3), "ours_audio_sps": round(sps["ours_audio"], 1),
                       "cpu_ms_per_sample": {k: round(v, 2) for k, v in cpu.items()},
-                      "cpu_ratio": round(cpu["openclip"] / cpu["ours"], 3), "items": args.items,
+                      "cpu_ratio": round(cpu["openclip"] / cpu["ours"], 3),
+                      "cpu_ms_per_sample_with_imports": {k: round(v, 2) for k, v in with_imports.items()},
+                      "cpu_ratio_with_imports": round(with_imports["openclip"] / with_imports["ours"], 3),
+                      "import_cpu_s": {k: round(statistics.median(r["import_cpu"] for r in v), 2)
+                                       for k, v in runs.items()},
+                      "items": args.items,
                       "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size,
                       "rounds": args.rounds, "peer_python": python}))
     return 0
