@@ -73,6 +73,32 @@ def test_collate_pads_a_batch_of_mixed_sizes():
     assert batch["pixels"][0, :, height:].eq(0).all() and batch["pixels"][0, :, :, width:].eq(0).all()
 
 
+class _Batches(torch.utils.data.Dataset):
+    """Each item is a whole collated batch, built in the worker as the loaders build theirs."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return collate(self.samples[index:])
+
+
+def test_a_batch_collated_in_a_worker_is_built_in_shared_memory_and_equal():
+    padded = both_paths(open_clip.image_transform(SIZE, is_train=True), images())[2]["pixels"]
+    samples = [{"id": str(n), "text": torch.arange(n, n + 5), "image": torch.full((3, 4, 4), float(n))}
+               for n in range(3)]
+    loader = torch.utils.data.DataLoader(_Batches(samples), batch_size=None, num_workers=1)
+    for index, batch in enumerate(loader):  # from the worker: no copy into shared memory on the way
+        expected = collate(samples[index:])  # here, in the main process
+        for name in ("text", "image"):
+            assert batch["inputs"][name].is_shared() and not expected["inputs"][name].is_shared()
+            assert torch.equal(batch["inputs"][name], expected["inputs"][name])
+    assert padded.dtype == torch.uint8 and not padded.is_shared()  # the padding path, main process
+
+
 def test_train_crops_pick_the_same_box_and_pixels_as_open_clips_transform():
     transform = open_clip.image_transform(SIZE, is_train=True)  # RandomResizedCrop, bicubic
     pictures = images()

@@ -37,6 +37,7 @@ import hashlib
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.utils.data
 
 from align.errors import MODALITIES  # noqa: F401  (re-exported)
 NO_GROUP = -1
@@ -55,7 +56,9 @@ def pad_pixels(images: Sequence[torch.Tensor]) -> torch.Tensor:
     bottom and right (``data.image_pipeline: device``: each sample's ``size`` says what is real)."""
     height = max(image.shape[-2] for image in images)
     width = max(image.shape[-1] for image in images)
-    out = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+    shape = (len(images), images[0].shape[0], height, width)
+    out = _shared_out(images[0], shape)
+    out = images[0].new_zeros(shape) if out is None else out.zero_()
     for index, image in enumerate(images):
         out[index, :, :image.shape[-2], :image.shape[-1]] = image
     return out
@@ -67,7 +70,20 @@ def _stack(values: Sequence[Any], key: str = "") -> Any:
         return {k: _stack([v[k] for v in values], k) for k in first}
     if key == "pixels":  # stored-size images (align/towers/image_ops.py ImageGeometry)
         return pad_pixels(values)
-    return torch.stack(list(values))
+    return torch.stack(list(values), out=_shared_out(first, (len(values), *first.shape)))
+
+
+def _shared_out(like: torch.Tensor, shape: Sequence[int]) -> Optional[torch.Tensor]:
+    """In a dataloader worker, an uninitialised CPU tensor of ``shape`` in shared memory: a batch
+    built there goes to the main process as it is, where one built in private memory would be
+    copied into shared memory on the way (torch's default_collate does the same). None elsewhere."""
+    if like.device.type != "cpu" or torch.utils.data.get_worker_info() is None:
+        return None
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    storage = torch.UntypedStorage._new_shared(numel * like.element_size())
+    return like.new_empty(0).set_(storage, 0, tuple(shape))
 
 
 def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:

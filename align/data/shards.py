@@ -63,6 +63,7 @@ import torch
 from align.data.bad_samples import BadSampleTally, Skipped
 from align.data.manifest import seeded_sample
 from align.data.sample import MODALITIES, BadSample, collate_with_report
+from align.data.tar import TruncatedMember, tar_members
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg")
@@ -134,31 +135,40 @@ def tar_samples(url: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
     """Stream ``(key, {extension: bytes})`` from a tar; raises ``TruncatedShard`` at a broken end.
 
     Members are grouped by key (the path up to the first dot of the file name), as webdataset
-    does; a group cut short by the truncation is not yielded.
+    does; a group cut short by the truncation is not yielded, the whole group before it is.
     """
-    key, files = None, {}
+    key, files, cut = None, {}, None
     try:
-        with contextlib.closing(_open(url)) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
+        with contextlib.closing(_open(url)) as stream:
+            for path, data in tar_members(stream):
+                member_key = _member_key(path)
+                if member_key is None:
                     continue
-                folder, name = os.path.split(member.name)
-                if "." not in name or name.startswith("."):
-                    continue
-                stem, extension = name.split(".", 1)
-                member_key = os.path.join(folder, stem)
-                data = tar.extractfile(member).read()
                 if member_key != key:
                     if key is not None:
                         yield key, files
                     key, files = member_key, {}
-                files[extension.lower()] = data
+                files[os.path.basename(path).split(".", 1)[1].lower()] = data
     except FileNotFoundError as error:
         raise TruncatedShard(url, f"shard not found: {error}", "missing_shard") from error
+    except TruncatedMember as error:  # the member's header came whole: a group before it is complete
+        cut = error
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         raise TruncatedShard(url, repr(error)) from error
+    if cut is not None:
+        if key is not None and _member_key(cut.name) != key:
+            yield key, files
+        raise TruncatedShard(url, repr(cut))
     if key is not None:
         yield key, files
+
+
+def _member_key(path: str) -> Optional[str]:
+    """The sample key of a member: its path up to the first dot of the file name (None: no key)."""
+    folder, name = os.path.split(path)
+    if "." not in name or name.startswith("."):
+        return None
+    return os.path.join(folder, name.split(".", 1)[0])
 
 
 class TruncatedShard(Exception):
