@@ -1,12 +1,14 @@
 """Catalogue manifest -> webdataset shards, ``stats.json`` and ``sizes.json``; safe to re-run.
 
     align prep shards MANIFEST --out DIR [--samples-per-shard 1000] [--image-max-side 512]
-        [--image-format jpg|png|webp] [--quality 90] [--sample-rate 16000] [--clip-seconds 10]
+        [--image-size 224] [--image-format jpg|png|webp] [--quality 90] [--sample-rate 16000] [--clip-seconds 10]
         [--workers 2] [--seed 0] [--col-id id --col-text title,description ...] [--root DIR]
 
 Each sample ``{key}`` of a shard holds ``{key}.json`` (id, text, group, category, negatives),
 ``{key}.txt`` (the text, so open_clip's own loader reads the shards too), ``{key}.jpg|png|webp``
-(RGB, longer side at most ``--image-max-side``) and ``{key}.flac`` (mono 16-bit at
+(RGB, longer side at most ``--image-max-side``; with ``--image-size S``, the model's input side,
+also shrunk until the shorter side is S, so that a training worker decodes and resizes no more
+pixels than the crop needs; never enlarged) and ``{key}.flac`` (mono 16-bit at
 ``--sample-rate``, the first ``--clip-seconds``), as align/data/shards.py reads them.
 
 Stages (one shard per multiprocessing task)::
@@ -50,18 +52,21 @@ class EncodeOptions:
     quality: int = 90
     sample_rate: int = 16000
     clip_seconds: float = 10.0
+    image_size: Optional[int] = None  # shorter side shrunk to this (the model's input side)
 
 
 # ---------------------------------------------------------------- per-sample encoding
 def encode_image(path: str, options: EncodeOptions) -> Tuple[bytes, str]:
-    """Decode, convert to RGB, shrink to ``image_max_side``, re-encode -> (bytes, extension)."""
+    """Decode, convert to RGB, shrink (longer side to ``image_max_side``, shorter side to
+    ``image_size`` when set, whichever shrinks more; never enlarge), re-encode -> (bytes, extension)."""
     from PIL import Image
 
     with Image.open(path) as opened:
         image = opened.convert("RGB")  # full decode: truncated files fail here
-    longest = max(image.size)
-    if longest > options.image_max_side:
-        scale = options.image_max_side / longest
+    scale = options.image_max_side / max(image.size)
+    if options.image_size:
+        scale = min(scale, options.image_size / min(image.size))
+    if scale < 1.0:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.BICUBIC)
     buffer = io.BytesIO()
@@ -189,7 +194,8 @@ def _fingerprint(manifest: str, rows: Sequence[Dict[str, Any]], options: EncodeO
                  seed: int, root: str) -> dict:
     digest = hashlib.sha256(json.dumps([{k: v for k, v in r.items() if k != "_where"} for r in rows],
                                        sort_keys=True).encode()).hexdigest()
-    return {"manifest": os.path.abspath(manifest), "rows_sha256": digest, "options": asdict(options),
+    settings = {k: v for k, v in asdict(options).items() if not (k == "image_size" and v is None)}  # as before it
+    return {"manifest": os.path.abspath(manifest), "rows_sha256": digest, "options": settings,
             "samples_per_shard": samples_per_shard, "seed": seed, "root": os.path.abspath(root)}
 
 
@@ -197,7 +203,7 @@ def _fingerprint(manifest: str, rows: Sequence[Dict[str, Any]], options: EncodeO
 def write_shards(manifest: str, out: str, *, columns: Any = None, root: Optional[str] = None,
                  samples_per_shard: int = 1000, image_max_side: int = 512, image_format: str = "jpg",
                  quality: int = 90, sample_rate: int = 16000, clip_seconds: float = 10.0, workers: int = 2,
-                 seed: int = 0, max_shards: Optional[int] = None) -> Dict[str, Any]:
+                 seed: int = 0, max_shards: Optional[int] = None, image_size: Optional[int] = None) -> Dict[str, Any]:
     """Write shards for ``manifest`` into ``out``; returns the stats (also in ``out/stats.json``).
 
     ``max_shards`` stops after writing that many new shards (to test resuming); stats and
@@ -207,8 +213,10 @@ def write_shards(manifest: str, out: str, *, columns: Any = None, root: Optional
 
     if samples_per_shard < 1:
         raise ValueError(f"--samples-per-shard must be positive, got {samples_per_shard}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"--image-size must be positive (the model's input side, e.g. 224), got {image_size}")
     started = time.time()
-    options = EncodeOptions(image_max_side, image_format, quality, sample_rate, clip_seconds)
+    options = EncodeOptions(image_max_side, image_format, quality, sample_rate, clip_seconds, image_size)
     rows = read_manifest(manifest, columns)
     root = root if root is not None else os.path.dirname(os.path.abspath(manifest))
     os.makedirs(os.path.join(out, RECORDS), exist_ok=True)
@@ -284,6 +292,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="folder for shards-NNNNNN.tar, stats.json, sizes.json")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--image-max-side", type=int, default=512)
+    parser.add_argument("--image-size", type=int, help="the model's input side (e.g. 224): also shrink each image "
+                        "until its shorter side is this, so training decodes and resizes no more than it needs")
     parser.add_argument("--image-format", choices=("jpg", "png", "webp"), default="jpg")
     parser.add_argument("--quality", type=int, default=90, help="jpg/webp quality")
     parser.add_argument("--sample-rate", type=int, default=16000)
@@ -307,7 +317,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     stats = write_shards(args.manifest, args.out, columns=columns, root=args.root,
                          samples_per_shard=args.samples_per_shard, image_max_side=args.image_max_side,
                          image_format=args.image_format, quality=args.quality, sample_rate=args.sample_rate,
-                         clip_seconds=args.clip_seconds, workers=args.workers, seed=args.seed)
+                         clip_seconds=args.clip_seconds, workers=args.workers, seed=args.seed,
+                         image_size=args.image_size)
     print(f"{stats['written']} samples in {stats['shards']} shards -> {args.out} "
           f"({stats['shards_written_this_run']} written now, {stats['seconds_this_run']} s); "
           f"skipped {stats['skipped']}: {stats['skipped_by_reason']}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -94,3 +95,31 @@ def test_main_takes_column_names(tmp_path, capsys):
 
         assert max(Image.open(tar.extractfile(webp[0])).size) == 4
     assert {m["id"] for m in meta} <= {f"s{i}" for i in range(5)} and meta[0]["text"].startswith("lamp")
+
+
+def test_image_size_shrinks_the_shorter_side_to_the_models_input_and_never_enlarges(tmp_path):
+    from PIL import Image
+
+    from data_prep.shards import EncodeOptions, encode_image
+
+    sizes = {"wide": (300, 120), "tall": (90, 400), "small": (40, 30), "long": (2000, 100)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, (200, 30, 90)).save(tmp_path / f"{name}.png")
+
+    def stored(name, **options):
+        data, _ = encode_image(str(tmp_path / f"{name}.png"), EncodeOptions(image_format="png", **options))
+        return Image.open(io.BytesIO(data)).size
+
+    assert stored("wide", image_size=64) == (160, 64)  # shorter side 64, aspect kept
+    assert stored("tall", image_size=64) == (64, 284)
+    assert stored("small", image_size=64) == (40, 30)  # never enlarged
+    assert stored("long", image_size=64, image_max_side=512) == (512, 26)  # the longer-side cap shrinks more
+    assert stored("wide") == (300, 120)  # without --image-size only the longer side is capped
+
+    manifest = write_csv(tmp_path / "m.csv", make_catalogue(tmp_path, n=4))
+    out = str(tmp_path / "out")
+    write_shards(manifest, out, samples_per_shard=2, workers=1, clip_seconds=0.02)
+    with pytest.raises(ValueError, match="image_size"):  # another size in the same folder is another job
+        write_shards(manifest, out, samples_per_shard=2, workers=1, clip_seconds=0.02, image_size=8)
+    with pytest.raises(ValueError, match="--image-size"):
+        write_shards(manifest, str(tmp_path / "bad"), workers=1, image_size=0)
