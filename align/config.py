@@ -174,6 +174,9 @@ class DataConfig:
     max_negatives: int = 0  # explicit hard-negative texts per sample (0 = off)
     # device: workers only decode (uint8, stored size) and draw the crop; crop/resize/flip/normalise on the model device
     image_pipeline: Literal["worker", "device"] = "worker"
+    # Decode big JPEGs at 1/2, 1/4 or 1/8 of their size (libjpeg's DCT scaling: a fraction of the
+    # work), never below what the image transform's crop needs (align/data/transforms.py draft_side)
+    jpeg_draft: bool = False
     # Fine-tune on a search log instead of data.train's pairs (align/searchlog/pairs.py)
     search_log: SearchLogConfig = field(default_factory=SearchLogConfig)
 

@@ -39,7 +39,7 @@ from align.config import ColumnsConfig
 from align.data.bad_samples import BadSampleTally
 from align.data.manifest import ManifestDataset, is_manifest
 from align.data.sample import collate_with_report
-from align.data.transforms import with_image_pipeline
+from align.data.transforms import with_image_pipeline, with_jpeg_draft
 
 if TYPE_CHECKING:
     from align.config import Config
@@ -186,6 +186,7 @@ def loader_from_config(config: "Config", processor: Any, *, rank: int = 0, world
     """``build_loader`` with the ``data`` section of a run config: the training split (``train``)
     or, with ``train=False``, an evaluation pass over ``spec`` in file order at ``eval.batch_size``."""
     data = config.data
+    processor = with_jpeg_draft(processor, data.jpeg_draft)  # before the pipeline swap: it reads the transform
     processor = with_image_pipeline(processor, data.image_pipeline)  # device: the workers only decode
     return build_loader(
         spec or data.train, processor, batch_size=data.batch_size if train else config.eval.batch_size,

@@ -207,8 +207,11 @@ def read_manifest(path: Union[str, os.PathLike], columns: Optional[ColumnsConfig
     return out
 
 
-def open_image(source: Union[str, os.PathLike, bytes], sample_id: str, where: str):
-    """PIL RGB image from a path or encoded bytes.
+def open_image(source: Union[str, os.PathLike, bytes], sample_id: str, where: str,
+               draft_side: Optional[int] = None):
+    """PIL RGB image from a path or encoded bytes; with ``draft_side`` a JPEG is decoded at the
+    smallest of 1/8, 1/4, 1/2 or full scale whose shorter side is still >= ``draft_side``
+    (libjpeg's DCT scaling, ``data.jpeg_draft``). Other formats are decoded whole.
 
     Raises BadSample ``missing_file`` (path absent) or ``bad_image`` (does not decode).
     """
@@ -221,6 +224,8 @@ def open_image(source: Union[str, os.PathLike, bytes], sample_id: str, where: st
     try:
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
         with Image.open(handle) as image:
+            if draft_side and image.format == "JPEG" and min(image.size) >= 2 * draft_side:
+                image.draft("RGB", (draft_side, draft_side))  # both sides stay >= draft_side
             return image.convert("RGB")  # forces a full decode: truncated files fail here
     except Exception as error:
         raise BadSample(sample_id, "bad_image", where, repr(error)) from error
@@ -242,14 +247,14 @@ def open_audio(source: Union[str, os.PathLike, bytes], sample_id: str, where: st
 
 
 def load_raw(row: Dict[str, Any], root: Union[str, os.PathLike],
-             modalities: Sequence[str] = ("text", "image", "audio")) -> Dict[str, Any]:
+             modalities: Sequence[str] = ("text", "image", "audio"), draft_side: Optional[int] = None) -> Dict[str, Any]:
     """Manifest row -> raw sample (align/data/sample.py) with its media opened; raises BadSample.
 
     Only ``modalities`` are opened (the others are None): an image-text model neither pays for
-    nor trips over a catalogue's audio files.
+    nor trips over a catalogue's audio files. ``draft_side``: see ``open_image``.
     """
     sample_id, where = row["id"], row["_where"]
-    image = (open_image(os.path.join(root, row["image"]), sample_id, where)
+    image = (open_image(os.path.join(root, row["image"]), sample_id, where, draft_side)
              if row["image"] and "image" in modalities else None)
     audio = (open_audio(os.path.join(root, row["audio"]), sample_id, where)
              if row["audio"] and "audio" in modalities else None)
@@ -326,7 +331,7 @@ class ManifestDataset(Dataset):
     def raw(self, index: int) -> Dict[str, Any]:
         """The raw sample of row ``index`` (media opened, not processed); raises BadSample."""
         modalities = tuple(getattr(self.processor, "preprocessors", None) or ("text", "image", "audio"))
-        return load_raw(self.rows[index], self.root, modalities)
+        return load_raw(self.rows[index], self.root, modalities, getattr(self.processor, "image_draft_side", None))
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Union[Dict[str, Any], Skipped]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)

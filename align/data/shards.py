@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from align.data.bad_samples import BadSampleTally, Skipped
-from align.data.manifest import seeded_sample
+from align.data.manifest import open_image, seeded_sample
 from align.data.sample import MODALITIES, BadSample, collate_with_report
 from align.data.tar import TruncatedMember, tar_members
 
@@ -263,14 +263,13 @@ def _negatives_of(value: Any) -> List[str]:
     return [str(v).strip() for v in value if v is not None and str(v).strip()]
 
 
-def decode_sample(item: _Item, modalities: Sequence[str] = MODALITIES) -> Dict[str, Any]:
+def decode_sample(item: _Item, modalities: Sequence[str] = MODALITIES,
+                  draft_side: Optional[int] = None) -> Dict[str, Any]:
     """Undecoded files -> raw sample (align/data/sample.py); raises ``BadSample``.
 
     Only ``modalities`` are decoded (the others are None): a text-image model does not pay for
-    (or trip over) the audio in tri-modal shards.
+    (or trip over) the audio in tri-modal shards. ``draft_side``: see ``manifest.open_image``.
     """
-    from PIL import Image
-
     from align.data.audio_io import load_audio
 
     files, where = item.files, f"{item.url}:{item.key}"
@@ -292,11 +291,7 @@ def decode_sample(item: _Item, modalities: Sequence[str] = MODALITIES) -> Dict[s
     audio_ext = audio_ext if "audio" in modalities else None
     image = audio = None
     if image_ext is not None:
-        try:
-            with Image.open(io.BytesIO(files[image_ext])) as opened:
-                image = opened.convert("RGB")  # full decode: truncated files fail here
-        except Exception as error:
-            raise BadSample(sample_id, "bad_image", where, repr(error)[:200]) from error
+        image = open_image(files[image_ext], sample_id, where, draft_side)  # BadSample "bad_image"
     if audio_ext is not None:
         try:
             audio = load_audio(files[audio_ext])
@@ -311,7 +306,8 @@ def process_item(item: Any, processor: Any, seed: int) -> Any:
     if isinstance(item, Skipped):
         return item
     try:
-        raw = decode_sample(item, tuple(getattr(processor, "preprocessors", None) or MODALITIES))
+        raw = decode_sample(item, tuple(getattr(processor, "preprocessors", None) or MODALITIES),
+                            getattr(processor, "image_draft_side", None))
         with seeded_sample((seed,) + tuple(item.position), processor):
             return processor(raw)
     except BadSample as error:

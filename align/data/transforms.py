@@ -7,7 +7,8 @@ failure into a ``BadSample`` naming the sample and modality, so loaders can coun
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping
+import math
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
@@ -24,12 +25,15 @@ class SampleProcessor:
             mask); 0 drops negatives.
     """
 
-    def __init__(self, preprocessors: Mapping[str, Callable[[Any], Any]], max_negatives: int = 0) -> None:
+    def __init__(self, preprocessors: Mapping[str, Callable[[Any], Any]], max_negatives: int = 0,
+                 image_draft_side: Optional[int] = None) -> None:
         unknown = set(preprocessors) - set(MODALITIES)
         if unknown:
             raise ValueError(f"no such modality: {sorted(unknown)}; known: {MODALITIES}")
         self.preprocessors = dict(preprocessors)
         self.max_negatives = max_negatives
+        # Readers decode a JPEG no smaller than this shorter side (None: at full size); data.jpeg_draft
+        self.image_draft_side = image_draft_side
 
     def __call__(self, raw: Dict[str, Any]) -> Dict[str, Any]:
         sample_id = str(raw.get("id"))
@@ -82,4 +86,39 @@ def with_image_pipeline(processor: SampleProcessor, pipeline: str) -> SampleProc
     if not hasattr(image, "on_device"):
         raise ConfigError(f"data.image_pipeline: device needs an image tower whose preprocessor can run on "
                           f"the device ({type(image).__name__} cannot); set data.image_pipeline: worker")
-    return SampleProcessor({**processor.preprocessors, "image": image.on_device()}, processor.max_negatives)
+    return SampleProcessor({**processor.preprocessors, "image": image.on_device()}, processor.max_negatives,
+                           processor.image_draft_side)
+
+
+def with_jpeg_draft(processor: SampleProcessor, enabled: bool) -> SampleProcessor:
+    """``data.jpeg_draft``: the readers may decode a JPEG at 1/2, 1/4 or 1/8 scale (``draft_side``)."""
+    image = processor.preprocessors.get("image")
+    if not enabled or image is None:
+        return processor
+    return SampleProcessor(processor.preprocessors, processor.max_negatives, draft_side(image))
+
+
+def draft_side(transform: Any) -> int:
+    """The smallest shorter side a decoded image may have for ``transform`` to lose nothing: twice
+    the largest output side of its resizing steps, and for a random resized crop also divided by
+    the square root of its smallest area share (a crop of a tenth of the image needs the image
+    about three times bigger). A ``ConfigError`` naming ``data.jpeg_draft`` when no step says."""
+    source = getattr(transform, "source", transform)  # our tower preprocessors keep open_clip's Compose
+    steps = getattr(source, "steps", None) or getattr(source, "transforms", None) or [source]
+    side = 0.0
+    for step in steps:
+        size = getattr(step, "size", None)  # Resize, RandomResizedCrop, CenterCrop ...
+        if size is None:
+            continue
+        sizes = [size] if isinstance(size, int) else [int(v) for v in size if v is not None]
+        if not sizes:
+            continue
+        need = 2.0 * max(sizes)
+        scale = getattr(step, "scale", None)
+        if scale is not None and type(step).__name__ == "RandomResizedCrop":
+            need /= math.sqrt(max(float(min(scale)), 1e-3))
+        side = max(side, need)
+    if not side:
+        raise ConfigError(f"data.jpeg_draft: the image transform {type(transform).__name__} has no resize step "
+                          f"whose size says how small a decoded image may be; set data.jpeg_draft: false")
+    return int(math.ceil(side))
