@@ -151,3 +151,86 @@ def test_missing_split_file_and_unknown_item_are_config_errors(evaluated, tmp_pa
     err = capsys.readouterr().err
     assert "eval_in_domain.csv" in err and "no-such-item" in err
     assert not (tmp_path / "out.json").exists()
+
+
+# ---------------------------------------------------------------- the model is loaded once
+# A loader that counts and delegates: the real model is still loaded, only its loads are counted.
+PRODUCT_FIELDS = {"image": ("image", [], 1.0), "title": ("text", ["title"], 1.0),
+                  "attributes": ("text", ["colour", "kind"], 2.0)}
+
+
+def product_fields():
+    from align.config import FieldConfig
+
+    return {name: FieldConfig(*spec) for name, spec in PRODUCT_FIELDS.items()}
+
+
+def count_calls(monkeypatch, modules, name):
+    """Replace ``name`` in each of ``modules`` by one wrapper that records its first argument and calls
+    the real function; returns the record."""
+    calls = []
+    real = getattr(modules[0], name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    for module in modules:
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_judge_loads_the_model_once_for_queries_and_catalogue(evaluated, monkeypatch):
+    import align.index.embed as embed_module
+    import align.index.search as search_module
+    from align.searchlog.evaluate import judge
+
+    checkpoint, manifests, log_dir, _, result = evaluated
+    loads = count_calls(monkeypatch, [embed_module, search_module], "load_model")
+    got, full_dim, _ = judge(checkpoint, manifests, log_dir, ["eval_in_domain", "eval_novel_products"], [8], BATCH,
+                             "cpu", fields=product_fields())
+    assert len(loads) == 1, loads
+    assert full_dim == result["dim"] and set(got) == {"eval_in_domain", "eval_novel_products"}
+
+
+def test_fields_embedding_loads_once_and_builds_no_modality_catalogue(evaluated, monkeypatch):
+    """With fields the manifests are read once per field (their own text columns), the model loaded
+    and the config read once, and the vectors are those of ``embed_fields`` on a fresh model."""
+    import align.index.embed as embed_module
+    from align.loading import load_model, model_folder, read_saved_config
+
+    checkpoint, manifests, _, _, _ = evaluated
+    fields = product_fields()
+    reference = embed_module.embed_fields(load_model(checkpoint, torch.device("cpu")),
+                                          read_saved_config(model_folder(checkpoint), [f"eval.batch_size={BATCH}"]),
+                                          manifests, BATCH, torch.device("cpu"), fields)
+    loads = count_calls(monkeypatch, [embed_module], "load_model")
+    configs = count_calls(monkeypatch, [embed_module], "read_saved_config")
+    loaders = count_calls(monkeypatch, [embed_module], "loader_from_config")
+    items = embed_manifests(checkpoint, manifests, BATCH, "cpu", progress=False, fields=fields)
+    assert (len(loads), len(configs)) == (1, 1), (loads, configs)
+    # one loader per (field, manifest): none for a catalogue of the model's modalities
+    assert len(loaders) == len(fields) * len(manifests), [config.data.columns.text for config in loaders]
+    ids, vectors, masks = reference
+    assert items.ids == ids and items.metadata["fusion"] == "fields"
+    for name in vectors:
+        assert torch.equal(items.vectors[name], vectors[name]), name
+        assert torch.equal(items.masks[name], masks[name]), name
+
+
+@pytest.mark.parametrize("with_fields", [False, True])
+def test_embedding_with_a_loaded_model_gives_the_vectors_of_a_fresh_load(evaluated, monkeypatch, with_fields):
+    import align.index.embed as embed_module
+
+    checkpoint, manifests, _, _, _ = evaluated
+    fields = product_fields() if with_fields else None
+    fresh = embed_manifests(checkpoint, manifests, BATCH, "cpu", progress=False, fields=fields)
+    encoder = QueryEncoder(checkpoint, "cpu")
+    encoder.encode("text", ["red striped scarf"])  # queries first, as judge() does
+    loads = count_calls(monkeypatch, [embed_module], "load_model")
+    shared = embed_manifests(checkpoint, manifests, BATCH, "cpu", progress=False, fields=fields, model=encoder.model)
+    assert loads == []
+    assert shared.ids == fresh.ids and shared.metadata == fresh.metadata
+    for name in fresh.vectors:
+        assert torch.equal(shared.vectors[name], fresh.vectors[name]), name
+        assert torch.equal(shared.masks[name], fresh.masks[name]), name

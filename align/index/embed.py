@@ -327,20 +327,35 @@ def _space_metadata(folder: str, model: Any, fusion_weights: Optional[Dict[str, 
             "modalities": ",".join(model.modalities), **fusion_metadata(fusion_weights)}
 
 
-def load_for_embedding(checkpoint: str, manifests: Sequence[str], batch_size: int, device: torch.device,
-                       fusion_weights: Optional[Dict[str, float]] = None) -> Tuple[Any, Catalogue, Dict[str, str]]:
-    """(model, catalogue with its loaders, embeddings metadata) for ``checkpoint`` and ``manifests``,
-    every input checked first (see ``embed_manifests``)."""
+def _load_checked(checkpoint: str, manifests: Sequence[str], batch_size: int, device: torch.device,
+                  fusion_weights: Optional[Dict[str, float]], model: Optional[Any] = None) -> Tuple[str, Any, Any]:
+    """(model folder, saved config with ``eval.batch_size``, model): every path and value checked
+    before the model is loaded; ``model`` (already loaded from ``checkpoint``) is used as it is."""
     _check_inputs(checkpoint, manifests, batch_size)
     folder = model_folder(checkpoint)
     config = read_saved_config(folder, [f"eval.batch_size={batch_size}"])
-    model = load_model(folder, device=device)
+    if model is None:
+        model = load_model(folder, device=device)
     check_fusion_weights(fusion_weights, model.modalities)  # before the long part
+    return folder, config, model
+
+
+def _modality_catalogue(config: Any, model: Any, manifests: Sequence[str], batch_size: int,
+                        device: torch.device) -> Catalogue:
+    """The manifests as one ``Catalogue`` of all the model's modalities, a loader per manifest."""
     processor = SampleProcessor(model.preprocessors(train=False))
     loaders = [loader_from_config(config, processor, train=False, spec=manifest, pin_memory=device.type == "cuda")
                for manifest in manifests]
     rows = iter([loader.dataset.rows for loader in loaders])
-    catalogue = read_catalogue(manifests, model.modalities, batch_size, lambda _: next(rows), loaders)
+    return read_catalogue(manifests, model.modalities, batch_size, lambda _: next(rows), loaders)
+
+
+def load_for_embedding(checkpoint: str, manifests: Sequence[str], batch_size: int, device: torch.device,
+                       fusion_weights: Optional[Dict[str, float]] = None) -> Tuple[Any, Catalogue, Dict[str, str]]:
+    """(model, catalogue with its loaders, embeddings metadata) for ``checkpoint`` and ``manifests``,
+    every input checked first (see ``embed_manifests``)."""
+    folder, config, model = _load_checked(checkpoint, manifests, batch_size, device, fusion_weights)
+    catalogue = _modality_catalogue(config, model, manifests, batch_size, device)
     return model, catalogue, _space_metadata(folder, model, fusion_weights)
 
 
@@ -406,7 +421,7 @@ def embed_fields(model: Any, config: Any, manifests: Sequence[str], batch_size: 
 def embed_manifests(checkpoint: str, manifests: Sequence[str], batch_size: int = 256,
                     device: Optional[Union[str, torch.device]] = None,
                     fusion_weights: Optional[Dict[str, float]] = None, progress: bool = True,
-                    fields: Optional[Dict[str, Any]] = None) -> ItemEmbeddings:
+                    fields: Optional[Dict[str, Any]] = None, model: Optional[Any] = None) -> ItemEmbeddings:
     """Embed every item of ``manifests`` (rows in order, manifest after manifest) with the model in
     ``checkpoint`` (a checkpoint or its ``model/`` folder), and fuse the modalities (``fuse``), in
     memory. A checkpoint trained with ``model.fields`` (or ``fields`` given here) is embedded
@@ -421,21 +436,25 @@ def embed_manifests(checkpoint: str, manifests: Sequence[str], batch_size: int =
         device: "cpu", "cuda", ...; default cuda when available.
         fusion_weights: modality -> weight, see ``fuse``; None: equal weights.
         progress: a tqdm bar over each manifest's batches.
+        fields: product fields to embed with instead of the checkpoint's ``model.fields``.
+        model: the model of ``checkpoint``, already loaded on ``device`` (e.g. a ``QueryEncoder``'s),
+            so that a caller that also encodes queries loads it once; None: loaded here.
     Raises:
         ConfigError for a path or value that cannot be used (before the model is loaded),
         RunError for an id in two manifests or a catalogue with too many unreadable files.
     """
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, catalogue, metadata = load_for_embedding(checkpoint, manifests, batch_size, target, fusion_weights)
-    config = read_saved_config(model_folder(checkpoint), [f"eval.batch_size={batch_size}"])
+    folder, config, model = _load_checked(checkpoint, manifests, batch_size, target, fusion_weights, model)
+    metadata = _space_metadata(folder, model, fusion_weights)
     fields = dict(config.model.fields) if fields is None else dict(fields)
-    if fields:
+    if fields:  # each field pass reads the manifests itself: no catalogue of the model's modalities
         if fusion_weights is not None:
             raise ConfigError("fusion weights and model.fields both say how to fuse; the fields' weights are used, "
                               "drop the fusion weights")
         ids, vectors, masks = embed_fields(model, config, manifests, batch_size, target, fields,
                                            "" if progress else None)
         return ItemEmbeddings(ids, vectors, masks, {**metadata, **fields_metadata(fields)})
+    catalogue = _modality_catalogue(config, model, manifests, batch_size, target)
     part = embed_batches(model, catalogue, catalogue.batches(), target, "" if progress else None)
     return merge_parts(catalogue, [part], model.modalities, model.embed_dim, metadata, fusion_weights)
 

@@ -297,8 +297,10 @@ def judge(checkpoint: str, catalogue: Sequence[str], log_dir: str, splits: Seque
             if o.log.queries != d.log.queries:
                 raise ConfigError(f"{o.path}: its queries are not those of {d.path} in the same order; "
                                   f"simulate the folder again")
-    del encoder  # one model in memory at a time: embed_manifests loads its own
-    items = embed_manifests(checkpoint, catalogue, batch_size, device, progress=False, fields=fields)
+    # The queries' model embeds the catalogue too: loaded once, and the vectors are those of a fresh load.
+    items = embed_manifests(checkpoint, catalogue, batch_size, encoder.device, progress=False, fields=fields,
+                            model=encoder.model)
+    del encoder  # the model is not needed for scoring
     if items.ids != item_ids:
         raise RunError(f"the checkpoint's data.columns read other item ids from {list(catalogue)} than "
                        f"--id-column {id_column!r}; give the id column the checkpoint was trained with")
