@@ -22,7 +22,8 @@ demo: $(STAMP)
 	$(BIN)/align train --config configs/demo.yaml
 	@echo "zero-shot retrieval on held-out combinations: runs/demo/eval.json"
 	$(BIN)/align embed --checkpoint runs/demo --manifest data/demo/train.csv data/demo/test.csv --out runs/demo/items
-	$(BIN)/align audit --checkpoint runs/demo --manifest data/demo/train.csv data/demo/test.csv --out runs/demo/audit
+	$(BIN)/align audit --checkpoint runs/demo --manifest data/demo/train.csv data/demo/test.csv --items runs/demo/items \
+		--out runs/demo/audit
 	@echo "catalogue audit: runs/demo/audit/report.html (opens offline), audit.csv, agreement.png"
 	$(BIN)/align map --embeddings runs/demo/items --manifest data/demo/train.csv data/demo/test.csv \
 		--category-column kind --flags runs/demo/audit/audit.csv --out runs/demo

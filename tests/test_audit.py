@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import time
 from itertools import combinations
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from align.audit.duplicates import DuplicateThresholds, ImageDigests, candidate_
 from align.audit.findings import FLAGS
 from align.cli import main as align_main
 from align.data.demo_catalogue import build_demo_catalogue, render_image
+from align.index.embed import load_item_embeddings, save_item_embeddings, truncate_embeddings
 from tests.browser import assert_drawn, screenshot
 from tests.conftest import one_step_checkpoint
 from tests.test_index import read_rows, write_rows
@@ -211,3 +213,103 @@ def test_thresholds_can_be_overridden_and_bad_ones_are_refused(trained, tmp_path
     assert align_main(["audit", "--checkpoint", checkpoint, "--manifest", os.path.join(demo, "test.csv"),
                        "--out", str(out), "--max-crop", "0.7"]) == 2
     assert "--max-crop" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# --items: the vectors `align embed` wrote, read instead of embedded again
+# ------------------------------------------------------------------------------------------------
+def audit(checkpoint: str, manifests, out: Path, *extra: str) -> int:
+    return align_main(["audit", "--checkpoint", checkpoint, "--manifest", *manifests, "--out", str(out),
+                       "--device", "cpu", "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def embedded(trained, tmp_path_factory):
+    """The planted catalogue (its broken photo makes embedding print a report) and `align embed`'s
+    folder of it: (checkpoint, catalogue folder, manifests, items folder, seconds align embed took)."""
+    demo, checkpoint = trained
+    catalogue = tmp_path_factory.mktemp("embedded") / "catalogue"
+    plant(demo, catalogue)
+    manifests = [str(catalogue / "train.csv"), str(catalogue / "test.csv")]
+    items = catalogue.parent / "items"
+    start = time.perf_counter()
+    assert align_main(["embed", "--checkpoint", checkpoint, "--manifest", *manifests, "--out", str(items),
+                       "--device", "cpu"]) == 0
+    return checkpoint, catalogue, manifests, items, time.perf_counter() - start
+
+
+def test_audit_with_items_reuses_align_embed_vectors_and_gives_the_same_results(embedded, tmp_path, capsys):
+    checkpoint, _, manifests, items, embed_seconds = embedded
+    capsys.readouterr()
+    fresh, reused = tmp_path / "fresh", tmp_path / "reused"
+    start = time.perf_counter()
+    assert audit(checkpoint, manifests, fresh) == 0
+    fresh_seconds = time.perf_counter() - start
+    assert "could not be read" in capsys.readouterr().out  # it embedded the catalogue: the broken photo
+    start = time.perf_counter()
+    assert audit(checkpoint, manifests, reused, "--items", str(items)) == 0
+    reused_seconds = time.perf_counter() - start
+    printed = capsys.readouterr().out
+    assert f"item vectors read from {items}" in printed
+    # only the title and description views were embedded: the image pass (with the broken photo) was not
+    assert "could not be read" not in printed
+
+    # the same findings, scores, agreement table and report, byte for byte
+    for name in ("audit.csv", "agreement.csv", "report.html"):
+        assert (fresh / name).read_bytes() == (reused / name).read_bytes(), name
+    flags = {row["flag"] for row in read_rows(reused / "audit.csv")}
+    assert {"mismatch", "duplicate", "unreadable", "missing"} <= flags  # the equality covers real findings
+    summaries = [json.loads((folder / "audit.json").read_text()) for folder in (fresh, reused)]
+    assert [s.pop("reused_embeddings") for s in summaries] == [None, str(items)]
+    seconds = [s.pop("seconds") for s in summaries]
+    assert summaries[0] == summaries[1]
+    print(f"\nsmall catalogue (201 items, 32 px): align embed {embed_seconds:.1f} s; audit {fresh_seconds:.1f} s, "
+          f"with --items {reused_seconds:.1f} s (embed step {seconds[0]['embed']} s -> {seconds[1]['embed']} s)")
+
+
+def test_items_of_other_inputs_are_refused_before_anything_is_embedded(embedded, tmp_path, capsys):
+    checkpoint, catalogue, manifests, items, _ = embedded
+    copy = tmp_path / "catalogue"
+    shutil.copytree(catalogue, copy)  # copy2 keeps modification times: still older than the embeddings
+    copied = [str(copy / "train.csv"), str(copy / "test.csv")]
+    other_model = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, other_model)
+    cut = tmp_path / "cut"
+    save_item_embeddings(truncate_embeddings(load_item_embeddings(str(items)), 16), str(cut))
+    future = time.time() + 3600
+
+    def refused(name: str, model: str, manifest_list, folder: Path, *expected: str) -> None:
+        out = tmp_path / f"audit-{name}"
+        assert audit(model, manifest_list, out, "--items", str(folder)) == 2, name
+        captured = capsys.readouterr()
+        assert f"--items {folder}" in captured.err and all(text in captured.err for text in expected), captured.err
+        assert "could not be read" not in captured.out and not out.exists(), name  # nothing embedded or written
+
+    refused("order", checkpoint, manifests[::-1], items, "another order", "row 0")
+    refused("subset", checkpoint, manifests[:1], items, "holds 201 items, the manifests 161",
+            "not in the manifests:")
+    refused("model", str(other_model), manifests, items, "embedded with the model in", str(other_model))
+    refused("dim", checkpoint, manifests, cut, "16 wide")
+    refused("missing", checkpoint, manifests, tmp_path / "nowhere", "no such folder")
+    os.utime(copy / "test.csv", (future, future))
+    refused("manifest", checkpoint, copied, items, f"{copy / 'test.csv'} changed after it was embedded")
+    os.utime(copy / "test.csv", (0, 0))
+    photo = copy / next(row["image"] for row in read_rows(copy / "test.csv") if row["image"])
+    os.utime(photo, (future, future))
+    refused("photo", checkpoint, copied, items, "1 media files changed", str(photo))
+
+
+def test_audit_reports_more_broken_files_than_align_embed_accepts(trained, tmp_path):
+    # The checkpoint's data.max_bad_fraction (5%) stops `align embed`; the audit counts them all.
+    demo, checkpoint = trained
+    catalogue = tmp_path / "catalogue"
+    shutil.copytree(demo, catalogue)
+    photos = [row["image"] for row in read_rows(catalogue / "test.csv") if row["image"]][:10]
+    for photo in photos:
+        (catalogue / photo).write_bytes(os.urandom(500))
+    manifest = [str(catalogue / "test.csv")]
+    assert align_main(["embed", "--checkpoint", checkpoint, "--manifest", *manifest, "--out",
+                       str(tmp_path / "items"), "--device", "cpu"]) == 1
+    assert audit(checkpoint, manifest, tmp_path / "audit") == 0
+    unreadable = [row for row in read_rows(tmp_path / "audit" / "audit.csv") if row["flag"] == "unreadable"]
+    assert len(unreadable) == len(photos) == 10

@@ -1,8 +1,12 @@
 """``align audit``: which listings of a catalogue are broken, and why.
 
     align audit --checkpoint runs/demo --manifest data/demo/train.csv data/demo/test.csv --out runs/demo/audit
+    align audit ... --items runs/demo/items    (reuse what `align embed` wrote there)
 
-Every item is embedded as ``align embed`` embeds it (align/audit/vectors.py), every media file is
+Every item is embedded as ``align embed`` embeds it (align/audit/vectors.py), or its vectors are read
+from ``--items``, the folder ``align embed`` wrote for the same checkpoint and manifests (checked:
+model folder, item ids and their order, width, modalities, and that no model file, manifest or media
+file changed since; the same results, without embedding the catalogue again). Every media file is
 opened by the loaders' own readers (align/audit/media.py), and each item is checked for
 
   missing / unreadable  a photo or sound file that is not there or does not decode
@@ -116,12 +120,13 @@ def find_duplicates(vectors: AuditVectors, media: Media, groups: np.ndarray, thr
 
 def run_audit(checkpoint: str, manifests: Sequence[str], out: str, agreement_thresholds: AgreementThresholds,
               duplicate_thresholds: DuplicateThresholds, batch_size: int = 256, device: Optional[str] = None,
-              report_limit: int = 300, progress: bool = True) -> Dict[str, Any]:
-    """Audit ``manifests`` with ``checkpoint`` and write the files into ``out``; returns audit.json's content."""
+              report_limit: int = 300, progress: bool = True, items: Optional[str] = None) -> Dict[str, Any]:
+    """Audit ``manifests`` with ``checkpoint`` and write the files into ``out``; returns audit.json's content.
+    ``items``: an ``align embed`` folder of the same checkpoint and manifests whose vectors are reused."""
     seconds: Dict[str, float] = {}
     start = time.perf_counter()
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vectors = embed_for_audit(checkpoint, manifests, batch_size, target, progress)
+    vectors = embed_for_audit(checkpoint, manifests, batch_size, target, progress, items)
     rows, ids = vectors.rows, vectors.items.ids
     seconds["embed"] = time.perf_counter() - start
     media = read_media(rows, vectors.roots, progress)
@@ -150,6 +155,7 @@ def run_audit(checkpoint: str, manifests: Sequence[str], out: str, agreement_thr
     os.makedirs(out, exist_ok=True)
     summary = _summary(checkpoint, manifests, rows, findings, agreement, agreement_thresholds, duplicate_thresholds,
                        duplicate_counts, apart)
+    summary["reused_embeddings"] = vectors.reused
     write_findings_csv(findings, ids, os.path.join(out, AUDIT_CSV))
     write_agreement_csv(agreement, apart, ids, rows, os.path.join(out, AGREEMENT_CSV))
     photo_paths = [os.path.join(vectors.roots[n], row["image"]) if row.get("image") else None
@@ -210,7 +216,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="checkpoint or its model/ folder (model.safetensors)")
     parser.add_argument("--manifest", required=True, nargs="+", help="CSV, JSONL or Parquet catalogue(s)")
     parser.add_argument("--out", required=True, help="folder for audit.csv, audit.json, report.html ...")
-    parser.add_argument("--batch-size", type=int, default=256, help="samples per embedding batch")
+    parser.add_argument("--items", help="the --out folder of `align embed` for the same checkpoint and manifests: "
+                                        "its item vectors are read, not embedded again (per-column text views "
+                                        "are still embedded); refused when it does not match")
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per embedding batch (give --items' "
+                                                                    "own, for the same vectors bit for bit)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--report-limit", type=int, default=300,
                         help="findings shown in report.html (all are in audit.csv)")
@@ -228,6 +238,8 @@ def _check(args: argparse.Namespace) -> None:
     """A ``ConfigError`` for an argument that cannot be used, before anything is embedded."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out}: a file is in the way; name a folder")
+    if args.items is not None and not os.path.isdir(args.items):
+        raise ConfigError(f"--items {args.items}: no such folder; give the --out folder of `align embed`")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be positive")
     for name in ("mismatch_z", "outlier_z", "max_crop", "max_aspect_error", "max_structure", "max_colour_shift"):
@@ -241,6 +253,8 @@ def _print_summary(summary: Dict[str, Any], out: str) -> None:
     counts = summary["counts"]
     print(f"audited {summary['items']} items: {summary['flagged_items']} flagged "
           + "(" + ", ".join(f"{flag} {counts[flag]}" for flag in FLAGS) + ")")
+    if summary["reused_embeddings"]:
+        print(f"  item vectors read from {summary['reused_embeddings']} (align embed), not embedded again")
     print(f"  duplicates: {summary['duplicates']['candidate_pairs']} candidate pairs of "
           f"{summary['duplicates']['photos']} photos checked")
     print("  " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()))
@@ -254,6 +268,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     agreement = AgreementThresholds(**{f.name: getattr(args, f.name) for f in fields(AgreementThresholds)})
     duplicates = DuplicateThresholds(**{f.name: getattr(args, f.name) for f in fields(DuplicateThresholds)})
     summary = run_audit(args.checkpoint, args.manifest, args.out, agreement, duplicates, args.batch_size, args.device,
-                        args.report_limit, progress=not args.no_progress)
+                        args.report_limit, progress=not args.no_progress, items=args.items)
     _print_summary(summary, args.out)
     return 0
