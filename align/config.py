@@ -115,6 +115,9 @@ class LossConfig:
     # Pairs are "a-b" modality names. Pairs present in a batch but not listed use weight 1.
     pairs: Dict[str, PairLossConfig] = field(default_factory=dict)
     matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)
+    # Search-log fine-tuning: weight of an InfoNCE between each product's photo (and sound) and
+    # its text fields, so the towers stay aligned while queries move (align/objective.py); 0 = off
+    field_alignment: float = 0.0
 
 
 @dataclass
@@ -399,7 +402,8 @@ def _loss_config(data: Dict[str, Any], key: str) -> LossConfig:
         raise ConfigError(f"{key}.params: expected a mapping, got {raw_params!r}")
     pairs = _convert(data.get("pairs") or {}, Dict[str, Any], f"{key}.pairs")
     config = LossConfig(name=name, params=_loss_params(name, raw_params, f"{key}.params"),
-                        matryoshka=_to_dataclass(MatryoshkaConfig, data.get("matryoshka"), f"{key}.matryoshka"))
+                        matryoshka=_to_dataclass(MatryoshkaConfig, data.get("matryoshka"), f"{key}.matryoshka"),
+                        field_alignment=_convert(data.get("field_alignment", 0.0), float, f"{key}.field_alignment"))
     for pair, raw in pairs.items():
         where = f"{key}.pairs.{pair}"
         item = _to_dataclass(PairLossConfig, raw, where)
@@ -519,6 +523,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"loss.pairs.{pair}: expected '<a>-<b>' with two of the model's towers "
                               f"({', '.join(config.model.towers)})")
     _check_matryoshka(config.loss.matryoshka, config.model.embed_dim)
+    if not (math.isfinite(config.loss.field_alignment) and config.loss.field_alignment >= 0):
+        raise ConfigError(f"loss.field_alignment = {config.loss.field_alignment} must be a number >= 0 (0: off)")
     for key in ("batch_size", "num_workers", "max_negatives", "epoch_samples"):
         if getattr(config.data, key) < 0 or (key == "batch_size" and config.data.batch_size == 0):
             raise ConfigError(f"data.{key} must be {'positive' if key == 'batch_size' else '>= 0'}")

@@ -217,3 +217,43 @@ def test_two_processes_train_the_same_model_as_one(shop, tmp_path):
     # as in test_train_distributed: Adam steps of lr 2e-3 differ by rounding of the summation order
     for key in a:
         assert torch.allclose(a[key], b[key], atol=2e-5), (key, (a[key] - b[key]).abs().max())
+
+
+def test_field_alignment_adds_the_photo_text_infonce_of_the_products(shop, tmp_path):
+    """loss.field_alignment w: loss = query-product loss + w * InfoNCE(product photo, product text
+    fields fused), over the batch's products; w = 0 adds nothing. Checked against an InfoNCE
+    computed here from the objective's own field vectors, in float64."""
+    import torch.nn.functional as F
+
+    from align.data.transforms import SampleProcessor
+    from align.model import build_model
+    from align.searchlog.pairs import search_log_loader
+    from align.train.recipe import build_objective
+
+    config = load_config(None, search_overrides(shop, tmp_path / "run", "loss.field_alignment=0.5"))
+    model = build_model(config.model)
+    objective = build_objective(model, config).eval()
+    plain = build_objective(model, load_config(None, search_overrides(shop, tmp_path / "plain"))).eval()
+    batch = next(search_log_loader(config, SampleProcessor(model.preprocessors(train=False))).iterate(0))
+    with torch.no_grad():
+        out, base = objective(batch), plain(batch)
+        embedded = objective.embed(batch)
+    assert "fields:image-text" in out and not any(k.startswith("fields:") for k in base)
+    assert "fields:audio-text" not in out  # the fields have no sound
+    # the text side fuses title and attributes with their weights, the photo side is the image field
+    text, photo = embedded["fields:text"].double(), embedded["fields:image"].double()
+    both = (embedded["fields:text_mask"] & embedded["fields:image_mask"]).numpy()
+    keys = batch["groups"].numpy()
+    scale = float(model.logit_scale().detach())
+    logits = scale * photo @ text.T  # (B, B)
+    terms = []
+    for direction in (logits, logits.T):
+        for i in np.flatnonzero(both):
+            keep = both & ((keys != keys[i]) | (np.arange(len(keys)) == i))  # the same product elsewhere: not a negative
+            terms.append(torch.logsumexp(direction[i][torch.as_tensor(keep)], 0) - direction[i, i])
+    expected = torch.stack(terms).mean()
+    assert abs(float(out["fields:image-text"]) - float(expected)) < 1e-4 * max(1.0, float(expected))
+    assert abs(float(out["loss"]) - float(base["loss"]) - 0.5 * float(out["fields:image-text"])) < 1e-5
+    for bad in ("-0.1", "nan"):
+        with pytest.raises(ConfigError, match="loss.field_alignment"):
+            load_config(None, search_overrides(shop, tmp_path / "bad", f"loss.field_alignment={bad}"))

@@ -180,7 +180,7 @@ def build_objective(model, config: Config):
 
         fields = product_fields(config.model, config.data.columns)
         return QueryProductObjective(model, build_loss(config.loss.name, config.loss.params), fields,
-                                     matryoshka=config.loss.matryoshka)
+                                     matryoshka=config.loss.matryoshka, field_alignment=config.loss.field_alignment)
     return ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss),
                                 matryoshka=config.loss.matryoshka)
 
