@@ -8,7 +8,8 @@ splits holding queries and products out), it
 2. fine-tunes (a) ``plain``: ``infonce`` on one (query, best product) row per query, and
    (b) ``ours``: ``graded_infonce`` with the query's graded products as positives (one row per
    query, its product drawn by grade each epoch: ``pairs: per_query``; ``--ours-pairs graded``
-   makes a row of every graded pair), plus ``loss.matryoshka`` -- both from the demo checkpoint, with
+   makes a row of every graded pair), plus ``loss.matryoshka`` and ``loss.field_alignment``
+   (configs/finetune_search_log.yaml) -- both from the demo checkpoint, with
    the same multi-field products (``model.fields`` of configs/finetune_search_log.yaml, so the
    fields alone cannot make the difference), the same steps, batch, learning rate and seed,
 3. judges all three with ``align search-eval``'s code on every split (nDCG@10 with gains 2^g - 1,
@@ -118,7 +119,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", default=os.path.join(REPO, "runs", "demo"), help="the demo checkpoint")
     parser.add_argument("--data", default=os.path.join(REPO, "data", "demo"), help="the demo catalogue")
     parser.add_argument("--work", default=os.path.join(REPO, "runs", "bench_search_log"))
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ours-pairs", default="per_query", choices=["graded", "per_query"],
@@ -136,7 +137,8 @@ def main() -> int:
     full = load_config(CONFIG).model.embed_dim
     base = judge(args.checkpoint, args, args.work, fields)  # the untuned model, with the same products
     plain_dir = fine_tune("plain", ["data.search_log.pairs=best", "loss.name=infonce",
-                                    "loss.params={same_group: ignore}", "loss.matryoshka.dims=[]"], args, args.work)
+                                    "loss.params={same_group: ignore}", "loss.matryoshka.dims=[]",
+                                    "loss.field_alignment=0"], args, args.work)
     ours_dir = fine_tune("ours", [f"data.search_log.pairs={args.ours_pairs}"], args, args.work)
     plain, ours = judge(plain_dir, args, args.work), judge(ours_dir, args, args.work)
 
