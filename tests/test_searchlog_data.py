@@ -188,12 +188,16 @@ def _catalogue(manifests):
     return rows
 
 
-def test_splits_share_no_held_out_query_or_product_with_training(simulated):
+def _simulated_folder(simulated):
+    """(folder, manifests, catalogue rows by id, ids, stats.json, held-out ids) of a simulation."""
     out, manifests = simulated
     catalogue = _catalogue(manifests)
-    ids = list(catalogue)
     stats = json.loads((out / "stats.json").read_text())
-    held_out = set(stats["held_out_items"])
+    return out, manifests, catalogue, list(catalogue), stats, set(stats["held_out_items"])
+
+
+def test_splits_share_no_held_out_query_or_product_with_training(simulated):
+    out, manifests, catalogue, ids, stats, held_out = _simulated_folder(simulated)
     with open(manifests[1], newline="") as handle:
         new_ids = {row["id"] for row in csv.DictReader(handle)}
     assert new_ids <= held_out and held_out < set(ids)  # --new items are held out, with others
@@ -269,11 +273,7 @@ def _level(item, intent):
 
 
 def test_complete_judgements_grade_every_fitting_candidate_of_the_log_queries(simulated):
-    out, manifests = simulated
-    catalogue = _catalogue(manifests)
-    ids = list(catalogue)
-    stats = json.loads((out / "stats.json").read_text())
-    held_out = set(stats["held_out_items"])
+    out, _, catalogue, ids, stats, held_out = _simulated_folder(simulated)
     intents = {}
     with open(out / "log.csv", newline="") as handle:
         for row in csv.DictReader(handle):

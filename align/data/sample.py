@@ -34,6 +34,7 @@ so towers never encode placeholders, and ``inputs[m][j]`` belongs to row
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -79,10 +80,7 @@ def _shared_out(like: torch.Tensor, shape: Sequence[int]) -> Optional[torch.Tens
     copied into shared memory on the way (torch's default_collate does the same). None elsewhere."""
     if like.device.type != "cpu" or torch.utils.data.get_worker_info() is None:
         return None
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    storage = torch.UntypedStorage._new_shared(numel * like.element_size())
+    storage = torch.UntypedStorage._new_shared(math.prod(int(size) for size in shape) * like.element_size())
     return like.new_empty(0).set_(storage, 0, tuple(shape))
 
 

@@ -141,14 +141,14 @@ def tar_samples(url: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
     try:
         with contextlib.closing(_open(url)) as stream:
             for path, data in tar_members(stream):
-                member_key = _member_key(path)
-                if member_key is None:
+                member = _split_member(path)
+                if member is None:
                     continue
-                if member_key != key:
+                if member[0] != key:
                     if key is not None:
                         yield key, files
-                    key, files = member_key, {}
-                files[os.path.basename(path).split(".", 1)[1].lower()] = data
+                    key, files = member[0], {}
+                files[member[1]] = data
     except FileNotFoundError as error:
         raise TruncatedShard(url, f"shard not found: {error}", "missing_shard") from error
     except TruncatedMember as error:  # the member's header came whole: a group before it is complete
@@ -156,19 +156,22 @@ def tar_samples(url: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         raise TruncatedShard(url, repr(error)) from error
     if cut is not None:
-        if key is not None and _member_key(cut.name) != key:
+        member = _split_member(cut.name)
+        if key is not None and (member is None or member[0] != key):
             yield key, files
         raise TruncatedShard(url, repr(cut))
     if key is not None:
         yield key, files
 
 
-def _member_key(path: str) -> Optional[str]:
-    """The sample key of a member: its path up to the first dot of the file name (None: no key)."""
+def _split_member(path: str) -> Optional[Tuple[str, str]]:
+    """(sample key, extension) of a member: the path up to the first dot of the file name, and the
+    rest lower-cased; None for a name without a key (no dot, or a hidden file)."""
     folder, name = os.path.split(path)
     if "." not in name or name.startswith("."):
         return None
-    return os.path.join(folder, name.split(".", 1)[0])
+    stem, extension = name.split(".", 1)
+    return os.path.join(folder, stem), extension.lower()
 
 
 class TruncatedShard(Exception):
