@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from align.config import ConfigError, load_config
@@ -257,3 +258,39 @@ def test_field_alignment_adds_the_photo_text_infonce_of_the_products(shop, tmp_p
     for bad in ("-0.1", "nan"):
         with pytest.raises(ConfigError, match="loss.field_alignment"):
             load_config(None, search_overrides(shop, tmp_path / "bad", f"loss.field_alignment={bad}"))
+
+
+def test_image_pipeline_and_jpeg_draft_reach_search_log_rows(shop, tmp_path):
+    """data.image_pipeline and data.jpeg_draft apply to search-log rows as to manifest rows: with
+    ``device`` the workers ship each product photo at its stored size with the drawn crop, and a big
+    JPEG is decoded at a reduced scale no smaller than the crop needs; two steps train on them."""
+    from align.data.transforms import SampleProcessor, draft_side
+    from align.model import build_model
+    from align.searchlog.pairs import search_log_loader
+    from tests.test_jpeg_draft import smooth_jpeg
+
+    extra = ["data.image_pipeline=device", "data.jpeg_draft=true"]
+    config = load_config(None, search_overrides(shop, tmp_path / "run", *extra))
+    model = build_model(config.model)
+    transform = model.preprocessors(train=True)["image"]
+    loader = search_log_loader(config, SampleProcessor(model.preprocessors(train=True)))
+    photos = next(loader.iterate(0))["fields"]["inputs"]["image"]
+    stored = {Image.open(path).size for path in _photo_paths(shop)}
+    assert isinstance(photos, dict) and photos["pixels"].dtype == torch.uint8
+    assert {tuple(hw[::-1]) for hw in photos["size"].tolist()} <= stored  # (w, h) as stored, not cropped
+    big = tmp_path / "big.jpg"
+    big.write_bytes(smooth_jpeg(side=1600))
+    side = draft_side(transform)
+    decoded = loader.dataset._encode("image", str(big), "big", "here")["size"].tolist()
+    assert side <= min(decoded) < 1600, (side, decoded)
+    summary = train(load_config(None, search_overrides(shop, tmp_path / "trained", "train.max_steps=2", *extra)))
+    assert len(summary["history"]) == 2 and all(np.isfinite(h["loss"]) for h in summary["history"])
+
+
+def _photo_paths(shop):
+    demo, manifests, _, _ = shop
+    paths = []
+    for manifest in manifests:
+        with open(manifest, newline="") as handle:
+            paths += [os.path.join(demo, row["image"]) for row in csv.DictReader(handle) if row["image"]]
+    return paths

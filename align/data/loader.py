@@ -42,7 +42,7 @@ from align.data.sample import collate_with_report
 from align.data.transforms import with_image_pipeline, with_jpeg_draft
 
 if TYPE_CHECKING:
-    from align.config import Config
+    from align.config import Config, DataConfig
 
 
 class Loader(Protocol):
@@ -181,15 +181,20 @@ def build_loader(spec: str, processor: Any, *, batch_size: int, num_workers: int
                        drop_last=drop_last, pin_memory=pin_memory)
 
 
+def worker_processor(processor: Any, data: "DataConfig") -> Any:
+    """What the dataloader workers run for a run's ``data`` section: ``processor`` with
+    ``data.jpeg_draft`` and ``data.image_pipeline`` applied (every training reader uses this)."""
+    processor = with_jpeg_draft(processor, data.jpeg_draft)  # before the pipeline swap: it reads the transform
+    return with_image_pipeline(processor, data.image_pipeline)  # device: the workers only decode
+
+
 def loader_from_config(config: "Config", processor: Any, *, rank: int = 0, world_size: int = 1, train: bool = True,
                        spec: Optional[str] = None, pin_memory: bool = False) -> Loader:
     """``build_loader`` with the ``data`` section of a run config: the training split (``train``)
     or, with ``train=False``, an evaluation pass over ``spec`` in file order at ``eval.batch_size``."""
     data = config.data
-    processor = with_jpeg_draft(processor, data.jpeg_draft)  # before the pipeline swap: it reads the transform
-    processor = with_image_pipeline(processor, data.image_pipeline)  # device: the workers only decode
     return build_loader(
-        spec or data.train, processor, batch_size=data.batch_size if train else config.eval.batch_size,
+        spec or data.train, worker_processor(processor, data), batch_size=data.batch_size if train else config.eval.batch_size,
         num_workers=data.num_workers, train=train, seed=config.train.seed, rank=rank, world_size=world_size,
         columns=data.columns, root=data.root, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled and train,
         epoch_samples=data.epoch_samples or None, weights=data.weights or None,

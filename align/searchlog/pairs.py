@@ -37,15 +37,12 @@ from torch.utils.data import Dataset
 
 from align.config import ColumnsConfig, Config, FieldConfig, SearchLogConfig
 from align.data.bad_samples import Skipped
-from align.data.loader import ManifestLoader
+from align.data.loader import ManifestLoader, worker_processor
 from align.data.manifest import open_audio, open_image, read_manifest, seeded_sample
 from align.data.sample import BadSample, _stack
 from align.errors import ConfigError, RunError
 from align.fields import product_fields
 from align.searchlog.log import EventGrades, SearchLog, read_search_log
-
-OPENERS = {"image": open_image, "audio": open_audio}
-
 
 @dataclass
 class ProductTable:
@@ -132,7 +129,12 @@ class SearchPairsDataset(Dataset):
         return len(self.rows.query)
 
     def _encode(self, modality: str, value: str, sample_id: str, where: str) -> Any:
-        raw = OPENERS[modality](value, sample_id, where) if modality in OPENERS else value
+        if modality == "image":  # data.jpeg_draft: decoded no smaller than the transform needs
+            raw = open_image(value, sample_id, where, self.processor.image_draft_side)
+        elif modality == "audio":
+            raw = open_audio(value, sample_id, where)
+        else:
+            raw = value
         try:
             return self.preprocessors[modality](raw)
         except Exception as error:
@@ -231,7 +233,7 @@ def search_log_loader(config: Config, processor: Any, *, rank: int = 0, world_si
     rows = training_rows(log, search.pairs, search.max_positives)
     if not len(rows.query):
         raise RunError(f"data.search_log.log: {search.log} has no (query, product) pair with a grade > 0")
-    dataset = SearchPairsDataset(rows, products, processor, search.log, seed=config.train.seed,
+    dataset = SearchPairsDataset(rows, products, worker_processor(processor, config.data), search.log, seed=config.train.seed,
                                  per_query=search.pairs == "per_query")
     return ManifestLoader(dataset, batch_size=config.data.batch_size, num_workers=config.data.num_workers,
                           train=True, seed=config.train.seed, rank=rank, world_size=world_size,
