@@ -1,5 +1,5 @@
 """``AlignModel``: one tower per modality, all projecting into one shared space, plus the
-learnable temperature of the contrastive losses.
+learnable temperature of the contrastive losses; ``prefix``: a Matryoshka width of that space.
 """
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import math
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from align.config import ModelConfig, TowerConfig
+from align.errors import ConfigError
 from align.registry import TOWERS
 from align.towers.base import Tower, checkpoint_blocks, freeze_tower
 
@@ -82,3 +84,21 @@ def build_model(config: ModelConfig) -> AlignModel:
         load_clip_halves.cache_clear()  # the cache only lets image and text share one CLIP
     return AlignModel(towers, config.init_temperature, config.max_logit_scale, config.learn_temperature,
                       embed_dim=config.embed_dim)
+
+
+def prefix(x: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
+    """The first ``dim`` coordinates of (..., D) unit vectors, renormalised (zero rows stay zero);
+    ``dim`` None or D: ``x`` itself. What a Matryoshka-trained space keeps at width ``dim``."""
+    if dim is None or dim == x.shape[-1]:
+        return x
+    if dim > x.shape[-1]:
+        raise ValueError(f"loss.matryoshka.dims: {dim} is wider than the embeddings ({x.shape[-1]})")
+    return F.normalize(x[..., :dim], dim=-1)
+
+
+def check_prefix_dim(dim: int, full_dim: int, flag: str = "--dim") -> int:
+    """``dim`` when 1 <= dim <= full_dim; else a ``ConfigError`` naming ``flag``."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= full_dim:
+        raise ConfigError(f"{flag} {dim}: must be a whole number from 1 to the embedding width {full_dim} "
+                          f"(Matryoshka truncation keeps the first {flag.lstrip('-')} coordinates)")
+    return dim

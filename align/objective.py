@@ -12,12 +12,11 @@ import itertools
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from align.config import LossConfig, MatryoshkaConfig
 from align.data.sample import MODALITIES, scatter_rows
-from align.model import AlignModel
+from align.model import AlignModel, prefix
 from align.registry import LOSSES
 
 Pair = Tuple[str, str]
@@ -76,16 +75,6 @@ def matryoshka_levels(config: Optional[MatryoshkaConfig], embed_dim: Optional[in
     weights = config.weights or [1.0] * len(config.dims)
     total = sum(weights)
     return [(None if dim == embed_dim else dim, weight / total) for dim, weight in zip(config.dims, weights)]
-
-
-def prefix(x: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
-    """The first ``dim`` coordinates of (..., D) unit vectors, renormalised (zero rows stay zero);
-    ``dim`` None or D: ``x`` itself."""
-    if dim is None or dim == x.shape[-1]:
-        return x
-    if dim > x.shape[-1]:
-        raise ValueError(f"loss.matryoshka.dims: {dim} is wider than the embeddings ({x.shape[-1]})")
-    return F.normalize(x[..., :dim], dim=-1)
 
 
 def nested_loss(levels: Sequence[Tuple[Optional[int], float]], loss_at: Callable[[Optional[int]], torch.Tensor],

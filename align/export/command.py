@@ -41,10 +41,8 @@ import torch
 
 from align.errors import ConfigError, RunError, replace_folder
 from align.export.matryoshka import truncated_model
-from align.index.embed import check_prefix_dim
 from align.loading import load_model, model_folder, read_saved_config
-from align.model import AlignModel
-from align.objective import prefix
+from align.model import AlignModel, check_prefix_dim, prefix
 
 FORMATS = ("open_clip", "sentence_transformers", "onnx")
 DEFAULT_TOLERANCE = 1e-4  # max |difference| of unit-vector entries; float32 rounding stays far below it

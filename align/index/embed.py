@@ -62,6 +62,7 @@ from align.config import FieldConfig
 from align.fields import check_weights, field_weights
 from align.fields import fuse as fuse_fields
 from align.loading import load_model, model_folder, read_json, read_saved_config, read_tensors, write_tensors
+from align.model import check_prefix_dim, prefix
 
 FORMAT = "align-item-embeddings/1"
 TENSORS_FILE = "embeddings.safetensors"
@@ -123,20 +124,10 @@ def fusion_metadata(weights: Optional[Dict[str, float]]) -> Dict[str, str]:
     return {"fusion": "weighted_mean", "fusion_weights": ",".join(f"{m}={weights[m]:g}" for m in sorted(weights))}
 
 
-def check_prefix_dim(dim: int, full_dim: int, flag: str = "--dim") -> int:
-    """``dim`` when 1 <= dim <= full_dim; else a ``ConfigError`` naming ``flag``."""
-    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= full_dim:
-        raise ConfigError(f"{flag} {dim}: must be a whole number from 1 to the embedding width {full_dim} "
-                          f"(Matryoshka truncation keeps the first {flag.lstrip('-')} coordinates)")
-    return dim
-
-
 def truncate_embeddings(emb: ItemEmbeddings, dim: int, flag: str = "--dim") -> ItemEmbeddings:
     """``emb`` with every vector cut to its first ``dim`` coordinates and renormalised (zero rows stay
     zero); metadata ``dim`` becomes ``dim``, ``full_dim`` keeps the model's width. A ``dim`` wider
     than the vectors is a ``ConfigError`` naming ``flag``."""
-    from align.objective import prefix
-
     width = emb.vectors[FUSED].shape[-1]
     check_prefix_dim(dim, width, flag)
     full = emb.metadata.get("full_dim") or str(width)

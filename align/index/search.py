@@ -35,9 +35,8 @@ from align.data.manifest import open_audio, open_image
 from align.data.sample import BadSample, collate
 from align.errors import MODALITIES, ConfigError
 from align.explain.report import attach_explanation, format_explanation, search_explainer
-from align.index.embed import check_prefix_dim
 from align.loading import load_model, model_folder
-from align.objective import prefix
+from align.model import check_prefix_dim, prefix
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 

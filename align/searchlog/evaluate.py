@@ -47,7 +47,7 @@ import torch
 
 from align.errors import MODALITIES, ConfigError, RunError, write_json_atomic
 from align.loading import read_json
-from align.objective import prefix
+from align.model import prefix
 from align.searchlog.log import EventGrades, SearchLog, read_search_log
 from align.searchlog.metrics import GradedRelevance, graded_report, rank_by_similarity
 from align.searchlog.simulate import CANDIDATES, TRUTH_SUFFIX
