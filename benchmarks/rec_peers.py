@@ -41,7 +41,7 @@ def run_setting(name: str, knobs: Dict[str, Any], args: argparse.Namespace, work
     ids, values = read_catalogue_columns(manifests, ("kind", "colour", "pattern", "size"))
     new = set(read_catalogue_ids(manifests[1:]))  # held-out attribute combinations arrive late: cold items
     sim = ShopSimConfig(**{"n_users": args.users, "seed": args.seed, **knobs})
-    log, _, cutoff = simulate_shop(ids, values, sim, new_items=np.array([i in new for i in ids]))
+    log, _, cutoff, _ = simulate_shop(ids, values, sim, new_items=np.array([i in new for i in ids]))
     folder = os.path.join(work, name)
     write_interactions(log, os.path.join(folder, "interactions.csv"))
     overrides = [f"data.interactions={os.path.join(folder, 'interactions.csv')}",

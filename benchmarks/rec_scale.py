@@ -60,7 +60,7 @@ def build_shop(n_items: int, n_users: int, sessions: float, folder: str, dim: in
                                         {"format": "align-item-embeddings/1", "checkpoint": "synthetic",
                                          "dim": str(dim), "modalities": "text", "fusion": "mean"}),
                          os.path.join(folder, "items"))
-    log, _, cutoff = simulate_shop(ids, values, ShopSimConfig(n_users=n_users, sessions_per_user=sessions, seed=0))
+    log, _, cutoff, _ = simulate_shop(ids, values, ShopSimConfig(n_users=n_users, sessions_per_user=sessions, seed=0))
     write_interactions(log, os.path.join(folder, "interactions.csv"))
     return {"catalogue": catalogue, "items": os.path.join(folder, "items"),
             "interactions": os.path.join(folder, "interactions.csv"), "cutoff": str(cutoff), "rows": str(len(log))}

@@ -3,7 +3,8 @@
     align prep shop-sim --catalogue data/demo/train.csv data/demo/test.csv \\
         --new data/demo/test.csv --out data/demo/shop
 
-Writes ``<out>/interactions.csv`` (user_id, item_id, timestamp, event, weight) and then
+Writes ``<out>/interactions.csv`` (user_id, item_id, timestamp, event, weight), the users'
+tastes ``<out>/tastes.safetensors`` (what ``align.explain`` checks explanations against) and then
 ``<out>/items.json`` ({"ids", "release_time", "cutoff", "config"}), each atomically, and prints a
 summary. The story and every knob are in align/rec/simulate.py; each knob is a flag below
 (``--users`` is ``--n-users``). The items of the ``--new`` manifests are released after the
@@ -20,7 +21,7 @@ import numpy as np
 
 from align.errors import write_json_atomic
 from align.rec.interactions import read_catalogue_columns, write_interactions
-from align.rec.simulate import DAY, DEFAULT_ATTRIBUTES, ShopSimConfig, simulate_shop
+from align.rec.simulate import DAY, DEFAULT_ATTRIBUTES, TASTES_FILE, ShopSimConfig, simulate_shop, write_tastes
 from data_prep.simulator_flags import add_knob_flags, config_from_flags, new_item_positions
 
 
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--catalogue", required=True, nargs="+", help="catalogue manifest(s): CSV, JSONL or Parquet")
     parser.add_argument("--new", nargs="+", default=[], help="manifest(s) whose items are released after the cutoff")
-    parser.add_argument("--out", required=True, help="output folder (interactions.csv, items.json)")
+    parser.add_argument("--out", required=True, help="output folder (interactions.csv, tastes.safetensors, items.json)")
     parser.add_argument("--id-column", default="id", help="item id column (id)")
     parser.add_argument("--attributes", default=",".join(DEFAULT_ATTRIBUTES),
                         help=f"comma-separated attribute columns that drive tastes ({','.join(DEFAULT_ATTRIBUTES)}); "
@@ -47,8 +48,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     item_ids, values = read_catalogue_columns(args.catalogue, attributes, args.id_column)
     new_items = new_item_positions(item_ids, args.new, args.id_column)
 
-    log, release, cutoff = simulate_shop(item_ids, values, config, np.asarray(new_items, dtype=np.int64))
+    log, release, cutoff, tastes = simulate_shop(item_ids, values, config, np.asarray(new_items, dtype=np.int64))
     write_interactions(log, os.path.join(args.out, "interactions.csv"))
+    write_tastes(tastes, os.path.join(args.out, TASTES_FILE))  # what explanations are checked against
     write_json_atomic({"ids": item_ids, "release_time": release.tolist(), "cutoff": cutoff,
                        "config": dataclasses.asdict(config), "attributes": attributes,
                        "catalogue": list(args.catalogue), "new": list(args.new)},

@@ -258,17 +258,33 @@ def test_explanations_are_faithful_on_a_simulated_shop(trained, shop, small_demo
     assert chance < 0.15 and match >= 3 * chance, (match, chance)
 
 
-def test_simulated_tastes_refuse_a_log_the_simulator_did_not_write(shop, tmp_path):  # noqa: F811
+def test_simulated_tastes_are_those_the_simulator_drew(shop, tmp_path):  # noqa: F811
+    """``align prep shop-sim`` writes the tastes its users chose with; read back, they are the
+    simulator's own (run again from items.json here); a folder without them, or with a broken
+    file, is a RunError naming the file."""
     import shutil
 
     from align.errors import RunError
+    from align.rec.interactions import read_catalogue_columns
+    from align.rec.simulate import ShopSimConfig, simulate_shop
+    from data_prep.simulator_flags import new_item_positions
 
+    folder = shop["root"] / "shop"
+    meta = json.loads((folder / "items.json").read_text())
+    item_ids, values = read_catalogue_columns(meta["catalogue"], meta["attributes"])
+    new = np.asarray(new_item_positions(item_ids, meta["new"], "id"), dtype=np.int64)
+    drawn = simulate_shop(item_ids, values, ShopSimConfig(**meta["config"]), new).tastes
+    read = simulated_tastes(str(folder))
+    assert read.user_ids == drawn.user_ids and read.features == drawn.features
+    np.testing.assert_array_equal(read.weights, drawn.weights)
+    assert {a for a, _ in read.features} == set(meta["attributes"])
     copy = tmp_path / "shop"
-    shutil.copytree(shop["root"] / "shop", copy)
-    meta = json.loads((copy / "items.json").read_text())
-    meta["config"]["seed"] = 1
-    (copy / "items.json").write_text(json.dumps(meta))
-    with pytest.raises(RunError, match="event times"):
+    shutil.copytree(folder, copy)
+    (copy / "tastes.safetensors").write_bytes((folder / "tastes.safetensors").read_bytes()[:100])
+    with pytest.raises(RunError, match="tastes.safetensors"):
+        simulated_tastes(str(copy))
+    (copy / "tastes.safetensors").unlink()
+    with pytest.raises(RunError, match="tastes.safetensors"):
         simulated_tastes(str(copy))
 
 

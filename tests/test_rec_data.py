@@ -176,7 +176,8 @@ def small_shop(n_items=600, n_new=60, seed=0, **knobs):
     ids = [f"item{i}" for i in range(n_items)]
     new = np.arange(n_items - n_new, n_items)
     config = ShopSimConfig(n_users=400, seed=seed, **knobs)
-    return (ids, attributes, new) + simulate_shop(ids, attributes, config, new)
+    shop = simulate_shop(ids, attributes, config, new)
+    return ids, attributes, new, shop.log, shop.release, shop.cutoff
 
 
 def test_simulator_is_deterministic_by_seed():

@@ -10,23 +10,19 @@ differ). The removals are real re-scorings whatever method ranked the entries; w
 explanation's user words, attribute columns only) is the attribute value they like most in the
 simulation (the largest weight of their taste vector), beside the share a random pairing of the
 same predictions and truths would reach (``chance`` = sum over values of the predicted share
-times the true share). The tastes are not written by ``align prep shop-sim``: ``simulated_tastes``
-draws them again from the same seed, replaying the simulator's draws in their order, and checks
-the replay by the event times it also redraws (every time in interactions.csv must come back).
+times the true share). The tastes are those ``align prep shop-sim`` drew and wrote beside the log
+(``tastes.safetensors``, read by ``simulated_tastes``).
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from align.errors import RunError
 from align.explain.history import LOO_MAX, Method, history_contributions, removal_scores
 from align.explain.words import WordProbe, user_preference
+from align.rec.simulate import TASTES_FILE, Tastes, read_tastes
 
 Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend / align search import this package
 
@@ -75,64 +71,13 @@ def faithfulness(recommender: "Recommender", histories: Histories, min_history: 
     return wins / checked if checked else float("nan")
 
 
-@dataclass
-class SimulatedTastes:
-    """The simulated users' tastes: one weight per attribute value (the simulator's theta_u at
-    time 0, before drift).
-
-    Attributes:
-        user_ids: the log's user ids, in the simulator's order.
-        features: (attribute, value) of each taste column, in the simulator's order.
-        weights: (U, F) float64.
-    """
-
-    user_ids: List[str]
-    features: List[Tuple[str, str]]
-    weights: np.ndarray
-
-    def strongest(self) -> dict:
-        """User id -> the (attribute, value) they like most."""
-        best = self.weights.argmax(1)
-        return {user: self.features[int(b)] for user, b in zip(self.user_ids, best)}
-
-
-def simulated_tastes(shop: str) -> SimulatedTastes:
+def simulated_tastes(shop: str) -> Tastes:
     """The tastes of the users of the shop ``align prep shop-sim`` wrote into the folder ``shop``
-    (its items.json and interactions.csv), drawn again from its seed (module docstring); a replay
-    whose event times differ from the log's is a ``RunError`` (the simulator changed since)."""
-    from align.rec.interactions import read_catalogue_columns, read_catalogue_ids
-    from align.rec.simulate import ShopSimConfig, _catalogue, _events, _sessions
-
-    meta_path, log_path = os.path.join(shop, "items.json"), os.path.join(shop, "interactions.csv")
-    with open(meta_path, encoding="utf-8") as handle:
-        meta = json.load(handle)
-    config = ShopSimConfig(**meta["config"])
-    attributes = list(meta.get("attributes") or [])
-    item_ids, values = read_catalogue_columns(meta["catalogue"], attributes)
-    position = {item: n for n, item in enumerate(item_ids)}
-    new = np.zeros(len(item_ids), dtype=bool)
-    for manifest in meta.get("new") or []:
-        new[[position[item] for item in read_catalogue_ids([manifest])]] = True
-    # simulate_shop's draws, in its order, up to the tastes (align/rec/simulate.py)
-    rng = np.random.default_rng(config.seed)
-    _catalogue(rng, values, len(item_ids), new, config, math.ceil(config.horizon_days))
-    session_user, session_time, events_in_session = _sessions(rng, config)
-    _, event_time, _, _, _ = _events(rng, session_time, events_in_session, config)
-    vocabularies = [sorted({v.strip() for v in values[a] if v.strip()}) for a in attributes]
-    features = [(a, v) for a, vocabulary in zip(attributes, vocabularies) for v in vocabulary]
-    pickiness = rng.lognormal(0.0, config.pickiness_sigma, size=config.n_users)
-    weights = pickiness[:, None] * rng.standard_normal((config.n_users, len(features)))
-    from align.data.tables import as_numbers, read_columns
-
-    logged = np.sort(as_numbers(read_columns(log_path, ["timestamp"])["timestamp"]))
-    if not np.array_equal(logged, np.sort(event_time)):
-        raise RunError(f"{log_path}: the simulator, run again from {meta_path}, does not give these event times; "
-                       f"the tastes cannot be recovered (simulate the shop again with this version)")
-    width = len(str(config.n_users - 1))
-    return SimulatedTastes([f"user{u:0{width}d}" for u in range(config.n_users)], features, weights)
+    (its tastes.safetensors); a ``RunError`` naming the file where it is missing or broken."""
+    return read_tastes(os.path.join(shop, TASTES_FILE))
 
 
-def taste_match(recommender: "Recommender", histories: Histories, shop: Union[str, SimulatedTastes],
+def taste_match(recommender: "Recommender", histories: Histories, shop: Union[str, Tastes],
                 probe: WordProbe, min_history: int = 3) -> Tuple[float, float]:
     """(match, chance): the share of simulated users whose top attribute word is their strongest
     taste, and the share a random pairing would give (module docstring).

@@ -48,8 +48,9 @@ Times are seconds from 0 (the start of the horizon).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -123,12 +124,89 @@ class _Catalogue:
 
     combination: np.ndarray  # (n_items,) int64 attribute-combination code
     features: np.ndarray     # (C, F) float64 one-hot attribute values of each combination
+    feature_names: List[Tuple[str, str]]  # (attribute, value) of each column of ``features``
     weight: np.ndarray       # (n_items,) float64 pop ** popularity_weight
     release_day: np.ndarray  # (n_items,) int64
 
 
+@dataclass
+class Tastes:
+    """The simulated users' tastes: one weight per attribute value (theta_u at time 0, before
+    drift), what a recommender's explanations can be checked against (align/explain/faithfulness.py).
+
+    Attributes:
+        user_ids: the log's user ids, in the simulator's order.
+        features: (attribute, value) of each taste column.
+        weights: (U, F) float64.
+    """
+
+    user_ids: List[str]
+    features: List[Tuple[str, str]]
+    weights: np.ndarray
+
+    def strongest(self) -> dict:
+        """User id -> the (attribute, value) they like most."""
+        best = self.weights.argmax(1)
+        return {user: self.features[int(b)] for user, b in zip(self.user_ids, best)}
+
+
+TASTES_FILE = "tastes.safetensors"
+TASTES_FORMAT = "align-shop-tastes/1"
+
+
+def write_tastes(tastes: Tastes, path: str) -> None:
+    """``tastes`` to a safetensors file, atomically: the weights as a tensor, the user ids and the
+    (attribute, value) columns as JSON metadata."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from align.errors import atomic_open
+
+    metadata = {"format": TASTES_FORMAT, "user_ids": json.dumps(tastes.user_ids),
+                "features": json.dumps([list(f) for f in tastes.features])}
+    with atomic_open(path, "wb") as handle:
+        save_file({"weights": np.ascontiguousarray(tastes.weights, dtype=np.float64)}, handle.name, metadata=metadata)
+
+
+def read_tastes(path: str) -> Tastes:
+    """The ``Tastes`` ``write_tastes`` wrote to ``path`` (read as tensors and JSON, never unpickled);
+    a missing or foreign file is a ``RunError`` naming it."""
+    import json
+
+    from safetensors import safe_open
+
+    from align.errors import RunError
+
+    if not os.path.isfile(path):
+        raise RunError(f"{path}: no such file; `align prep shop-sim` writes the users' tastes there "
+                       f"(a folder simulated before it did: simulate the shop again)")
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            metadata, weights = handle.metadata() or {}, handle.get_tensor("weights")
+        if metadata.get("format") != TASTES_FORMAT:
+            raise ValueError(f"format {metadata.get('format')!r}, expected {TASTES_FORMAT!r}")
+        user_ids = [str(u) for u in json.loads(metadata["user_ids"])]
+        features = [(str(a), str(v)) for a, v in json.loads(metadata["features"])]
+    except Exception as error:  # a truncated file, a foreign one, broken JSON
+        raise RunError(f"{path}: not a tastes file of `align prep shop-sim` ({error})") from None
+    if weights.shape != (len(user_ids), len(features)):
+        raise RunError(f"{path}: weights {weights.shape} for {len(user_ids)} users and {len(features)} features")
+    return Tastes(user_ids, features, weights)
+
+
+class SimulatedShop(NamedTuple):
+    """What ``simulate_shop`` returns: the log sorted by time, the release time of every item in
+    seconds (n_items,), the cutoff in seconds, and the users' tastes."""
+
+    log: Interactions
+    release: np.ndarray
+    cutoff: float
+    tastes: Tastes
+
+
 def simulate_shop(item_ids: Sequence[str], attributes: Dict[str, Sequence[str]], config: ShopSimConfig,
-                  new_items: Optional[np.ndarray] = None) -> Tuple[Interactions, np.ndarray, float]:
+                  new_items: Optional[np.ndarray] = None) -> SimulatedShop:
     """Simulate a shop over the catalogue ``item_ids`` (see the module docstring).
 
     Args:
@@ -140,7 +218,7 @@ def simulate_shop(item_ids: Sequence[str], attributes: Dict[str, Sequence[str]],
             boolean mask (n_items,) or integer indices. ``None``: late items are random.
 
     Returns:
-        (log sorted by time, release time per item in seconds (n_items,), cutoff in seconds).
+        ``SimulatedShop``: (log, release, cutoff, tastes).
     """
     config.validate()
     n_items = len(item_ids)
@@ -164,7 +242,7 @@ def simulate_shop(item_ids: Sequence[str], attributes: Dict[str, Sequence[str]],
 
     items = np.empty(len(event_session), dtype=np.int64)
     chosen = ~noise
-    combination = _choose_combinations(rng, catalogue, session_user, session_time, session_day,
+    combination, taste = _choose_combinations(rng, catalogue, session_user, session_time, session_day,
                                        event_session, chosen, config, n_days)
     items[chosen] = _choose_within_combination(rng, catalogue, combination, event_day[chosen], n_days)
     items[noise] = _choose_uniform_released(rng, catalogue.release_day, event_day[noise])
@@ -172,14 +250,16 @@ def simulate_shop(item_ids: Sequence[str], attributes: Dict[str, Sequence[str]],
 
     order = np.argsort(event_time, kind="stable")
     width = len(str(config.n_users - 1))
+    user_ids = [f"user{u:0{width}d}" for u in range(config.n_users)]
     labels = np.asarray(EVENT_TYPES)
     weights = np.asarray([EVENT_WEIGHTS[t] for t in EVENT_TYPES], dtype=np.float32)
     log = Interactions(
         users=session_user[event_session][order], items=items[order], times=event_time[order],
         weights=weights[event_type[order]], events=labels[event_type[order]],
-        user_ids=[f"user{u:0{width}d}" for u in range(config.n_users)], item_ids=[str(i) for i in item_ids],
+        user_ids=user_ids, item_ids=[str(i) for i in item_ids],
     )
-    return log, catalogue.release_day.astype(np.float64) * DAY, float(cutoff)
+    return SimulatedShop(log, catalogue.release_day.astype(np.float64) * DAY, float(cutoff),
+                         Tastes(user_ids, catalogue.feature_names, taste))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,8 +269,8 @@ def _catalogue(rng: np.random.Generator, attributes: Dict[str, Sequence[str]], n
                new_mask: np.ndarray, config: ShopSimConfig, n_days: int) -> _Catalogue:
     """Attribute combinations, popularity weights and release days of the items."""
     codes = np.zeros((n_items, len(attributes)), dtype=np.int64)  # (n_items, A), -1 = no value
-    offsets, width = [], 0
-    for column, values in enumerate(attributes.values()):
+    offsets, width, names = [], 0, []
+    for column, (name, values) in enumerate(attributes.items()):
         text = np.asarray([str(v).strip() for v in values], dtype=object)
         present = text != ""
         vocabulary, inverse = np.unique(text[present].astype(str), return_inverse=True)
@@ -198,6 +278,7 @@ def _catalogue(rng: np.random.Generator, attributes: Dict[str, Sequence[str]], n
         codes[present, column] = inverse
         offsets.append(width)
         width += len(vocabulary)
+        names += [(name, str(value)) for value in vocabulary]
     if attributes:
         unique, combination = np.unique(codes, axis=0, return_inverse=True)  # (C, A), (n_items,)
     else:  # no attributes: one combination, choices follow popularity alone
@@ -210,8 +291,8 @@ def _catalogue(rng: np.random.Generator, attributes: Dict[str, Sequence[str]], n
     rank = np.empty(n_items, dtype=np.float64)
     rank[rng.permutation(n_items)] = np.arange(1, n_items + 1)
     weight = rank ** (-config.zipf_exponent * config.popularity_weight)  # pop ** popularity_weight
-    return _Catalogue(combination=combination.reshape(-1).astype(np.int64), features=features, weight=weight,
-                      release_day=_release_days(rng, new_mask, config, n_days))
+    return _Catalogue(combination=combination.reshape(-1).astype(np.int64), features=features, feature_names=names,
+                      weight=weight, release_day=_release_days(rng, new_mask, config, n_days))
 
 
 def _release_days(rng: np.random.Generator, new_mask: np.ndarray, config: ShopSimConfig, n_days: int) -> np.ndarray:
@@ -286,8 +367,8 @@ def _events(rng: np.random.Generator, session_time: np.ndarray, events_in_sessio
 # ------------------------------------------------------------------------------------------------
 def _choose_combinations(rng: np.random.Generator, catalogue: _Catalogue, session_user: np.ndarray,
                          session_time: np.ndarray, session_day: np.ndarray, event_session: np.ndarray,
-                         chosen: np.ndarray, config: ShopSimConfig, n_days: int) -> np.ndarray:
-    """Attribute combination of every ``chosen`` event: P(c | session) ∝ exp(theta_u(t) · x_c / T)
+                         chosen: np.ndarray, config: ShopSimConfig, n_days: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(attribute combination of every ``chosen`` event, the users' tastes theta_u (U, F)): P(c | session) ∝ exp(theta_u(t) · x_c / T)
     * (popularity mass of c's items released by the session's day). Scored in chunks of whole
     users, so each user's taste walk is drawn in one piece."""
     n_combinations, n_features = catalogue.features.shape
@@ -328,7 +409,7 @@ def _choose_combinations(rng: np.random.Generator, catalogue: _Catalogue, sessio
         shifted = (cdf + np.arange(b - a)[:, None]).ravel()
         position = np.searchsorted(shifted, row + u, side="right") - row * n_combinations
         out[events] = np.clip(position, 0, n_combinations - 1)
-    return out[chosen]
+    return out[chosen], taste
 
 
 def _choose_within_combination(rng: np.random.Generator, catalogue: _Catalogue, combination: np.ndarray,
