@@ -159,6 +159,10 @@ class SearchLogConfig:
     max_positives: int = 16  # graded products listed per query (the highest grades first)
     media_root: Optional[str] = None  # base of photo/voice query paths; default: the log's folder
     max_bad_fraction: float = 0.05  # of the log's rows
+    # A held-out log (same columns; its queries not in ``log``) scored at every evaluation: each query
+    # ranks the whole catalogue, judged by its own events (align/searchlog/evaluate.py validate_on_log);
+    # eval.json's "search" entry (ndcg@10, err@10, mrr, recall@10, ...). "" = off
+    val: str = ""
 
 
 @dataclass
@@ -229,6 +233,12 @@ class TrainConfig:
     # Pays off on a GPU for long runs; the first steps wait for the compiler.
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" compiles no kernels)
+    # An evaluation figure, "<entry>/<name>" as eval.json holds it (search/ndcg@10 with
+    # data.search_log.val, text->image/R@1 with data.val): the model of its best evaluation so far
+    # is kept in <output_dir>/best/ (align/train/best.py); higher is better. "" = off
+    best_metric: str = ""
+    # Stop after this many evaluations in a row without a new best of best_metric (0 = never)
+    patience: int = 0
 
 
 @dataclass
@@ -531,6 +541,7 @@ def validate(config: Config) -> None:
     _check_columns(config.data.columns)
     _check_fields(config.model.fields, config.model.towers)
     _check_search_log(config)
+    _check_best_metric(config)
     if not 0 <= config.data.max_bad_fraction <= 1:
         raise ConfigError("data.max_bad_fraction must lie in [0, 1]")
     if config.optim.lr <= 0:
@@ -583,6 +594,9 @@ def _check_fields(fields: Dict[str, FieldConfig], towers: Dict[str, TowerConfig]
 def _check_search_log(config: "Config") -> None:
     search = config.data.search_log
     if not search.log:
+        if search.val:
+            raise ConfigError("data.search_log.val: a held-out search log goes with data.search_log.log; "
+                              "set the log to train on, or leave val empty")
         return
     if not search.catalogue:
         raise ConfigError("data.search_log.catalogue: list the manifest(s) whose ids the log's items are")
@@ -596,6 +610,47 @@ def _check_search_log(config: "Config") -> None:
     if config.train.accum_steps != 1:
         raise ConfigError(f"train.accum_steps: {config.train.accum_steps}; search-log training runs one forward "
                           "per step for now (set train.accum_steps: 1 and raise data.batch_size instead)")
+
+
+SEARCH_VAL_K = 10  # the cut of data.search_log.val's figures (ndcg@10, ...)
+
+
+def best_metric_choices(config: "Config") -> Dict[str, List[str]]:
+    """eval.json entry -> the figures ``train.best_metric`` may name in it (all: higher is better),
+    for what this config evaluates: retrieval pairs on data.val / eval.split, the search log's
+    data.search_log.val (all queries, and per query modality)."""
+    choices: Dict[str, List[str]] = {}
+    if config.eval.split or config.data.val:
+        towers = list(config.model.towers)
+        for a in towers:
+            for b in towers:
+                if a != b:
+                    choices[f"{a}->{b}"] = [f"R@{k}" for k in config.eval.ks] + ["mAP"]
+    if config.data.search_log.log and config.data.search_log.val:
+        k = SEARCH_VAL_K
+        for entry in ["search"] + [f"search-{m}" for m in config.model.towers]:
+            choices[entry] = [f"ndcg@{k}", f"err@{k}", "mrr", f"recall@{k}", "rbp_p0.9"]
+    return choices
+
+
+def _check_best_metric(config: "Config") -> None:
+    train = config.train
+    if isinstance(train.patience, bool) or not isinstance(train.patience, int) or train.patience < 0:
+        raise ConfigError(f"train.patience: {train.patience!r} must be a whole number >= 0 (0: never stop early)")
+    if not train.best_metric:
+        if train.patience:
+            raise ConfigError("train.patience needs train.best_metric: name the evaluation figure that must improve, "
+                              "e.g. search/ndcg@10 or text->image/R@1")
+        return
+    choices = best_metric_choices(config)
+    if not choices:
+        raise ConfigError(f"train.best_metric: {train.best_metric!r}, but nothing is evaluated during training; "
+                          f"set data.val (or eval.split), or data.search_log.val for a search log")
+    entry, _, name = train.best_metric.rpartition("/")
+    if entry not in choices or name not in choices[entry]:
+        listed = "; ".join(f"{e}/{{{','.join(names)}}}" for e, names in choices.items())
+        raise ConfigError(f"train.best_metric: {train.best_metric!r} is not a figure this run evaluates; "
+                          f"choose one of {listed}")
 
 
 def _check_classify(classify: ClassifyConfig, towers: Dict[str, TowerConfig]) -> None:

@@ -48,9 +48,9 @@ def check_run_inputs(config: Config) -> None:
     """Everything a training run reads: its data, its media root and its towers' sources."""
     search = config.data.search_log
     if search.log:
-        for key, path in [("data.search_log.log", search.log)] + [
+        for key, path in [("data.search_log.log", search.log), ("data.search_log.val", search.val)] + [
                 (f"data.search_log.catalogue[{n}]", p) for n, p in enumerate(search.catalogue)]:
-            if not os.path.isfile(path):
+            if path and not os.path.isfile(path):
                 raise ConfigError(f"{key}: {path} does not exist")
     elif not config.data.train:
         raise ConfigError("data.train is required: a manifest (.csv/.jsonl/.parquet) or a shard spec "

@@ -14,8 +14,8 @@ ends with the message and exit code 1.
 ``simulate`` writes into ``--out`` (the story and every knob in align/searchlog/simulate.py;
 ``--queries`` is ``--n-queries``): ``log.csv`` (every event, with a ``split`` column), one file
 per split with the same columns (``train.csv``, ``eval_in_domain.csv``, ``eval_novel_queries.csv``,
-``eval_novel_products.csv``, ``eval_both_novel.csv``), the complete judgements of each evaluation
-split in ``<split>.truth.csv`` (``query, query_image, query_audio, item_id, relevance``: every
+``eval_novel_products.csv``, ``eval_both_novel.csv``, and ``val.csv`` with ``--val-fraction``: a
+held-out log for ``data.search_log.val``), the complete judgements of each evaluation split in ``<split>.truth.csv`` (``query, query_image, query_audio, item_id, relevance``: every
 candidate that fits a query, its match level as the grade), then ``stats.json`` last (the knobs, the
 held-out items and templates, the counts per split). Photo and voice query paths are written
 relative to ``--out``, so every file there validates as it is. The items of ``--new`` are held out
@@ -36,7 +36,7 @@ from align.data.tables import BadRows, read_columns
 from align.rec.interactions import read_catalogue_columns, read_catalogue_ids
 from align.searchlog.log import DEFAULT_EVENT_GRADES, EventGrades, SearchLog, SearchLogColumns, read_search_log
 from align.searchlog.simulate import (DEFAULT_ATTRIBUTES, JUDGEMENT_COLUMNS, LOG_COLUMNS, SPLITS, TRUTH_SUFFIX,
-                                      SearchSimConfig, SimCatalogue, simulate_search_log, split_stats)
+                                      VAL_SPLIT, SearchSimConfig, SimCatalogue, simulate_search_log, split_stats)
 from data_prep.simulator_flags import add_knob_flags, config_from_flags, new_item_positions
 
 
@@ -150,7 +150,7 @@ def _simulate(args: argparse.Namespace) -> int:
     sim = simulate_search_log(catalogue, config, new_items)
     os.makedirs(args.out, exist_ok=True)
     _write_rows(sim.rows, os.path.join(args.out, "log.csv"))
-    for split in SPLITS:
+    for split in SPLITS + ((VAL_SPLIT,) if config.val_fraction > 0 else ()):
         _write_rows([r for r in sim.rows if r["split"] == split], os.path.join(args.out, f"{split}.csv"))
     for split, judged in sim.judgements.items():
         _write_rows(judged, os.path.join(args.out, f"{split}{TRUTH_SUFFIX}"), JUDGEMENT_COLUMNS)

@@ -55,6 +55,10 @@ def test_trainer_state_round_trips_through_json():
     state = TrainState(step=7, epoch=1, batch_in_epoch=3, samples=448)
     assert TrainState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
     assert state.to_dict() == {"step": 7, "epoch": 1, "batch_in_epoch": 3, "samples": 448, "run_id": "",
-                               "reading": {}, "segments": []}
-    # A checkpoint written before the run id, reading and segments were recorded still loads.
+                               "reading": {}, "segments": [], "best": {}}
+    # train.best_metric's record travels too (align/train/best.py)
+    state.best.update(metric="search/ndcg@10", value=0.5, step=4, since=1, counted_step=6)
+    assert TrainState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+    state.best.clear()
+    # A checkpoint written before the run id, reading, segments and best were recorded still loads.
     assert TrainState.from_dict({"step": 7, "epoch": 1, "batch_in_epoch": 3, "samples": 448}) == state

@@ -41,7 +41,7 @@ def shop(small_demo, tmp_path_factory):
     manifests = [os.path.join(small_demo, "train.csv"), os.path.join(small_demo, "test.csv")]
     log_dir = str(root / "search")
     assert search_log_main(["simulate", "--catalogue", *manifests, "--new", manifests[1], "--out", log_dir,
-                            "--queries", "300"]) == 0
+                            "--queries", "300", "--val-fraction", "0.2"]) == 0
     return small_demo, manifests, log_dir, root
 
 
@@ -294,3 +294,76 @@ def _photo_paths(shop):
         with open(manifest, newline="") as handle:
             paths += [os.path.join(demo, row["image"]) for row in csv.DictReader(handle) if row["image"]]
     return paths
+
+
+def _held_out(shop):
+    return f"data.search_log.val={shop[2]}/val.csv"
+
+
+def test_held_out_log_keeps_the_best_model_and_stops_when_it_no_longer_improves(shop, tmp_path):
+    """data.search_log.val is scored at every evaluation; train.best_metric keeps the model of the
+    best one in <output_dir>/best/; train.patience stops the run after that many evaluations
+    without a new best. With a learning rate too small to change a float32 weight, every
+    evaluation ties the first: the run keeps step 2's model and stops at step 6 of 20."""
+    from align.loading import load_model
+    from align.searchlog.evaluate import validate_on_log
+
+    extra = ["train.max_steps=20", "train.eval_every=2", "optim.lr=1e-12", "optim.warmup_steps=1",
+             "train.best_metric=search/ndcg@10", "train.patience=2", _held_out(shop)]
+    config = load_config(None, search_overrides(shop, tmp_path / "run", *extra))
+    summary = train(config)
+    assert summary["steps"] == 6 and summary["stopped_early"] is True
+    assert summary["best"]["step"] == 2 and summary["best"]["metric"] == "search/ndcg@10"
+    figures = [json.loads((tmp_path / "run" / f"eval-step-{s:08d}.json").read_text())["search"] for s in (2, 4, 6)]
+    assert len({f["ndcg@10"] for f in figures}) == 1 and 0 < figures[0]["ndcg@10"] <= 1
+    products = read_products(shop[1], config.model.fields, config.data.columns, None)
+    held_out, _ = read_search_log(f"{shop[2]}/val.csv", products.ids)
+    assert figures[0]["n_queries"] == len(held_out.queries)  # every query of the held-out log, once
+    per_modality = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert sum(figures["n_queries"] for entry, figures in per_modality.items() if entry.startswith("search-")) \
+        == len(held_out.queries) and "search-text" in per_modality
+    best = tmp_path / "run" / "best"
+    record = json.loads((best / "best.json").read_text())
+    assert record == {"metric": "search/ndcg@10", "value": summary["best"]["value"], "step": 2}
+    # best/ is a model folder: loaded fresh, it scores exactly what the run recorded
+    model = load_model(str(best), device="cpu")
+    with torch.no_grad():
+        again = validate_on_log(model, config, torch.device("cpu"))
+    assert again["search"]["ndcg@10"] == pytest.approx(record["value"], abs=1e-6)
+
+
+def test_the_best_model_is_the_evaluation_with_the_highest_figure(shop, tmp_path):
+    """A run that learns: best/ holds the first evaluation with the highest figure, as eval.json
+    and the per-step evaluations show it; without train.patience the run goes to its last step."""
+    extra = ["train.max_steps=8", "train.eval_every=2", "optim.lr=3e-3", "train.best_metric=search/mrr",
+             _held_out(shop)]
+    summary = train(load_config(None, search_overrides(shop, tmp_path / "run", *extra)))
+    assert summary["steps"] == 8 and summary["stopped_early"] is False
+    values = [json.loads((tmp_path / "run" / f"eval-step-{s:08d}.json").read_text())["search"]["mrr"]
+              for s in (2, 4, 6)] + [summary["eval"]["search"]["mrr"]]
+    assert summary["best"]["value"] == max(values)
+    assert summary["best"]["step"] == 2 * (values.index(max(values)) + 1)
+    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["step"] == summary["best"]["step"]
+
+
+@pytest.mark.parametrize("override, key", [
+    (["train.best_metric=search/ndcg@5", "HELD_OUT"], "train.best_metric"),  # not a figure it reports
+    (["train.best_metric=search/ndcg@10"], "train.best_metric"),  # nothing evaluated: no held-out log
+    (["train.patience=3"], "train.patience"),  # patience without a figure to watch
+    (["train.patience=-1", "train.best_metric=search/mrr", "HELD_OUT"], "train.patience"),
+])
+def test_best_metric_and_patience_are_refused_naming_the_key(shop, tmp_path, override, key):
+    override = [_held_out(shop) if o == "HELD_OUT" else o for o in override]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, search_overrides(shop, tmp_path / "run", *override))
+
+
+def test_held_out_log_is_checked_before_any_work(shop, tmp_path):
+    from align.preflight import check_run_inputs
+
+    with pytest.raises(ConfigError, match=r"data\.search_log\.val"):  # without a log to train on
+        load_config(None, tiny_overrides(shop[0], tmp_path / "run", _held_out(shop)))
+    config = load_config(None, search_overrides(shop, tmp_path / "run", f"data.search_log.val={tmp_path}/none.csv"))
+    with pytest.raises(ConfigError, match=r"data\.search_log\.val"):
+        check_run_inputs(config)
+    assert not (tmp_path / "run").exists()

@@ -177,6 +177,29 @@ def test_simulator_is_deterministic_from_its_seed(small_demo, tmp_path):
     assert (tmp_path / "other" / "log.csv").read_bytes() != (tmp_path / "first" / "log.csv").read_bytes()
 
 
+def test_val_fraction_keeps_training_queries_apart_and_moves_no_other_split(small_demo, tmp_path):
+    """--val-fraction moves a share of the training queries, all their sessions, to val.csv (with
+    its complete judgements); the evaluation splits stay byte for byte."""
+    out, with_val = tmp_path / "plain", tmp_path / "with_val"  # siblings: media paths are relative
+    _simulate(small_demo, out)
+    _simulate(small_demo, with_val, "--val-fraction", "0.2")
+    for name in SPLIT_FILES[1:]:
+        assert (with_val / f"{name}.csv").read_bytes() == (out / f"{name}.csv").read_bytes(), name
+        assert (with_val / f"{name}.truth.csv").read_bytes() == (out / f"{name}.truth.csv").read_bytes(), name
+    assert not (out / "val.csv").exists()  # off by default
+
+    def queries(path):
+        with open(path, newline="") as handle:
+            return {(r["query"], r["query_image"], r["query_audio"]) for r in csv.DictReader(handle)}
+
+    train, val, before = queries(with_val / "train.csv"), queries(with_val / "val.csv"), queries(out / "train.csv")
+    assert val and not (val & train) and train | val == before  # a query is on one side, whole
+    assert 0.1 < len(val) / len(before) < 0.3
+    assert queries(with_val / "val.truth.csv") == val
+    stats = json.loads((with_val / "stats.json").read_text())["splits"]
+    assert stats["val"]["candidates"] == "seen" and stats["val"]["queries"] == len(val)
+
+
 def _catalogue(manifests):
     rows = {}
     for manifest in manifests:

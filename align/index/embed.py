@@ -436,17 +436,26 @@ def embed_manifests(checkpoint: str, manifests: Sequence[str], batch_size: int =
     """
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder, config, model = _load_checked(checkpoint, manifests, batch_size, target, fusion_weights, model)
-    metadata = _space_metadata(folder, model, fusion_weights)
+    return embed_catalogue(model, config, manifests, batch_size, target, _space_metadata(folder, model, fusion_weights),
+                           fusion_weights=fusion_weights, progress=progress, fields=fields)
+
+
+def embed_catalogue(model: Any, config: Any, manifests: Sequence[str], batch_size: int, device: torch.device,
+                    metadata: Dict[str, str], *, fusion_weights: Optional[Dict[str, float]] = None,
+                    progress: bool = False, fields: Optional[Dict[str, Any]] = None) -> ItemEmbeddings:
+    """``embed_manifests`` with the model and its run config in hand (the trainer's validation
+    embeds with the model it is training): by fields when ``fields`` or ``config.model.fields``
+    name some, else by modality; ``model`` in eval mode, on ``device``."""
     fields = dict(config.model.fields) if fields is None else dict(fields)
     if fields:  # each field pass reads the manifests itself: no catalogue of the model's modalities
         if fusion_weights is not None:
             raise ConfigError("fusion weights and model.fields both say how to fuse; the fields' weights are used, "
                               "drop the fusion weights")
-        ids, vectors, masks = embed_fields(model, config, manifests, batch_size, target, fields,
+        ids, vectors, masks = embed_fields(model, config, manifests, batch_size, device, fields,
                                            "" if progress else None)
         return ItemEmbeddings(ids, vectors, masks, {**metadata, **fields_metadata(fields)})
-    catalogue = _modality_catalogue(config, model, manifests, batch_size, target)
-    part = embed_batches(model, catalogue, catalogue.batches(), target, "" if progress else None)
+    catalogue = _modality_catalogue(config, model, manifests, batch_size, device)
+    part = embed_batches(model, catalogue, catalogue.batches(), device, "" if progress else None)
     return merge_parts(catalogue, [part], model.modalities, model.embed_dim, metadata, fusion_weights)
 
 

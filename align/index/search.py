@@ -61,6 +61,9 @@ class QueryEncoder:
     Args:
         checkpoint: a checkpoint, its ``model/`` folder or a run folder (align/loading.py).
         device: where the towers run; default cuda when available.
+        dim: a Matryoshka width to cut the vectors to (``align index --dim``).
+        model: a model already in memory instead of ``checkpoint``'s (the trainer's validation):
+            used as it is, its mode and gradients its owner's; ``checkpoint`` then only names it.
 
     ``prepare`` decodes and preprocesses one query (CPU work, per query, so one bad upload fails
     alone); ``encode_prepared`` runs ONE forward for any number of prepared queries of one
@@ -72,11 +75,14 @@ class QueryEncoder:
     """
 
     def __init__(self, checkpoint: str, device: Optional[Union[str, torch.device]] = None,
-                 dim: Optional[int] = None) -> None:
-        self.checkpoint = os.path.abspath(model_folder(checkpoint))
+                 dim: Optional[int] = None, model: Optional[Any] = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_model(self.checkpoint, device=self.device)  # eval mode
-        self.model.requires_grad_(False)
+        if model is None:
+            self.checkpoint = os.path.abspath(model_folder(checkpoint))
+            self.model = load_model(self.checkpoint, device=self.device)  # eval mode
+            self.model.requires_grad_(False)
+        else:
+            self.checkpoint, self.model = os.path.abspath(checkpoint), model
         self.preprocessors = self.model.preprocessors(train=False)
         self.full_dim = int(self.model.embed_dim)
         # dim < full_dim: the index holds Matryoshka prefixes (`align index --dim`); queries are cut alike

@@ -318,6 +318,40 @@ def judge(checkpoint: str, catalogue: Sequence[str], log_dir: str, splits: Seque
     return results, full_dim, {d.name: int(len(d.candidates)) for d in data}
 
 
+def validate_on_log(model: Any, config: Any, device: torch.device, depth: int = 100) -> Dict[str, Dict[str, float]]:
+    """The trainer's validation on ``data.search_log.val``, a held-out log with the training log's
+    columns: every catalogue product is embedded and fused as ``align embed`` embeds it
+    (``embed_catalogue``: by ``model.fields``), each distinct query encoded as ``align search``
+    encodes an upload (``QueryEncoder`` around ``model``), all products ranked by cosine and the
+    lists scored against the log's grades (its deepest event per pair, ``data.search_log.events``)
+    at k = ``SEARCH_VAL_K``.
+
+    Returns {"search": graded_report of every query, "search-<modality>": of that modality's}, the
+    entries ``train.best_metric`` may name. ``model`` in eval mode on ``device`` (the caller's).
+    A log row naming an item outside the catalogue, or too many broken rows, is a ``RunError``
+    naming the file (the run checks the path before it starts).
+    """
+    from align.config import SEARCH_VAL_K
+    from align.index.embed import embed_catalogue
+    from align.index.search import QueryEncoder
+
+    search = config.data.search_log
+    items = embed_catalogue(model, config, search.catalogue, config.eval.batch_size, device, {})
+    events = EventGrades(search.events) if search.events else EventGrades()
+    log, report = read_search_log(search.val, items.ids, events, media_root=search.media_root, max_bad_fraction=1.0)
+    if report.counts.get("unknown_item"):
+        raise RunError(f"data.search_log.val: {search.val}: {report.counts['unknown_item']} rows name items outside "
+                       f"data.search_log.catalogue (e.g. {(report.examples.get('unknown_item') or [''])[0]})")
+    report.check(search.max_bad_fraction)
+    split = SplitData("val", search.val, log, np.arange(len(items.ids), dtype=np.int64))
+    encoder = QueryEncoder(search.val, device, model=model)
+    queries = encode_queries(encoder, split, config.eval.batch_size)
+    top = max(events.grades.values())
+    scored = score_split(queries, items.vectors["fused"], relevance_of(split), [q.modality for q in log.queries],
+                         [None], top, SEARCH_VAL_K, min(depth, len(items.ids)))
+    return {("search" if group == ALL else f"search-{group}"): by_dim[FULL] for group, by_dim in scored.items()}
+
+
 def fields_from(path: Optional[str]) -> Optional[Dict[str, Any]]:
     """``--fields-from CONFIG``: that run config's ``model.fields`` (None without the flag)."""
     if not path:

@@ -55,7 +55,11 @@ Splits (each distinct query is one unit: all its sessions go to one side)
         in-domain            eval_in_domain        eval_novel_products
         novel                eval_novel_queries    eval_both_novel
 
-  * Candidates to rank: the seen products for ``eval_in_domain`` and ``eval_novel_queries``,
+  * ``val_fraction`` of the training queries (0 by default) go to ``val`` instead (their pairs
+    with held-out products still go to ``eval_novel_products``): a held-out log for
+    ``data.search_log.val``, drawn from a generator of its own (seeded by ``seed`` and
+    ``VAL_STREAM``), so that every other draw, and so every other split, stays as it was.
+  * Candidates to rank: the seen products for ``eval_in_domain``, ``eval_novel_queries`` and ``val``,
     the held-out products for ``eval_novel_products`` and ``eval_both_novel``. ``stats.json``
     lists the held-out items.
 Complete judgements (``SimulatedLog.judgements``, written as ``<split>.truth.csv``)
@@ -81,6 +85,8 @@ from align.knobs import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, check
 
 DEFAULT_ATTRIBUTES = ("size", "colour", "pattern", "kind")  # in the order they are said; the noun last
 SPLITS = ("train", "eval_in_domain", "eval_novel_queries", "eval_novel_products", "eval_both_novel")
+VAL_SPLIT = "val"  # written only with val_fraction > 0
+VAL_STREAM = 0x7A1  # the val draw's own generator: [seed, VAL_STREAM]
 CANDIDATES = {"eval_in_domain": "seen", "eval_novel_queries": "seen",
               "eval_novel_products": "held_out", "eval_both_novel": "held_out"}
 LOG_COLUMNS = ("query", "query_image", "query_audio", "item_id", "event", "timestamp", "split", "intent")
@@ -128,6 +134,8 @@ class SearchSimConfig:
     held_out_product_fraction: float = knob(0.15, "fraction of items (whole combinations) held out of training")
     held_out_template_fraction: float = knob(0.25, "fraction of the paraphrase templates held out of training")
     in_domain_fraction: float = knob(0.15, "fraction of known queries kept for the in-domain evaluation")
+    val_fraction: float = knob(0.0, "fraction of the training queries kept as val.csv, a held-out log for "
+                                    "data.search_log.val (no other split moves)")
     page_size: int = knob(10, "items shown per search")
     horizon_days: float = knob(30.0, "length of the simulated period in days")
 
@@ -135,7 +143,7 @@ class SearchSimConfig:
         """Raise ``ConfigError`` naming the knob (and its flag) for a value out of range."""
         rules = dict.fromkeys(("full_mention_prob", "noun_mention_prob", "synonym_prob", "typo_prob",
                                "photo_query_fraction", "voice_query_fraction", "held_out_product_fraction",
-                               "held_out_template_fraction", "in_domain_fraction"), PROBABILITY)
+                               "held_out_template_fraction", "in_domain_fraction", "val_fraction"), PROBABILITY)
         rules.update({"n_queries": AT_LEAST_ONE, "seed": NON_NEGATIVE, "page_size": AT_LEAST_ONE,
                       "horizon_days": POSITIVE})
         check_knobs(self, rules, "search-log simulator", "align prep search-log simulate")
@@ -222,11 +230,15 @@ def simulate_search_log(catalogue: SimCatalogue, config: SearchSimConfig,
         session.novel = session.novel or session.key in novel_keys
     known = list(dict.fromkeys(s.key for s in sessions if not s.novel))
     in_domain = dict(zip(known, rng.random(len(known)) < config.in_domain_fraction))
+    training = [key for key in known if not in_domain[key]]
+    val_draw = np.random.default_rng([config.seed, VAL_STREAM]).random(len(training))
+    val = {key for key, u in zip(training, val_draw) if u < config.val_fraction}
 
     seconds = np.sort(rng.uniform(0.0, config.horizon_days * 86400.0, size=len(sessions)))
     rows: List[Dict[str, str]] = []
     for session, start in zip(sessions, seconds):
-        side = "novel" if session.novel else "in_domain" if in_domain[session.key] else "train"
+        side = ("novel" if session.novel else "in_domain" if in_domain[session.key]
+                else VAL_SPLIT if session.key in val else "train")
         rows += _session_rows(rng, session, side, start, codes, held_out, catalogue, names, vocab, config)
     said = [SURFACES.get(value, [value]) for values in vocab for value in values]
     reserved = sorted({forms[-1] for forms in said if len(forms) >= 3})
@@ -235,19 +247,21 @@ def simulate_search_log(catalogue: SimCatalogue, config: SearchSimConfig,
         intents.setdefault(session.key, session.intent)
     return SimulatedLog(rows=rows, held_out_items=[catalogue.item_ids[i] for i in np.flatnonzero(held_out)],
                         held_out_templates=[TEMPLATES[t] for t in held_templates], reserved_words=reserved,
-                        judgements=complete_judgements(rows, intents, codes, held_out, catalogue.item_ids))
+                        judgements=complete_judgements(rows, intents, codes, held_out, catalogue.item_ids,
+                                                       with_val=bool(val)))
 
 
 def complete_judgements(rows: Sequence[Dict[str, str]], intents: Dict[str, Dict[int, int]], codes: np.ndarray,
-                        held_out: np.ndarray, item_ids: Sequence[str]) -> Dict[str, List[Dict[str, str]]]:
-    """Per evaluation split, every candidate of its side that fits each of its queries (match
+                        held_out: np.ndarray, item_ids: Sequence[str],
+                        with_val: bool = False) -> Dict[str, List[Dict[str, str]]]:
+    """Per evaluation split (and ``val`` with ``with_val``), every candidate of its side that fits each of its queries (match
     level >= 1, the level as ``relevance``), queries in order of first appearance in the log;
     an item the log has for a query but that does not fit it is listed with relevance 0, so
     every query of the log is judged (one with nothing fitting is left out of the metrics'
     means, as metrics.py says). ``intents`` maps a ``query_key`` to its intent."""
     row_of = {item: n for n, item in enumerate(item_ids)}
     out: Dict[str, List[Dict[str, str]]] = {}
-    for split, side in CANDIDATES.items():
+    for split, side in {**CANDIDATES, **({VAL_SPLIT: "seen"} if with_val else {})}.items():
         on_side = held_out if side == "held_out" else ~held_out
         logged: Dict[Tuple[str, str, str], np.ndarray] = {}
         for row in rows:
@@ -407,15 +421,15 @@ def _split(side: str, held_out_product: bool) -> str:
         return "eval_both_novel" if held_out_product else "eval_novel_queries"
     if held_out_product:
         return "eval_novel_products"
-    return "train" if side == "train" else "eval_in_domain"
+    return {"train": "train", VAL_SPLIT: VAL_SPLIT}.get(side, "eval_in_domain")
 
 
 def split_stats(rows: Sequence[Dict[str, str]], grades: Optional[Dict[str, int]] = None) -> Dict[str, Dict]:
     """Per split: rows, distinct queries (by modality), judged pairs and their grade histogram
-    (a pair's grade is its deepest event)."""
+    (a pair's grade is its deepest event); ``val`` only when some row is in it."""
     grades = grades or {e: i + 1 for i, e in enumerate(EVENTS)}
     out: Dict[str, Dict] = {}
-    for split in SPLITS:
+    for split in SPLITS + ((VAL_SPLIT,) if any(row["split"] == VAL_SPLIT for row in rows) else ()):
         pairs: Dict[Tuple[str, str, str, str], int] = {}
         n_rows = 0
         for row in rows:

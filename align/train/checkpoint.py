@@ -91,13 +91,15 @@ class TrainState:
     # One entry per launch: {"start", "end" steps, "ended": running | stopped | interrupted |
     # finished, "signal", "processes", "slurm_job", "slurm_restart"}.
     segments: List[Dict[str, Any]] = field(default_factory=list)
+    # train.best_metric's record: {"metric", "value", "step", "since", "counted_step"} (align/train/best.py)
+    best: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainState":
-        """Checkpoints from before ``run_id``/``reading``/``segments`` load with their defaults."""
+        """Checkpoints from before ``run_id``/``reading``/``segments``/``best`` load with their defaults."""
         counters = {name: int(values[name]) for name in ("step", "epoch", "batch_in_epoch", "samples")}
         segments = values.get("segments", [])
         if not isinstance(segments, list) or not all(isinstance(s, dict) for s in segments):
@@ -105,8 +107,11 @@ class TrainState:
         reading = values.get("reading", {})
         if not isinstance(reading, dict):
             raise ValueError(f"reading must be an object, got {reading!r:.80}")
+        best = values.get("best", {})
+        if not isinstance(best, dict):
+            raise ValueError(f"best must be an object, got {best!r:.80}")
         return cls(**counters, run_id=str(values.get("run_id", "")), reading=dict(reading),
-                   segments=[dict(s) for s in segments])
+                   segments=[dict(s) for s in segments], best=dict(best))
 
 
 def read_train_state(path: str) -> TrainState:

@@ -26,6 +26,7 @@ from align.errors import write_json_atomic
 from align.model import build_model
 from align.objective import ContrastiveObjective, QueryProductObjective, build_pair_losses
 from align.train import checkpoint
+from align.train.best import best_folder, track_best
 from align.train.checkpoint import TrainState
 from align.train.cached_step import cached_step
 from align.train.health import SampleClock, gradient_norms, mean_over_processes
@@ -79,6 +80,7 @@ class Run:
     stop: Optional[StopAgreement] = None  # polled at every step boundary (align/train/preempt.py)
     stop_signal: int = 0  # the agreed signal once the processes decided to stop
     seen: Optional[SeenLog] = None  # train.record_ids: the ids each step trained on
+    stopped_early: bool = False  # train.patience ran out (align/train/best.py)
 
 
 def train(config: Config) -> Dict[str, Any]:
@@ -143,7 +145,7 @@ def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
     if config.train.record_ids:
         run.seen = SeenLog(out_dir, accelerator.process_index, after_step=state.step)
     try:
-        while state.step < total_steps:
+        while state.step < total_steps and not run.stopped_early:
             if train_epoch(run, state):
                 end_epoch(run, state)
             elif run.stop_signal:
@@ -240,7 +242,7 @@ def train_epoch(run: Run, state: TrainState) -> bool:
         if run.seen is not None:
             run.seen.write(state.step, state.epoch, [i for b in micro_ids for i in b])
         periodic_work(run, state, epoch_ended=False)
-        if state.step >= run.total_steps:
+        if state.step >= run.total_steps or run.stopped_early:
             return False
         if run.stop is not None and (signum := run.stop.poll()):
             run.stop_signal = signum  # every process stops after this same step
@@ -279,7 +281,13 @@ def periodic_work(run: Run, state: TrainState, epoch_ended: bool) -> None:
     train_config = run.config.train
     if _due(train_config.eval_every, state.step, epoch_ended):
         model = run.accelerator.unwrap_model(run.objective).model
-        run.clock.off_the_clock(_evaluate, run.accelerator, model, run.config, state.step)
+        results = run.clock.off_the_clock(_evaluate, run.accelerator, model, run.config, state.step)
+        if run.clock.off_the_clock(track_best, run.accelerator, model, run.config, state, results):
+            run.stopped_early = True
+            run.accelerator.print(f"step {state.step}: {train_config.best_metric} has not improved in "
+                                  f"{train_config.patience} evaluations (best {state.best.get('value')} at step "
+                                  f"{state.best.get('step')}, in {best_folder(train_config.output_dir)}); "
+                                  f"stopping (train.patience)")
     if _due(train_config.save_every, state.step, epoch_ended):
         if state.segments:
             state.segments[-1]["end"] = state.step
@@ -316,12 +324,16 @@ def finish(run: Run, state: TrainState, started: float) -> Dict[str, Any]:
                                        state, config.train.keep_checkpoints)
     model = accelerator.unwrap_model(run.objective).model
     results = _evaluate(accelerator, model, config, state.step, final=True)
+    track_best(accelerator, model, config, state, results)  # the last evaluation counts too
     segments = state.segments
     summary = {"steps": state.step, "samples": state.samples, "seconds": time.time() - started,
                "bad_samples": dict(loader.bad.counts), "checkpoint": final,
                "preemptions": sum(s["ended"] == "stopped" for s in segments), "resumes": len(segments) - 1,
                "segments": [dict(s, steps=s["end"] - s["start"]) for s in segments],
                "history": run.history, "eval": results}
+    if config.train.best_metric:
+        best = {k: state.best.get(k) for k in ("metric", "value", "step")}
+        summary.update(best=dict(best, folder=best_folder(out_dir)), stopped_early=run.stopped_early)
     if accelerator.is_main_process:
         write_json_atomic(summary, os.path.join(out_dir, "summary.json"))
         if loader.bad.total:
@@ -358,19 +370,35 @@ def optimizer_step(accelerator, objective, optimizer, micro: List[dict], config:
 
 
 def _evaluate(accelerator, model, config: Config, step: int, final: bool = False) -> Optional[Dict[str, Any]]:
-    """Retrieval on the held-out split, on the main process (others wait)."""
+    """Retrieval on the held-out split and the held-out search log, on the main process (others
+    wait)."""
     from align.eval.runner import evaluate_model
 
     split = config.eval.split or config.data.val
+    held_out_log = config.data.search_log.val
     results = None
-    if split and accelerator.is_main_process:
+    if (split or held_out_log) and accelerator.is_main_process:
         was_training = model.training
-        results = evaluate_model(model, config, split, accelerator.device)
+        results = evaluate_model(model, config, split, accelerator.device) if split else {}
+        if held_out_log:
+            results.update(_validate_on_log(model, config, accelerator.device))
         model.train(was_training)
         name = config.eval.output or os.path.join(config.train.output_dir, "eval.json")
         write_json_atomic(results, name if final else os.path.join(config.train.output_dir, f"eval-step-{step:08d}.json"))
         accelerator.log({f"eval/{pair}/{k}": v for pair, m in results.items() for k, v in m.items()}, step=step)
     accelerator.wait_for_everyone()
+    return results
+
+
+def _validate_on_log(model, config: Config, device) -> Dict[str, Any]:
+    from align.searchlog.evaluate import validate_on_log
+
+    model.eval()
+    with torch.no_grad():
+        results = validate_on_log(model, config, device)
+    print("search-log validation: " + ", ".join(
+        f"{entry} nDCG@10 {figures['ndcg@10']:.4f} ({figures['n_queries']} queries)" for entry, figures in results.items()),
+        flush=True)
     return results
 
 
