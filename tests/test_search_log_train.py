@@ -367,3 +367,15 @@ def test_held_out_log_is_checked_before_any_work(shop, tmp_path):
     with pytest.raises(ConfigError, match=r"data\.search_log\.val"):
         check_run_inputs(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_patience_counts_on_across_a_resume(shop, tmp_path):
+    """The evaluations without a new best are saved with the checkpoint: a run resumed after two
+    of them (steps 2 best, 4) stops at its third further one (8), not three after the resume."""
+    common = ["train.eval_every=2", "optim.lr=1e-12", "optim.warmup_steps=1", "train.best_metric=search/mrr",
+              "train.patience=3", _held_out(shop)]
+    first = train(load_config(None, search_overrides(shop, tmp_path / "run", "train.max_steps=4", *common)))
+    assert first["steps"] == 4 and first["stopped_early"] is False and first["best"]["step"] == 2
+    resumed = train(load_config(None, search_overrides(shop, tmp_path / "run", "train.max_steps=20",
+                                                       "train.resume=latest", *common)))
+    assert resumed["steps"] == 8 and resumed["stopped_early"] is True and resumed["best"]["step"] == 2
