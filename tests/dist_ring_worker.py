@@ -1,4 +1,5 @@
-"""Worker for tests/test_ring_loss.py: the ring-exchange InfoNCE on any number of gloo processes.
+"""Worker for tests/test_ring_loss.py: the ring-exchange InfoNCE and SigLIP on any number of gloo
+processes.
 
     accelerate launch --multi_gpu --num_processes 2 tests/dist_ring_worker.py INPUTS.pt RESULTS.pt
     python -m torch.distributed.run --nproc_per_node 3 tests/dist_ring_worker.py INPUTS.pt RESULTS.pt

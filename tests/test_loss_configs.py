@@ -94,6 +94,7 @@ def test_from_config_builds_the_same_module_as_the_keywords(name):
     ("hcl", {"tau_plus": -0.1}),
     ("infonce_tiled", {"tile_size": 0}),
     ("siglip_tiled", {"tile_size": 0}),
+    ("siglip_tiled", {"exchange": "all_to_all"}),
     ("vsepp", {"infonce_weight": -1.0}),
     ("infonce", {"same_group": "both"}),
 ])

@@ -21,7 +21,8 @@ typed; ``Loss.Config`` is the dataclass of them (made from the constructor) and
 
 ``base.py`` owns the signature, gathering and masks; the tiled kernels (custom autograd
 Functions) live in ``tiled.py`` (torch) and ``tiled_triton.py`` (fused, for CUDA); ``ring.py``
-passes feature blocks round the ranks for ``infonce_tiled``'s ``exchange="ring"``.
+passes feature blocks round the ranks for ``infonce_tiled``'s and ``siglip_tiled``'s
+``exchange="ring"``.
 """
 from align.losses.base import PairLoss
 from align.losses.graded_infonce import GradedInfoNCE

@@ -32,15 +32,14 @@ Returns: {"loss", "a2b", "b2a"}.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Literal, Optional, get_args
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
 from align.losses.base import PairLoss, SameGroup
-from align.losses.gather import world_info
-from align.losses.pairs import PairedBatch, negative_logits, pair_up
-from align.losses.ring import RingLayout, ring_group_mean, ring_layout, ring_logsumexp
+from align.losses.pairs import PairedBatch, negative_logits
+from align.losses.ring import Exchange, RingExchange, RingLayout, check_exchange, ring_group_mean, ring_logsumexp
 from align.losses.tiled import DEFAULT_TILE, check_tile_size, tiled_logsumexp
 
 
@@ -60,32 +59,14 @@ def positive_targets(cols: Tensor, row_index: Tensor, col_groups: Optional[Tenso
     return torch.where(col_groups[row_index, None] >= 0, means, cols[row_index].float())
 
 
-Exchange = Literal["gather", "ring"]
-
-
-class InfoNCETiled(PairLoss):
+class InfoNCETiled(RingExchange, PairLoss):
     """Exact symmetric InfoNCE with O(tile^2) logit memory."""
 
     def __init__(self, *, gather: bool = True, same_group: SameGroup = "ignore", tile_size: int = DEFAULT_TILE,
                  exchange: Exchange = "gather") -> None:
         super().__init__(gather=gather, same_group=same_group)
         self.tile_size = check_tile_size(tile_size)
-        if exchange not in get_args(Exchange):
-            raise ValueError(f"infonce_tiled: exchange must be one of {get_args(Exchange)}, got {exchange!r}")
-        self.exchange = exchange
-
-    def forward(self, a: Tensor, b: Tensor, *, logit_scale: Optional[Tensor] = None, **inputs) -> Dict[str, Tensor]:
-        """As ``PairLoss.forward``; with ``exchange="ring"`` on several ranks, nothing is gathered."""
-        if self.exchange == "gather" or not self.gather or world_info()[1] == 1:
-            return super().forward(a, b, logit_scale=logit_scale, **inputs)
-        if logit_scale is None:
-            raise ValueError(f"{type(self).__name__} needs logit_scale")
-        pairs = pair_up(a, b, gather=False, **inputs)  # this rank's valid rows, its own pairs
-        ring = ring_layout(pairs.a_rows, pairs.b_rows, pairs.row_groups)
-        pairs = dataclasses.replace(pairs, n_total=ring.total, world=ring.world)  # scale = world / N
-        out = self.terms(pairs, logit_scale, ring=ring)
-        out["loss"] = pairs.finish(out["loss"])
-        return out
+        self.exchange = check_exchange("infonce_tiled", exchange)
 
     def terms(self, pairs: PairedBatch, logit_scale: Tensor,
               ring: Optional[RingLayout] = None) -> Dict[str, Tensor]:

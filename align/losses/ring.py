@@ -1,4 +1,5 @@
-"""Ring exchange for the tiled InfoNCE across ranks (Inf-CL): no rank holds every rank's features.
+"""Ring exchange for the tiled InfoNCE and SigLIP across ranks (Inf-CL): no rank holds every
+rank's features.
 
 Inf-CL (Cheng et al. 2024, https://arxiv.org/abs/2410.17243, "multi-level tiling"): instead of
 all-gathering the candidates (N, D) on every rank, each rank keeps its own rows and the blocks of
@@ -43,21 +44,50 @@ Precision and kernels: per block, ``align.losses.tiled``'s torch kernels (one sh
 c = s max|a| max|b| over all ranks, the exact per-tile maxima when some lse lies more than
 ``SAFE_MARGIN`` below c on any rank) or the Triton kernels on CUDA (``tiled_backend``).
 
-Every rank must call ``ring_logsumexp`` (and run its backward) the same number of times in the
-same order, with or without rows: it is a sequence of collectives.
+SigLIP (``ring_sigmoid_pairs``, ``siglip_tiled``'s exchange="ring"): rank r's terms are
+softplus(-y_ij (s <a_i, b_j> + t)) of its rows a_i against every rank's keys b_j, block (r, s)
+by block. No term needs a sum over a column (no B->A direction, no column lse), so the forward
+sends only the key blocks and no accumulator comes home::
+
+    forward   b_s (n_s, D), group ids (n_s,)                          sent ahead
+              (the positive and negative sums of block (r, s) stay on r, fp64)
+    backward  b_s, group ids                                          sent ahead
+              dL/db_s (n_s, D) fp32, summed over the ranks it has visited   one hop behind
+
+One pass each way; rank r keeps dL/da_r and the scale and bias gradients of its own terms, and
+b_s's gradient comes home summed over every rank's terms, as through the gather. Memory per
+rank as above: O(n_max D + tile^2). Explicit hard negatives stay with the caller (local rows).
+
+The loss scales each rank's sum by world / N (``ring_pairs``: N valid rows over all ranks),
+the gathered path's convention, so DDP's average of the gradients is the single-process one.
+
+Every rank must call ``ring_logsumexp`` / ``ring_sigmoid_pairs`` (and run their backward) the
+same number of times in the same order, with or without rows: they are sequences of collectives.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from align.losses.gather import world_info
+from align.losses.pairs import PairedBatch, pair_up
 from align.losses.tiled import (DEFAULT_TILE, SAFE_MARGIN, _accumulate, _finish_query_grads, _lse_exact,
-                                _lse_shared_shift, _masked_logits, check_tile_size, tiled_backend)
+                                _lse_shared_shift, _masked_logits, _sigmoid_grads, _sigmoid_sums, check_tile_size,
+                                tiled_backend)
+
+Exchange = Literal["gather", "ring"]  # how a tiled loss meets the other ranks' rows
+
+
+def check_exchange(loss: str, exchange: str) -> str:
+    """``exchange`` when it is one of ``Exchange``; else a ValueError naming the loss and the key."""
+    if exchange not in get_args(Exchange):
+        raise ValueError(f"{loss}: exchange must be one of {get_args(Exchange)}, got {exchange!r}")
+    return exchange
 
 
 @dataclass(frozen=True)
@@ -105,6 +135,37 @@ def ring_layout(queries: Tensor, keys: Tensor, groups: Optional[Tensor]) -> Ring
     return RingLayout(rank=rank, world=world, sizes=tuple(int(n) for n in stats_all[:, 0].tolist()),
                       has_groups=bool(stats_all[:, 1].max() > 0), max_query_norm=float(stats_all[:, 2].max()),
                       max_key_norm=float(stats_all[:, 3].max()))
+
+
+class RingExchange:
+    """For a tiled ``PairLoss`` with ``exchange`` "gather" | "ring" whose ``terms`` take ``ring``:
+    with "ring" on several ranks (and ``gather``), nothing is gathered; this rank's rows go to
+    ``terms`` with the ring's layout. List it before the loss class (its ``forward`` comes first)."""
+
+    exchange: Exchange = "gather"
+
+    def forward(self, a: Tensor, b: Tensor, *, logit_scale: Optional[Tensor] = None, **inputs) -> Dict[str, Tensor]:
+        """As ``PairLoss.forward``; with ``exchange="ring"`` on several ranks, nothing is gathered."""
+        if self.exchange == "gather" or not self.gather or world_info()[1] == 1:
+            return super().forward(a, b, logit_scale=logit_scale, **inputs)
+        if logit_scale is None:
+            raise ValueError(f"{type(self).__name__} needs logit_scale")
+        pairs, ring = ring_pairs(a, b, **inputs)  # local rows; scale = world / N over every rank
+        out = self.terms(pairs, logit_scale, ring=ring)
+        out["loss"] = pairs.finish(out["loss"])
+        return out
+
+
+def ring_pairs(a: Tensor, b: Tensor, **inputs) -> Tuple[PairedBatch, RingLayout]:
+    """This rank's valid rows and own pairs (nothing gathered) and the ring's layout (a collective).
+
+    a, b (B, D) and ``inputs`` (valid, groups, negatives, negatives_mask) as ``pair_up``; the
+    batch's ``scale`` is world / N over every rank's valid rows, the gathered path's convention,
+    so DDP's averaging of the gradients gives the single-process ones.
+    """
+    pairs = pair_up(a, b, gather=False, **inputs)  # this rank's valid rows, its own pairs
+    layout = ring_layout(pairs.a_rows, pairs.b_rows, pairs.row_groups)
+    return dataclasses.replace(pairs, n_total=layout.total, world=layout.world), layout
 
 
 # ------------------------------------------------------------------------------ the ring
@@ -225,6 +286,32 @@ def _block_grads(backend: str, grad_q: Tensor, queries: Tensor, keys: Tensor, sc
     return grad_k
 
 
+def _block_sigmoid_sums(backend: str, queries: Tensor, keys: Tensor, scale: float, bias: Tensor,
+                        row_index: Tensor, row_groups: Optional[Tensor], col_groups: Optional[Tensor],
+                        groups_positive: bool, tile: int) -> Tuple[Tensor, Tensor]:
+    """fp64 sums of softplus(-y (z + t)) over one block's positive and negative pairs."""
+    if backend == "triton":
+        from align.losses.tiled_triton import _sigmoid_sums as fused_sums
+        return fused_sums(queries, keys, scale, bias, row_index, row_groups, col_groups, groups_positive, tile)
+    return _sigmoid_sums(queries, keys, scale, bias, row_index, row_groups, col_groups, groups_positive, tile)
+
+
+def _block_sigmoid_grads(backend: str, grad_q: Tensor, queries: Tensor, keys: Tensor, scale: float, bias: Tensor,
+                         row_index: Tensor, row_groups: Optional[Tensor], col_groups: Optional[Tensor],
+                         groups_positive: bool, tile: int, grad_positive: Tensor,
+                         grad_negative: Tensor) -> Tuple[Tensor, Tensor]:
+    """Adds sum_j G_ij k_j to grad_q (n, D) fp32; returns s sum_i G_ij q_i (m, D) fp32 and the
+    block's fp64 sum of G (its part of the bias gradient)."""
+    if backend == "triton":
+        from align.losses.tiled_triton import _sigmoid_grads as fused_grads
+        part_q, grad_k, grad_bias = fused_grads(queries, keys, scale, bias, row_index, row_groups, col_groups,
+                                                groups_positive, tile, grad_positive, grad_negative)
+        grad_q.add_(part_q)
+        return grad_k, grad_bias
+    return _sigmoid_grads(grad_q, queries, keys, scale, bias, row_index, row_groups, col_groups, groups_positive,
+                          tile, grad_positive, grad_negative)
+
+
 # ------------------------------------------------------------------------------ autograd
 
 class _Ring:
@@ -288,6 +375,42 @@ class _Ring:
                             compute, self._empty_rows, torch.Tensor.add_)
         return grad_q, grad_k
 
+    def sigmoid_sums(self, bias: Tensor, groups_positive: bool) -> Tuple[Tensor, Tensor]:
+        """fp64 sums of softplus(-y (z + t)) of the local queries against every key, over the
+        positive and over the negative pairs: each block's sums stay here, nothing travels back."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.queries.device)
+
+        def compute(block: List[Tensor], owner: int) -> None:
+            keys, col_groups, row_index, _ = self.unpack(block, owner)
+            positive, negative = _block_sigmoid_sums(self.backend, self.queries, keys, self.scale, bias, row_index,
+                                                     self.groups, col_groups, groups_positive, self.tile)
+            sums[0] += positive
+            sums[1] += negative
+            return None
+
+        _circulate(self.layout, self.own_block(), lambda rows: self.empty_block(rows, 0), compute)
+        return sums[0], sums[1]
+
+    def sigmoid_grads(self, bias: Tensor, groups_positive: bool, grad_positive: Tensor,
+                      grad_negative: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """fp32 (n, D) sum_j G_ij k_j of the local queries over every key, (n, D) s sum_i G_ij q_i
+        of the local keys over every rank's queries (home after one round), and the fp64 sum of
+        G over the local queries' pairs (the bias gradient of this rank's terms)."""
+        grad_q = torch.zeros(self.queries.shape, dtype=torch.float32, device=self.queries.device)
+        grad_bias = torch.zeros((), dtype=torch.float64, device=self.queries.device)
+
+        def compute(block: List[Tensor], owner: int) -> Tensor:
+            keys, col_groups, row_index, _ = self.unpack(block, owner)
+            grad_k, part_bias = _block_sigmoid_grads(self.backend, grad_q, self.queries, keys, self.scale, bias,
+                                                     row_index, self.groups, col_groups, groups_positive, self.tile,
+                                                     grad_positive, grad_negative)
+            grad_bias.add_(part_bias)
+            return grad_k
+
+        grad_k = _circulate(self.layout, self.own_block(), lambda rows: self.empty_block(rows, 0), compute,
+                            self._empty_rows, torch.Tensor.add_)
+        return grad_q, grad_k, grad_bias
+
     def _empty_lines(self, rows: int) -> Tensor:
         return torch.empty(rows, dtype=torch.float32, device=self.queries.device)
 
@@ -334,6 +457,16 @@ class _RingLogSumExp(torch.autograd.Function):
         return grad_q, grad_k.to(keys.dtype), grad_scale, None, None, None, None
 
 
+def _checked_layout(queries: Tensor, keys: Tensor, groups: Optional[Tensor],
+                    layout: Optional[RingLayout]) -> RingLayout:
+    """``layout``, or the ring's layout of these rows (a collective); ValueError on bad shapes."""
+    if queries.shape != keys.shape or queries.dim() != 2:
+        raise ValueError(f"queries and keys must both be (n, D); got {tuple(queries.shape)} and {tuple(keys.shape)}")
+    if groups is not None and groups.shape != (queries.shape[0],):
+        raise ValueError(f"groups must be ({queries.shape[0]},) int64, got shape {tuple(groups.shape)}")
+    return layout if layout is not None else ring_layout(queries, keys, groups)
+
+
 def ring_logsumexp(
     queries: Tensor, keys: Tensor, logit_scale: Tensor, groups: Optional[Tensor] = None,
     *, layout: Optional[RingLayout] = None, tile: int = DEFAULT_TILE, backend: Optional[str] = None,
@@ -349,14 +482,54 @@ def ring_logsumexp(
     all ranks' queries of each local key (B->A): on one process, ``tiled_logsumexp(queries, keys,
     scale, arange(n), groups, groups, both=True)``. A collective: every rank calls it in turn.
     """
-    if queries.shape != keys.shape or queries.dim() != 2:
-        raise ValueError(f"queries and keys must both be (n, D); got {tuple(queries.shape)} and {tuple(keys.shape)}")
-    if groups is not None and groups.shape != (queries.shape[0],):
-        raise ValueError(f"groups must be ({queries.shape[0]},) int64, got shape {tuple(groups.shape)}")
-    layout = layout if layout is not None else ring_layout(queries, keys, groups)
+    layout = _checked_layout(queries, keys, groups, layout)
     scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=queries.device)
     chosen = tiled_backend(queries, backend)
     return _RingLogSumExp.apply(queries, keys, scale, groups, layout, check_tile_size(tile), chosen)
+
+
+class _RingSigmoidPairs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, queries, keys, logit_scale, logit_bias, groups, layout, groups_positive, tile, backend):
+        scale = float(logit_scale)
+        ring = _Ring(queries, keys, groups, layout, scale, tile, backend)
+        positive, negative = ring.sigmoid_sums(logit_bias, groups_positive)
+        ctx.save_for_backward(queries, keys, logit_scale, logit_bias, groups)
+        ctx.layout, ctx.groups_positive, ctx.tile, ctx.backend = layout, groups_positive, tile, backend
+        return positive.float(), negative.float()
+
+    @staticmethod
+    def backward(ctx, grad_positive, grad_negative):
+        queries, keys, logit_scale, logit_bias, groups = ctx.saved_tensors
+        scale = float(logit_scale)
+        ring = _Ring(queries, keys, groups, ctx.layout, scale, ctx.tile, ctx.backend)
+        grad_q, grad_k, grad_bias = ring.sigmoid_grads(logit_bias, ctx.groups_positive, grad_positive, grad_negative)
+        grad_scale, grad_q = _finish_query_grads(queries, grad_q, logit_scale, scale)
+        grad_bias = grad_bias.to(logit_bias.dtype).reshape(logit_bias.shape)
+        return grad_q, grad_k.to(keys.dtype), grad_scale, grad_bias, None, None, None, None, None
+
+
+def ring_sigmoid_pairs(
+    queries: Tensor, keys: Tensor, logit_scale: Tensor, logit_bias: Tensor, groups: Optional[Tensor] = None,
+    *, layout: Optional[RingLayout] = None, groups_positive: bool = False, tile: int = DEFAULT_TILE,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor]:
+    """SigLIP's pair sums of the local queries against the batch concatenated over ranks, by a
+    ring exchange: sums of softplus(-y_ij (s <q_i, k_j> + t)) over the positive and over the
+    negative pairs (fp32 scalars, accumulated in fp64).
+
+    queries, keys (n_r, D) and groups as ``ring_logsumexp``; logit_scale, logit_bias: scalar
+    tensors, the same on every rank. The own pair is positive; same-group pairs are positives
+    with ``groups_positive``, else left out. On one process, ``tiled_sigmoid_pairs(queries,
+    keys, s, t, arange(n), groups, groups, groups_positive=...)``. Backward: the local queries
+    get their terms' gradient, the local keys every rank's (as through the gather), the scale
+    and bias this rank's terms'. A collective: every rank calls it in turn.
+    """
+    layout = _checked_layout(queries, keys, groups, layout)
+    scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=queries.device)
+    chosen = tiled_backend(queries, backend)
+    return _RingSigmoidPairs.apply(queries, keys, scale, logit_bias, groups, layout, bool(groups_positive),
+                                   check_tile_size(tile), chosen)
 
 
 # ------------------------------------------------------- group means (same_group="positive")

@@ -378,57 +378,80 @@ class _TiledSigmoidPairs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, keys, logit_scale, logit_bias, row_index, row_groups, col_groups,
                 groups_positive, tile):
-        n, m = queries.shape[0], keys.shape[0]
         scale = float(logit_scale)
-        keys_t = keys.T
-        total = torch.zeros((), dtype=torch.float64, device=queries.device)
-        positive = torch.zeros((), dtype=torch.float64, device=queries.device)
-        z_buffer = torch.empty(min(tile, n) * min(tile, m), dtype=torch.float32, device=queries.device)
-        for i0 in range(0, n, tile):
-            i1 = min(i0 + tile, n)
-            for j0 in range(0, m, tile):
-                j1 = min(j0 + tile, m)
-                u, positives, diag = _signed_logits(z_buffer, queries, keys_t, scale, logit_bias, row_index,
-                                                     row_groups, col_groups, groups_positive, i0, i1, j0, j1)
-                losses = F.softplus(u)  # -log sigmoid(y x) with u = -y x
-                total += losses.sum(dtype=torch.float64)
-                if positives is not None:
-                    positive += losses[positives].sum(dtype=torch.float64)
-                else:
-                    positive += losses[diag].sum(dtype=torch.float64)
+        positive, negative = _sigmoid_sums(queries, keys, scale, logit_bias, row_index, row_groups, col_groups,
+                                           groups_positive, tile)
         ctx.save_for_backward(queries, keys, logit_scale, logit_bias, row_index, row_groups, col_groups)
         ctx.tile, ctx.groups_positive, ctx.scale = tile, groups_positive, scale
-        return positive.float(), (total - positive).float()
+        return positive.float(), negative.float()
 
     @staticmethod
     def backward(ctx, grad_positive, grad_negative):
         queries, keys, logit_scale, logit_bias, row_index, row_groups, col_groups = ctx.saved_tensors
-        tile, scale = ctx.tile, ctx.scale
-        n, m = queries.shape[0], keys.shape[0]
-        keys_t = keys.T
         grad_q = torch.zeros(queries.shape, dtype=torch.float32, device=queries.device)
-        grad_k = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
-        grad_bias = torch.zeros((), dtype=torch.float64, device=queries.device)
-        z_buffer = torch.empty(min(tile, n) * min(tile, m), dtype=torch.float32, device=queries.device)
-        g_pos, g_neg = grad_positive.float(), grad_negative.float()
-        for i0 in range(0, n, tile):
-            i1 = min(i0 + tile, n)
-            for j0 in range(0, m, tile):
-                j1 = min(j0 + tile, m)
-                u, positives, diag = _signed_logits(z_buffer, queries, keys_t, scale, logit_bias, row_index,
-                                                     row_groups, col_groups, ctx.groups_positive, i0, i1, j0, j1)
-                g = u.sigmoid_()  # d softplus(u)/du; dz/du = -1 at positives, +1 at negatives
-                if positives is not None:
-                    g.copy_(torch.where(positives, g * -g_pos, g * g_neg))
-                else:
-                    diag_values = g[diag] * -g_pos
-                    g.mul_(g_neg)
-                    g[diag] = diag_values
-                grad_bias += g.sum(dtype=torch.float64)
-                _accumulate(grad_q[i0:i1], grad_k[j0:j1], g, keys[j0:j1], queries[i0:i1], scale)
-        grad_scale, grad_q = _finish_query_grads(queries, grad_q, logit_scale, scale)
+        grad_k, grad_bias = _sigmoid_grads(grad_q, queries, keys, ctx.scale, logit_bias, row_index, row_groups,
+                                           col_groups, ctx.groups_positive, ctx.tile, grad_positive, grad_negative)
+        grad_scale, grad_q = _finish_query_grads(queries, grad_q, logit_scale, ctx.scale)
         grad_bias = grad_bias.to(logit_bias.dtype).reshape(logit_bias.shape)
         return grad_q, grad_k.to(keys.dtype), grad_scale, grad_bias, None, None, None, None, None
+
+
+def _sigmoid_sums(queries: Tensor, keys: Tensor, scale: float, logit_bias: Tensor, row_index: Tensor,
+                  row_groups: Optional[Tensor], col_groups: Optional[Tensor], groups_positive: bool,
+                  tile: int) -> Tuple[Tensor, Tensor]:
+    """fp64 sums of softplus(-y (s q k^T + t)) over the positive and over the negative pairs of
+    queries (n, D) against keys (m, D), tile by tile (a whole batch, or one block of the ring)."""
+    total = torch.zeros((), dtype=torch.float64, device=queries.device)
+    positive = torch.zeros((), dtype=torch.float64, device=queries.device)
+    for _, _, u, positives, diag in _signed_tiles(queries, keys, scale, logit_bias, row_index, row_groups,
+                                                  col_groups, groups_positive, tile):
+        losses = F.softplus(u)  # -log sigmoid(y x) with u = -y x
+        total += losses.sum(dtype=torch.float64)
+        if positives is not None:
+            positive += losses[positives].sum(dtype=torch.float64)
+        else:
+            positive += losses[diag].sum(dtype=torch.float64)
+    return positive, total - positive
+
+
+def _sigmoid_grads(grad_q: Tensor, queries: Tensor, keys: Tensor, scale: float, logit_bias: Tensor,
+                   row_index: Tensor, row_groups: Optional[Tensor], col_groups: Optional[Tensor],
+                   groups_positive: bool, tile: int, grad_positive: Tensor,
+                   grad_negative: Tensor) -> Tuple[Tensor, Tensor]:
+    """Adds sum_j G_ij k_j to grad_q (n, D) fp32; returns s sum_i G_ij q_i (m, D) fp32 and the
+    fp64 sum of G (the bias gradient), G_ij = d(grad_positive * positive_sum + grad_negative *
+    negative_sum) / dz_ij over the pairs of queries against keys (a batch, or one ring block)."""
+    grad_k = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
+    grad_bias = torch.zeros((), dtype=torch.float64, device=queries.device)
+    g_pos, g_neg = grad_positive.float(), grad_negative.float()
+    for rows, cols, u, positives, diag in _signed_tiles(queries, keys, scale, logit_bias, row_index, row_groups,
+                                                        col_groups, groups_positive, tile):
+        g = u.sigmoid_()  # d softplus(u)/du; dz/du = -1 at positives, +1 at negatives
+        if positives is not None:
+            g.copy_(torch.where(positives, g * -g_pos, g * g_neg))
+        else:
+            diag_values = g[diag] * -g_pos
+            g.mul_(g_neg)
+            g[diag] = diag_values
+        grad_bias += g.sum(dtype=torch.float64)
+        _accumulate(grad_q[rows], grad_k[cols], g, keys[cols], queries[rows], scale)
+    return grad_k, grad_bias
+
+
+def _signed_tiles(queries: Tensor, keys: Tensor, scale: float, logit_bias: Tensor, row_index: Tensor,
+                  row_groups: Optional[Tensor], col_groups: Optional[Tensor], groups_positive: bool, tile: int):
+    """Every (tile, tile) block of queries against keys in turn: (row slice, key slice, u,
+    positives, diag) as ``_signed_logits``; u lives in one buffer, overwritten by the next tile."""
+    n, m = queries.shape[0], keys.shape[0]
+    keys_t = keys.T
+    z_buffer = torch.empty(min(tile, n) * min(tile, m), dtype=torch.float32, device=queries.device)
+    for i0 in range(0, n, tile):
+        i1 = min(i0 + tile, n)
+        for j0 in range(0, m, tile):
+            j1 = min(j0 + tile, m)
+            yield (slice(i0, i1), slice(j0, j1),
+                   *_signed_logits(z_buffer, queries, keys_t, scale, logit_bias, row_index, row_groups, col_groups,
+                                   groups_positive, i0, i1, j0, j1))
 
 
 def _signed_logits(z_buffer, queries, keys_t, scale, logit_bias, row_index, row_groups, col_groups,

@@ -371,30 +371,47 @@ class TritonSigmoidPairs(torch.autograd.Function):
     def forward(ctx, queries, keys, logit_scale, logit_bias, row_index, row_groups, col_groups,
                 groups_positive, tile):
         q, k, index, row_g, col_g = _prepare(queries, keys, row_index, row_groups, col_groups)
-        n, m, dim = q.shape[0], k.shape[0], q.shape[1]
         scale = float(logit_scale)
-        bias = logit_bias.detach().float().reshape(1)
-        positive = torch.zeros(n, dtype=torch.float32, device=q.device)
-        negative = torch.zeros(n, dtype=torch.float32, device=q.device)
-        if n > 0 and m > 0:
-            rows_g, cols_g, has_groups = _group_pointers(index, row_g, col_g)
-            _launch(_sigmoid_kernel, n, dim, q.dtype, tile,
-                    positive, negative, q, k, bias, index, rows_g, cols_g, n, m, dim, q.stride(0), k.stride(0),
-                    scale, HAS_GROUPS=has_groups, GROUPS_POSITIVE=bool(groups_positive))
+        positive, negative = _sigmoid_sums(q, k, scale, logit_bias, index, row_g, col_g, bool(groups_positive), tile)
         ctx.save_for_backward(q, k, logit_scale, logit_bias, index, row_g, col_g)
         ctx.tile, ctx.groups_positive, ctx.scale = tile, bool(groups_positive), scale
-        # per-row fp32 sums, summed over rows in fp64 (as the torch path sums its tiles)
-        return positive.sum(dtype=torch.float64).float(), negative.sum(dtype=torch.float64).float()
+        return positive.float(), negative.float()
 
     @staticmethod
     def backward(ctx, grad_positive, grad_negative):
         q, k, logit_scale, logit_bias, index, row_g, col_g = ctx.saved_tensors
-        bias = logit_bias.detach().float().reshape(1)
-        sign_grads = torch.stack([grad_positive.float().reshape(()), grad_negative.float().reshape(())])
-        common = dict(bias=bias, sign_grads=sign_grads, groups_positive=ctx.groups_positive)
-        grad_q, bias_rows = _grads(q, k, ctx.scale, index, row_g, col_g, ctx.tile, transposed=False, **common)
-        grad_k, _ = _grads(q, k, ctx.scale, index, row_g, col_g, ctx.tile, transposed=True, **common)
+        grad_q, grad_k, grad_bias = _sigmoid_grads(q, k, ctx.scale, logit_bias, index, row_g, col_g,
+                                                   ctx.groups_positive, ctx.tile, grad_positive, grad_negative)
         grad_scale, grad_q = _finish_query_grads(q, grad_q, logit_scale, ctx.scale)
-        grad_k = grad_k.mul_(ctx.scale).to(k.dtype)
-        grad_bias = bias_rows.sum(dtype=torch.float64).to(logit_bias.dtype).reshape(logit_bias.shape)
-        return grad_q, grad_k, grad_scale, grad_bias, None, None, None, None, None
+        grad_bias = grad_bias.to(logit_bias.dtype).reshape(logit_bias.shape)
+        return grad_q, grad_k.to(k.dtype), grad_scale, grad_bias, None, None, None, None, None
+
+
+def _sigmoid_sums(q: Tensor, k: Tensor, scale: float, logit_bias: Tensor, index: Tensor, row_g: Optional[Tensor],
+                  col_g: Optional[Tensor], groups_positive: bool, tile: int) -> Tuple[Tensor, Tensor]:
+    """fp64 sums of softplus(-y (s q k^T + t)) over the positive and over the negative pairs of
+    q (n, D) against k (m, D) (a whole batch, or one block of the ring): per-row fp32 sums from
+    the kernel, summed over rows in fp64 (as the torch path sums its tiles)."""
+    n, m, dim = q.shape[0], k.shape[0], q.shape[1]
+    positive = torch.zeros(n, dtype=torch.float32, device=q.device)
+    negative = torch.zeros(n, dtype=torch.float32, device=q.device)
+    if n > 0 and m > 0:
+        bias = logit_bias.detach().float().reshape(1)
+        rows_g, cols_g, has_groups = _group_pointers(index, row_g, col_g)
+        _launch(_sigmoid_kernel, n, dim, q.dtype, tile,
+                positive, negative, q, k, bias, index, rows_g, cols_g, n, m, dim, q.stride(0), k.stride(0),
+                scale, HAS_GROUPS=has_groups, GROUPS_POSITIVE=groups_positive)
+    return positive.sum(dtype=torch.float64), negative.sum(dtype=torch.float64)
+
+
+def _sigmoid_grads(q: Tensor, k: Tensor, scale: float, logit_bias: Tensor, index: Tensor, row_g: Optional[Tensor],
+                   col_g: Optional[Tensor], groups_positive: bool, tile: int, grad_positive: Tensor,
+                   grad_negative: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """fp32 (n, D) sum_j G_ij k_j and (m, D) s sum_i G_ij q_i, and the fp64 sum of G (the bias
+    gradient), G_ij = d(grad_positive * positive_sum + grad_negative * negative_sum) / dz_ij."""
+    bias = logit_bias.detach().float().reshape(1)
+    sign_grads = torch.stack([grad_positive.float().reshape(()), grad_negative.float().reshape(())])
+    common = dict(bias=bias, sign_grads=sign_grads, groups_positive=groups_positive)
+    grad_q, bias_rows = _grads(q, k, scale, index, row_g, col_g, tile, transposed=False, **common)
+    grad_k, _ = _grads(q, k, scale, index, row_g, col_g, tile, transposed=True, **common)
+    return grad_q, grad_k.mul_(scale), bias_rows.sum(dtype=torch.float64)

@@ -233,8 +233,8 @@ def search_log_loader(config: Config, processor: Any, *, rank: int = 0, world_si
     rows = training_rows(log, search.pairs, search.max_positives)
     if not len(rows.query):
         raise RunError(f"data.search_log.log: {search.log} has no (query, product) pair with a grade > 0")
-    dataset = SearchPairsDataset(rows, products, worker_processor(processor, config.data), search.log, seed=config.train.seed,
-                                 per_query=search.pairs == "per_query")
+    dataset = SearchPairsDataset(rows, products, worker_processor(processor, config.data), search.log,
+                                 seed=config.train.seed, per_query=search.pairs == "per_query")
     return ManifestLoader(dataset, batch_size=config.data.batch_size, num_workers=config.data.num_workers,
                           train=True, seed=config.train.seed, rank=rank, world_size=world_size,
                           max_bad_fraction=config.data.max_bad_fraction, drop_last=True, pin_memory=pin_memory,

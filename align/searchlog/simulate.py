@@ -254,8 +254,9 @@ def simulate_search_log(catalogue: SimCatalogue, config: SearchSimConfig,
 def complete_judgements(rows: Sequence[Dict[str, str]], intents: Dict[str, Dict[int, int]], codes: np.ndarray,
                         held_out: np.ndarray, item_ids: Sequence[str],
                         with_val: bool = False) -> Dict[str, List[Dict[str, str]]]:
-    """Per evaluation split (and ``val`` with ``with_val``), every candidate of its side that fits each of its queries (match
-    level >= 1, the level as ``relevance``), queries in order of first appearance in the log;
+    """Per evaluation split (and ``val`` with ``with_val``), every candidate of its side that fits
+    each of its queries (match level >= 1, the level as ``relevance``), queries in order of first
+    appearance in the log;
     an item the log has for a query but that does not fit it is listed with relevance 0, so
     every query of the log is judged (one with nothing fitting is left out of the metrics'
     means, as metrics.py says). ``intents`` maps a ``query_key`` to its intent."""

@@ -396,9 +396,9 @@ def _validate_on_log(model, config: Config, device) -> Dict[str, Any]:
     model.eval()
     with torch.no_grad():
         results = validate_on_log(model, config, device)
-    print("search-log validation: " + ", ".join(
-        f"{entry} nDCG@10 {figures['ndcg@10']:.4f} ({figures['n_queries']} queries)" for entry, figures in results.items()),
-        flush=True)
+    shown = [f"{entry} nDCG@10 {figures['ndcg@10']:.4f} ({figures['n_queries']} queries)"
+             for entry, figures in results.items()]
+    print("search-log validation: " + ", ".join(shown), flush=True)
     return results
 
 
