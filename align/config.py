@@ -184,6 +184,9 @@ class DataConfig:
     # Decode big JPEGs at 1/2, 1/4 or 1/8 of their size (libjpeg's DCT scaling: a fraction of the
     # work), never below what the image transform's crop needs (align/data/transforms.py draft_side)
     jpeg_draft: bool = False
+    # device (needs image_pipeline: device): workers check JPEGs with a 1/8-scale decode and ship their
+    # bytes; the image tower decodes the batch's JPEGs on its device (nvJPEG, batched, on CUDA)
+    image_decode: Literal["worker", "device"] = "worker"
     # Fine-tune on a search log instead of data.train's pairs (align/searchlog/pairs.py)
     search_log: SearchLogConfig = field(default_factory=SearchLogConfig)
 
@@ -538,6 +541,9 @@ def validate(config: Config) -> None:
     for key in ("batch_size", "num_workers", "max_negatives", "epoch_samples"):
         if getattr(config.data, key) < 0 or (key == "batch_size" and config.data.batch_size == 0):
             raise ConfigError(f"data.{key} must be {'positive' if key == 'batch_size' else '>= 0'}")
+    if config.data.image_decode == "device" and config.data.image_pipeline != "device":
+        raise ConfigError("data.image_decode: device needs data.image_pipeline: device (the tower crops the images "
+                          "it decodes); set data.image_pipeline: device too, or data.image_decode: worker")
     _check_columns(config.data.columns)
     _check_fields(config.model.fields, config.model.towers)
     _check_search_log(config)

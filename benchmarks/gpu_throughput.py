@@ -10,8 +10,11 @@
     backward of open_clip's step, divided by the batch.
 (b) **End to end**: the demo catalogue (``align prep demo``) rendered at the model's image size;
     ``open_clip_train`` and our trainer from the same CSV, and ours again from webdataset shards
-    of JPEGs (``align prep shards``). The runs and their samples/s are those of
-    benchmarks/peer_openclip.py (its helpers are imported): steady state after ``skip_steps``.
+    of JPEGs (``align prep shards``), once as configured and once with ``data.image_pipeline:
+    device`` + ``data.image_decode: device`` (the workers check each JPEG and draw its crop; the
+    tower decodes the batch with nvJPEG, crops and resizes on the GPU). The runs and their
+    samples/s are those of benchmarks/peer_openclip.py (its helpers are imported): steady state
+    after ``skip_steps``.
 (c) **Loss** forward + backward on unit (B, D) inputs: ours (``infonce_tiled``; on CUDA with
     ALIGN_TILED_BACKEND=auto unless set, i.e. the fused Triton kernels), open_clip's ``ClipLoss``,
     and the plain matmuls of the same FLOPs (logits a b^T, then G b and G^T a: the three GEMMs of
@@ -76,6 +79,8 @@ JSON_KEYS = ("ours_step_sps", "openclip_step_sps", "ours_mfu", "ours_e2e_sps", "
 GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0),
                    ("L40S", 362.0), ("A10", 125.0))
 CPU_PEAK_PER_THREAD = 2 * 8 * 2 * 3e9  # fp32 AVX2: 2 FMA units x 8 lanes x 2 FLOPs x 3 GHz, nominal
+# The shards once more with JPEGs decoded on the device (align/towers/image_ops.py); on CPU the same path runs
+DEVICE_DECODE = ("data.image_pipeline=device", "data.image_decode=device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,9 +310,11 @@ def end_to_end(size: Size, device: torch.device, work: str) -> dict:
     results = {}
     for label, run in (("ours_csv", lambda: peer_openclip.run_ours(args, data["manifest"], work)),
                        ("openclip", lambda: peer_openclip.run_openclip(args, data["tsv"], work)),
-                       ("ours_shards", lambda: peer_openclip.run_ours(args, data["shards"], work))):
+                       ("ours_shards", lambda: peer_openclip.run_ours(args, data["shards"], work)),
+                       ("ours_shards_device_decode",
+                        lambda: peer_openclip.run_ours(args, data["shards"], work, extra=DEVICE_DECODE))):
         results[label] = run()
-        print(f"end to end {label:<12} {results[label]['sps']:10.1f} samples/s ({results[label]['steps']} steps, "
+        print(f"end to end {label:<25} {results[label]['sps']:10.1f} samples/s ({results[label]['steps']} steps, "
               f"{results[label]['wall_s']:.0f} s wall)", flush=True)
     results["side"] = data["side"]
     return results
@@ -465,6 +472,7 @@ def print_table(size: Size, size_name: str, step: dict, e2e: dict, loss: dict, p
         print(f"{'    peak GPU memory, GiB':34} {step['ours_gib']:14.1f} {step['openclip_gib']:14.1f}")
     print(f"{'(b) end to end (CSV), samples/s':34} {e2e['ours_csv']['sps']:14.1f} {e2e['openclip']['sps']:14.1f}")
     print(f"{'    ours from JPEG shards':34} {e2e['ours_shards']['sps']:14.1f}")
+    print(f"{'      JPEGs decoded on the device':34} {e2e['ours_shards_device_decode']['sps']:14.1f}")
     print(f"{'    end to end / model step':34} {e2e['ours_csv']['sps'] / step['ours_sps']:14.3f} "
           f"{e2e['openclip']['sps'] / step['openclip_sps']:14.3f}")
     print(f"    ({size.items} demo items at {e2e['side']} px, {size.epochs} epoch(s), {size.workers} loader workers, "

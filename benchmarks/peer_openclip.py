@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_JSON = os.path.join(REPO, "configs", "models", "demo-vit.json")
@@ -106,7 +107,9 @@ def run_openclip(args, train_csv: str, work: str) -> dict:
             "checkpoint": checkpoint}
 
 
-def run_ours(args, manifest: str, work: str) -> dict:
+def run_ours(args, manifest: str, work: str, extra: Sequence[str] = ()) -> dict:
+    """``align train`` on ``manifest`` (a CSV or a shard spec) with ``args``' settings, then ``extra``
+    overrides; its steady samples/s (after ``args.skip_steps``), wall time, steps and checkpoint."""
     out = os.path.join(work, "ours", str(time.time_ns()))
     overrides = [
         f"model.embed_dim={embed_dim_of(args.model)}", "model.towers.image.type=open_clip_image",
@@ -117,6 +120,7 @@ def run_ours(args, manifest: str, work: str) -> dict:
         f"optim.warmup_steps={args.warmup}", "optim.grad_clip=0", f"train.epochs={args.epochs}",
         f"train.output_dir={out}", "train.log_every=1", "train.wandb=disabled", "train.progress=false",
         f"train.mixed_precision={'bf16' if args.precision == 'bf16' else 'no'}", "train.keep_checkpoints=1",
+        *extra,
     ]
     code = "import sys; from align.cli import main; sys.exit(main(['train', *sys.argv[1:]]))"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0") if args.device == "cuda" else "")

@@ -30,7 +30,7 @@ from align.data.manifest import seeded_sample
 from align.data.sample import collate
 from align.data.transforms import SampleProcessor, with_image_pipeline
 from align.errors import ConfigError
-from align.towers.image_ops import resized_crops
+from align.towers.image_ops import resized_crops, stored_images
 from align.towers.open_clip import OpenClipImageTokens, pixel_normalisation
 from tests.conftest import TINY_CLIP
 
@@ -55,7 +55,7 @@ def both_paths(transform, pictures, seed: int = 7):
         with seeded_sample((seed, 0, index), None):
             samples.append({"id": str(index), "image": device(picture)})
     batch = collate(samples)["inputs"]["image"]
-    return torch.stack(ours), resized_crops(batch, SIZE), batch
+    return torch.stack(ours), resized_crops(stored_images(batch, torch.device("cpu")), batch, SIZE), batch
 
 
 def assert_close_levels(worker: torch.Tensor, device: torch.Tensor, max_levels=MAX_LEVELS, mean_levels=MEAN_LEVELS):

@@ -39,7 +39,7 @@ from align.config import ColumnsConfig
 from align.data.bad_samples import BadSampleTally
 from align.data.manifest import ManifestDataset, is_manifest
 from align.data.sample import collate_with_report
-from align.data.transforms import with_image_pipeline, with_jpeg_draft
+from align.data.transforms import with_image_decode, with_image_pipeline, with_jpeg_draft
 
 if TYPE_CHECKING:
     from align.config import Config, DataConfig
@@ -183,9 +183,11 @@ def build_loader(spec: str, processor: Any, *, batch_size: int, num_workers: int
 
 def worker_processor(processor: Any, data: "DataConfig") -> Any:
     """What the dataloader workers run for a run's ``data`` section: ``processor`` with
-    ``data.jpeg_draft`` and ``data.image_pipeline`` applied (every training reader uses this)."""
+    ``data.jpeg_draft``, ``data.image_pipeline`` and ``data.image_decode`` applied (every training
+    reader uses this)."""
     processor = with_jpeg_draft(processor, data.jpeg_draft)  # before the pipeline swap: it reads the transform
-    return with_image_pipeline(processor, data.image_pipeline)  # device: the workers only decode
+    processor = with_image_pipeline(processor, data.image_pipeline)  # device: the workers only decode
+    return with_image_decode(processor, data.image_decode)  # device: nor that, for JPEGs
 
 
 def loader_from_config(config: "Config", processor: Any, *, rank: int = 0, world_size: int = 1, train: bool = True,

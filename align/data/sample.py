@@ -5,7 +5,7 @@ A *raw* sample is what a reader produces (manifest rows and webdataset shards al
     {"id": str,                       # unique item id
      "group": str | None,             # items sharing a group are never each other's negatives
      "text": str | None,              # text fields already joined
-     "image": PIL.Image.Image | None,
+     "image": PIL.Image.Image | CheckedJpeg | None,   # CheckedJpeg: data.image_decode: device
      "audio": (np.ndarray float32 (T,), sample_rate int) | None,   # mono waveform
      "negatives": list[str]}          # texts of explicit hard negatives (may be empty)
 
@@ -17,6 +17,15 @@ stored-size pixels and the crop drawn for them, see align/towers/image_ops.py, w
 into one (B, 3, Hmax, Wmax) uint8 tensor with (B, k) geometry tensors), ``audio`` a (T,) float
 tensor at the audio tower's rate and clip length, ``negatives`` a (K, L) token tensor
 plus a (K,) mask.
+
+With ``data.image_decode: device`` as well, a JPEG sample carries its file's bytes instead of
+pixels (``"jpeg"``: (n,) uint8) and the tower decodes them; ``collate_images`` then builds::
+
+    {"jpeg": JpegBytes (kept on the host: .data (total_bytes,) uint8, .lengths (B,), 0 = pixels row),
+     "pixels": (n_pixels, 3, Hmax, Wmax) uint8,     # only the rows with length 0, in row order
+     "size", "box", "resize", "window", "flip", "filter": (B, k)}   # every row
+
+each of ``jpeg`` and ``pixels`` present only when some row has one.
 
 ``collate`` stacks only the rows where a modality is present::
 
@@ -65,12 +74,72 @@ def pad_pixels(images: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+class CheckedJpeg:
+    """A raw sample's JPEG that a reader checked but did not decode (``data.image_decode: device``,
+    align/data/manifest.py ``open_image``): the file's bytes and its header as a PIL image opened
+    lazily (size and mode, no pixels), which is all the crop draws read."""
+
+    def __init__(self, data: bytes, header: Any) -> None:
+        self.data = data
+        self.header = header
+
+
+class JpegBytes:
+    """The JPEG files of a batch, one after another, kept on the host.
+
+    ``data`` (total_bytes,) uint8; ``lengths`` (B,) long, one per row of the image batch, 0 where
+    that row shipped pixels instead. torchvision's ``decode_jpeg`` reads its input on the host
+    and, on CUDA, uploads and decodes a list in one batched call, so these bytes must not follow
+    the batch to the device: ``to()`` returns the object itself, which every loop that moves a
+    batch's tensors leaves alone (align/train/prefetch.py ``to_device``, align/encoding.py, DDP's
+    input scatter, the dataloader's pinning thread: none of them knows this type). They stay in
+    pageable memory: the decoder stages them itself, and torch's pinned-memory cache would not
+    know when its asynchronous copies are done.
+    """
+
+    def __init__(self, data: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.data = data  # (total_bytes,) uint8
+        self.lengths = lengths  # (B,) long
+
+    def to(self, *args: Any, **kwargs: Any) -> "JpegBytes":
+        return self  # stays on the host (class docstring)
+
+    def files(self) -> List[torch.Tensor]:
+        """Each JPEG row's bytes, (n_i,) uint8 views of ``data``, in row order."""
+        sizes = [n for n in self.lengths.tolist() if n]
+        return list(torch.split(self.data, sizes))
+
+    @staticmethod
+    def join(files: Sequence[Optional[torch.Tensor]]) -> "JpegBytes":
+        """Per-row (n_i,) uint8 bytes, None for a pixels row -> one ``JpegBytes`` (in shared
+        memory when built in a dataloader worker, like every other tensor of the batch)."""
+        present = [f for f in files if f is not None]
+        total = sum(int(f.numel()) for f in present)
+        data = torch.cat(present, out=_shared_out(present[0], (total,)))
+        lengths = torch.tensor([0 if f is None else int(f.numel()) for f in files], dtype=torch.long)
+        return JpegBytes(data, lengths)
+
+
+def collate_images(values: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
+    """``data.image_pipeline: device`` samples (align/towers/image_ops.py ``ImageGeometry``) ->
+    the batch of the module docstring: stored-size pixels padded, JPEG bytes joined, geometry
+    stacked for every row."""
+    geometry = [k for k in values[0] if k not in ("pixels", "jpeg")]
+    out: Dict[str, Any] = {k: _stack([v[k] for v in values], k) for k in geometry}
+    pixels = [v["pixels"] for v in values if "pixels" in v]
+    if pixels:
+        out["pixels"] = pad_pixels(pixels)
+    if any("jpeg" in v for v in values):
+        out["jpeg"] = JpegBytes.join([v.get("jpeg") for v in values])
+    return out
+
+
 def _stack(values: Sequence[Any], key: str = "") -> Any:
     first = values[0]
     if isinstance(first, dict):
+        if "pixels" in first or "jpeg" in first:  # stored-size images (image_ops.py ImageGeometry)
+            return collate_images(values)
         return {k: _stack([v[k] for v in values], k) for k in first}
-    if key == "pixels":  # stored-size images (align/towers/image_ops.py ImageGeometry)
-        return pad_pixels(values)
     return torch.stack(list(values), out=_shared_out(first, (len(values), *first.shape)))
 
 

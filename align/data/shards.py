@@ -49,7 +49,6 @@ batch whose samples were all bad is yielded empty (``ids == []``) so that ranks 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import random
@@ -267,11 +266,12 @@ def _negatives_of(value: Any) -> List[str]:
 
 
 def decode_sample(item: _Item, modalities: Sequence[str] = MODALITIES,
-                  draft_side: Optional[int] = None) -> Dict[str, Any]:
+                  draft_side: Optional[int] = None, keep_jpeg: bool = False) -> Dict[str, Any]:
     """Undecoded files -> raw sample (align/data/sample.py); raises ``BadSample``.
 
     Only ``modalities`` are decoded (the others are None): a text-image model does not pay for
-    (or trip over) the audio in tri-modal shards. ``draft_side``: see ``manifest.open_image``.
+    (or trip over) the audio in tri-modal shards. ``draft_side``, ``keep_jpeg``: see
+    ``manifest.open_image``.
     """
     from align.data.audio_io import load_audio
 
@@ -294,7 +294,7 @@ def decode_sample(item: _Item, modalities: Sequence[str] = MODALITIES,
     audio_ext = audio_ext if "audio" in modalities else None
     image = audio = None
     if image_ext is not None:
-        image = open_image(files[image_ext], sample_id, where, draft_side)  # BadSample "bad_image"
+        image = open_image(files[image_ext], sample_id, where, draft_side, keep_jpeg)  # BadSample "bad_image"
     if audio_ext is not None:
         try:
             audio = load_audio(files[audio_ext])
@@ -310,7 +310,7 @@ def process_item(item: Any, processor: Any, seed: int) -> Any:
         return item
     try:
         raw = decode_sample(item, tuple(getattr(processor, "preprocessors", None) or MODALITIES),
-                            getattr(processor, "image_draft_side", None))
+                            getattr(processor, "image_draft_side", None), getattr(processor, "image_keep_jpeg", False))
         with seeded_sample((seed,) + tuple(item.position), processor):
             return processor(raw)
     except BadSample as error:

@@ -26,7 +26,7 @@ class SampleProcessor:
     """
 
     def __init__(self, preprocessors: Mapping[str, Callable[[Any], Any]], max_negatives: int = 0,
-                 image_draft_side: Optional[int] = None) -> None:
+                 image_draft_side: Optional[int] = None, image_keep_jpeg: bool = False) -> None:
         unknown = set(preprocessors) - set(MODALITIES)
         if unknown:
             raise ValueError(f"no such modality: {sorted(unknown)}; known: {MODALITIES}")
@@ -34,6 +34,8 @@ class SampleProcessor:
         self.max_negatives = max_negatives
         # Readers decode a JPEG no smaller than this shorter side (None: at full size); data.jpeg_draft
         self.image_draft_side = image_draft_side
+        # Readers hand JPEGs over checked but undecoded (align/data/manifest.py open_image); data.image_decode
+        self.image_keep_jpeg = image_keep_jpeg
 
     def __call__(self, raw: Dict[str, Any]) -> Dict[str, Any]:
         sample_id = str(raw.get("id"))
@@ -75,6 +77,12 @@ class SampleProcessor:
         return {"text": stacked, "mask": mask}
 
 
+def _replace(processor: SampleProcessor, **changes: Any) -> SampleProcessor:
+    settings = {"preprocessors": processor.preprocessors, "max_negatives": processor.max_negatives,
+                "image_draft_side": processor.image_draft_side, "image_keep_jpeg": processor.image_keep_jpeg}
+    return SampleProcessor(**{**settings, **changes})
+
+
 def with_image_pipeline(processor: SampleProcessor, pipeline: str) -> SampleProcessor:
     """``data.image_pipeline``: ``worker`` keeps ``processor``; ``device`` swaps its image
     preprocessor for the one that only decodes and draws the crop (its ``on_device()``), the
@@ -86,8 +94,22 @@ def with_image_pipeline(processor: SampleProcessor, pipeline: str) -> SampleProc
     if not hasattr(image, "on_device"):
         raise ConfigError(f"data.image_pipeline: device needs an image tower whose preprocessor can run on "
                           f"the device ({type(image).__name__} cannot); set data.image_pipeline: worker")
-    return SampleProcessor({**processor.preprocessors, "image": image.on_device()}, processor.max_negatives,
-                           processor.image_draft_side)
+    return _replace(processor, preprocessors={**processor.preprocessors, "image": image.on_device()})
+
+
+def with_image_decode(processor: SampleProcessor, decode: str) -> SampleProcessor:
+    """``data.image_decode``: ``device`` has the readers hand JPEGs over checked but undecoded, and
+    the image preprocessor ship their bytes for the tower to decode (``image_ops.ImageGeometry``;
+    other images keep the pixel path, see ``manifest.open_image``). Applied after
+    ``with_image_pipeline``: only its device preprocessor takes bytes (``takes_jpeg_bytes``).
+    It pays off on CUDA (nvJPEG, batched); on a CPU run the same path decodes in the main process."""
+    image = processor.preprocessors.get("image")
+    if decode == "worker" or image is None:
+        return processor
+    if not getattr(image, "takes_jpeg_bytes", False):
+        raise ConfigError(f"data.image_decode: device needs data.image_pipeline: device (the image preprocessor "
+                          f"{type(image).__name__} takes pixels only); set both, or data.image_decode: worker")
+    return _replace(processor, image_keep_jpeg=True)
 
 
 def with_jpeg_draft(processor: SampleProcessor, enabled: bool) -> SampleProcessor:
@@ -95,7 +117,7 @@ def with_jpeg_draft(processor: SampleProcessor, enabled: bool) -> SampleProcesso
     image = processor.preprocessors.get("image")
     if not enabled or image is None:
         return processor
-    return SampleProcessor(processor.preprocessors, processor.max_negatives, draft_side(image))
+    return _replace(processor, image_draft_side=draft_side(image))
 
 
 def draft_side(transform: Any) -> int:

@@ -129,8 +129,9 @@ class SearchPairsDataset(Dataset):
         return len(self.rows.query)
 
     def _encode(self, modality: str, value: str, sample_id: str, where: str) -> Any:
-        if modality == "image":  # data.jpeg_draft: decoded no smaller than the transform needs
-            raw = open_image(value, sample_id, where, self.processor.image_draft_side)
+        if modality == "image":  # data.jpeg_draft / data.image_decode, as the manifest readers
+            raw = open_image(value, sample_id, where, self.processor.image_draft_side,
+                             keep_jpeg=self.processor.image_keep_jpeg)
         elif modality == "audio":
             raw = open_audio(value, sample_id, where)
         else:

@@ -12,7 +12,17 @@ normalises on its device. Both give the same pixels up to interpolation rounding
   the steps themselves (``RandomResizedCrop.get_params``, ``torch.rand(1) < p`` for a flip), so
   the per-sample seed of ``seeded_sample`` (align/data/manifest.py) picks the same crop box and
   flip on both paths, and a resumed run redoes them.
-- ``resized_crops`` (device side, pure torch) applies them to a padded (B, 3, Hmax, Wmax) batch.
+- ``resized_crops`` (device side, pure torch) applies them to the batch's images, one (3, h, w)
+  tensor each: rows of the padded (n, 3, Hmax, Wmax) pixels batch, or JPEGs decoded on the device.
+
+``data.image_decode: device`` moves the decode too: a reader checks a JPEG without decoding it
+whole (align/data/manifest.py ``check_jpeg``), ``ImageGeometry`` draws the crop from its header
+(the draws read only the stored size) and ships its bytes, and ``stored_images`` decodes the
+batch's JPEGs in one ``torchvision.io.decode_jpeg`` call on the tower's device: nvJPEG on CUDA
+(batched, on the GPU's JPEG engines where it has them), libjpeg on a CPU run, where it only moves
+the decode from the workers to the main process. The pixels equal PIL's on the CPU (both are
+libjpeg-turbo with the accurate integer IDCT and fancy upsampling; tests/test_image_decode.py);
+nvJPEG's IDCT and chroma upsampling are its own and may differ by a few levels.
 
 Every supported transform is one chain per image::
 
@@ -29,14 +39,17 @@ as PIL clamps its uint8 intermediate. What remains is PIL's rounding to uint8 af
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from align.data.sample import CheckedJpeg
 from align.errors import ConfigError
 
+log = logging.getLogger(__name__)
 FILTERS = ("bilinear", "bicubic")  # index = the ``filter`` number a sample carries
 KEY = "data.image_pipeline"
 Size = Tuple[int, int]
@@ -89,10 +102,14 @@ class ImageGeometry:
     Returns ``{"pixels": (3, H, W) uint8, "size": (2,) (H, W), "box": (4,) (top, left, h, w),
     "resize": (2,) (rh, rw), "window": (2,) (top, left), "flip": () bool, "filter": () long}``
     (collated by align/data/sample.py into a padded (B, 3, Hmax, Wmax) batch and (B, k) tensors).
+    A ``CheckedJpeg`` (``data.image_decode: device``) gives ``"jpeg"``: its (n,) uint8 bytes in
+    place of ``"pixels"``, with the same draws (they read only the stored size, from its header).
 
     Raises ``ConfigError`` naming ``data.image_pipeline`` for a transform with a step it cannot
     move to the device (colour jitter, grayscale, timm's whole-transform objects, ...).
     """
+
+    takes_jpeg_bytes = True  # align/data/transforms.py with_image_decode
 
     def __init__(self, transform: Callable) -> None:
         steps = list(getattr(transform, "transforms", [transform]))
@@ -141,7 +158,10 @@ class ImageGeometry:
     def __call__(self, image: Any) -> Dict[str, torch.Tensor]:
         from torchvision import transforms as T
 
-        if image.mode != "RGB":
+        encoded = image if isinstance(image, CheckedJpeg) else None
+        if encoded is not None:
+            image = encoded.header  # size and mode only: the draws below never read pixels
+        elif image.mode != "RGB":
             image = image.convert("RGB")
         height, width = image.height, image.width
         box, resize, window, flip, filter_ = (0, 0, height, width), (height, width), (0, 0), False, 1
@@ -166,8 +186,12 @@ class ImageGeometry:
                 crop = _pair(step.size)
                 window = centre_window(current[0], current[1], crop)
                 current = crop
+        if encoded is not None:
+            stored = {"jpeg": torch.frombuffer(bytearray(encoded.data), dtype=torch.uint8)}  # (n,)
+        else:
+            stored = {"pixels": torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()}
         return {
-            "pixels": torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(),
+            **stored,
             "size": torch.tensor([height, width]),
             "box": torch.tensor(box),
             "resize": torch.tensor(resize),
@@ -189,21 +213,72 @@ def pil_like_resize(image: torch.Tensor, size: Size, filter_: int) -> torch.Tens
     return image
 
 
-def resized_crops(batch: Dict[str, torch.Tensor], size: Union[int, Sequence[int]],
+def decode_jpegs(files: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    """(n_i,) uint8 JPEG files on the host -> (3, h_i, w_i) uint8 RGB on ``device``, in one
+    batched ``decode_jpeg`` call (nvJPEG on CUDA; libjpeg, one by one, on the CPU).
+
+    The readers checked every file with libjpeg (``check_jpeg``). nvJPEG may still refuse one (a
+    damaged stream that libjpeg reads with a warning, a JPEG feature it lacks), and one refusal
+    fails the whole batched call (decode_jpeg returns no partial results). Then the files are
+    decoded one by one, and each one the device decoder refuses is decoded on the host as the
+    worker path would (PIL) and copied over: one odd file never stops a run.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    # torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (a
+    # DeprecationWarning); decode_jpeg is still the one that batches nvJPEG on CUDA.
+    try:
+        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    images = []
+    for data in files:
+        try:
+            images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError as error:
+            log.warning("decode_jpeg on %s refused a %d-byte JPEG that libjpeg read (%s); decoded with PIL instead",
+                        device, data.numel(), str(error).splitlines()[-1][:200])
+            images.append(_pil_rgb(data).to(device))
+    return images
+
+
+def _pil_rgb(data: torch.Tensor) -> torch.Tensor:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def stored_images(batch: Dict[str, Any], device: torch.device) -> List[torch.Tensor]:
+    """A collated ``ImageGeometry`` batch (align/data/sample.py ``collate_images``) -> one
+    (3, h, w) uint8 tensor a row on ``device``: its JPEG decoded, or its row of the padded pixels
+    (padding included: the crop box never reaches it)."""
+    encoded = batch.get("jpeg")
+    pixels = list(batch["pixels"].unbind(0)) if "pixels" in batch else []
+    if encoded is None:
+        return pixels
+    decoded = iter(decode_jpegs(encoded.files(), device))
+    shipped = iter(pixels)
+    return [next(decoded) if length else next(shipped) for length in encoded.lengths.tolist()]
+
+
+def resized_crops(images: Sequence[torch.Tensor], geometry: Dict[str, torch.Tensor], size: Union[int, Sequence[int]],
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A collated ``ImageGeometry`` batch -> (B, 3, *size) float pixel levels in [0, 255] (not
-    normalised), on the device of ``batch["pixels"]``.
+    """One (3, h_i, w_i) uint8 image a row (``stored_images``) + the batch's drawn geometry
+    (``ImageGeometry``'s (B, k) tensors) -> (B, 3, *size) float pixel levels in [0, 255] (not
+    normalised), on the images' device.
 
     One resize per image (the images differ in box and scale); the geometry is read to the host
     in one transfer.
     """
     out_h, out_w = _pair(size)
-    pixels = batch["pixels"]  # (B, 3, Hmax, Wmax) uint8, zero padded
-    geometry = torch.cat([batch["box"], batch["resize"], batch["window"], batch["flip"][:, None].long(),
-                          batch["filter"][:, None].long()], dim=1).tolist()  # (B, 10)
-    out = pixels.new_zeros((pixels.shape[0], pixels.shape[1], out_h, out_w), dtype=dtype)  # fill 0 = pad
-    for index, (top, left, height, width, rh, rw, wt, wl, flip, filter_) in enumerate(geometry):
-        crop = pixels[index:index + 1, :, top:top + height, left:left + width].to(dtype)  # (1, 3, h, w)
+    rows = torch.cat([geometry["box"], geometry["resize"], geometry["window"], geometry["flip"][:, None].long(),
+                      geometry["filter"][:, None].long()], dim=1).tolist()  # (B, 10)
+    out = images[0].new_zeros((len(images), images[0].shape[0], out_h, out_w), dtype=dtype)  # fill 0 = pad
+    for index, (pixels, (top, left, height, width, rh, rw, wt, wl, flip, filter_)) in enumerate(zip(images, rows)):
+        crop = pixels[None, :, top:top + height, left:left + width].to(dtype)  # (1, 3, h, w)
         image = pil_like_resize(crop, (rh, rw), filter_)[0]  # (3, rh, rw)
         # the window [wt, wt + out_h) x [wl, wl + out_w) of the resized image; outside it: fill
         src_t, src_l = max(wt, 0), max(wl, 0)

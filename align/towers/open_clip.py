@@ -132,8 +132,9 @@ class OpenClipImageTokens:
         return self.transform(image)
 
     def on_device(self) -> Callable:
-        """The ``data.image_pipeline: device`` preprocessor: stored-size pixels + the crop and
-        flip this transform would draw (``ImageGeometry``; ``ConfigError`` where it cannot)."""
+        """The ``data.image_pipeline: device`` preprocessor: stored-size pixels (or a checked
+        JPEG's bytes, ``data.image_decode: device``) + the crop and flip this transform would
+        draw (``ImageGeometry``; ``ConfigError`` where it cannot)."""
         from align.towers.image_ops import ImageGeometry
 
         return ImageGeometry(self.source)
@@ -267,12 +268,14 @@ class OpenClipImageTower(OpenClipTower):
         """(B, 3, H, W) -> (B, clip_dim). uint8 images are raw pixels (what ``preprocessor``
         gives) and are normalised here; float images are taken as already normalised (the
         output of open_clip's own preprocess). A dict is a ``data.image_pipeline: device``
-        batch (stored-size pixels + drawn crops, align/towers/image_ops.py), cropped, resized
-        and flipped here first."""
+        batch (stored-size pixels and, with ``data.image_decode: device``, JPEG bytes on the host,
+        + drawn crops, align/towers/image_ops.py): decoded on this tower's device, cropped,
+        resized and flipped here first."""
         if isinstance(images, dict):
-            from align.towers.image_ops import resized_crops
+            from align.towers.image_ops import resized_crops, stored_images
 
-            levels = resized_crops(images, self.image_size)  # (B, 3, S, S) float32 pixel levels
+            stored = stored_images(images, self.pixel_scale.device)  # B x (3, h, w) uint8
+            levels = resized_crops(stored, images, self.image_size)  # (B, 3, S, S) float32 pixel levels
             return self.trunk(torch.addcmul(self.pixel_shift, levels, self.pixel_scale))
         if images.dtype == torch.uint8:
             images = torch.addcmul(self.pixel_shift, images.to(self.pixel_scale.dtype), self.pixel_scale)

@@ -14,7 +14,9 @@ import torch
 
 
 def to_device(value: Any, device: torch.device) -> Any:
-    """Tensors, in nested dicts, on ``device`` (non-blocking: asynchronous from pinned memory)."""
+    """Tensors, in nested dicts, on ``device`` (non-blocking: asynchronous from pinned memory).
+    Everything else stays as it is: ids, texts, and the ``JpegBytes`` of ``data.image_decode:
+    device`` (align/data/sample.py), which the image tower's JPEG decoder reads on the host."""
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, dict):
