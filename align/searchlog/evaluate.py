@@ -154,8 +154,8 @@ def encode_queries(encoder: Any, split: SplitData, batch_size: int) -> torch.Ten
             continue
         if modality not in encoder.modalities:
             raise ConfigError(f"{split.path}: {len(rows)} {modality} queries, but the model ({encoder.checkpoint}) "
-                              f"has no {modality} tower; evaluate with a model that has one or leave --splits "
-                              f"{split.name} out")
+                              f"has no {modality} tower; judge them with a model that has one, or leave this "
+                              f"split out (search-eval --splits, data.search_log.val)")
         values = [queries[n].text if modality == "text" else queries[n].path for n in rows]
         for start in range(0, len(rows), batch_size):
             chunk = values[start:start + batch_size]
@@ -344,7 +344,7 @@ def validate_on_log(model: Any, config: Any, device: torch.device, depth: int = 
                        f"data.search_log.catalogue (e.g. {(report.examples.get('unknown_item') or [''])[0]})")
     report.check(search.max_bad_fraction)
     split = SplitData("val", search.val, log, np.arange(len(items.ids), dtype=np.int64))
-    encoder = QueryEncoder(search.val, device, model=model)
+    encoder = QueryEncoder(config.train.output_dir, device, model=model)  # named by the run in errors
     queries = encode_queries(encoder, split, config.eval.batch_size)
     top = max(events.grades.values())
     scored = score_split(queries, items.vectors["fused"], relevance_of(split), [q.modality for q in log.queries],
