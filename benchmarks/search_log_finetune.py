@@ -18,6 +18,14 @@ splits holding queries and products out), it
    the query, graded by match level; the targets are read here) and against the log's own events
    (a few shown-and-viewed products per query, so mostly the luck of the simulated page).
 
+With ``--val-fraction F`` the log is simulated with a held-out ``val.csv`` (that share of the
+training queries; no evaluation split moves), both fine-tunes validate on it every
+``--eval-every`` steps (``data.search_log.val``, ``train.best_metric: search/ndcg@10``), and each
+is judged twice: its last step and its best validated model (``<run>/best``;
+``--val-judged-by truth`` validates on the simulator's complete judgements of the val queries,
+``val.truth.csv``, instead of their logged events); the JSON then
+adds ``best_ndcg10`` ({model: {split: ..}}) and ``best_step`` ({model: step}).
+
 The last line is the JSON ``{"base_ndcg10": {split: ..}, "plain_ndcg10": {split: ..},
 "ours_ndcg10": {split: ..}, "ours_ndcg10_by_dim": {dim: ..}, "plain_ndcg10_by_dim": {dim: ..},
 ..., "log_judged": {the same keys, judged by the log}}`` (by-dim figures over all four splits'
@@ -43,12 +51,14 @@ DIMS = [16, 32, 64]
 JUDGED_BY = ("truth", "log")  # the simulator's complete judgements (the targets), and the log's own
 
 
-def simulate(data: str, out: str, seed: int) -> None:
-    if all(os.path.isfile(os.path.join(out, name)) for name in ("stats.json", f"{SPLITS[-1]}.truth.csv")):
+def simulate(data: str, out: str, seed: int, val_fraction: float = 0.0) -> None:
+    wanted = ("stats.json", f"{SPLITS[-1]}.truth.csv") + (("val.csv",) if val_fraction else ())
+    if all(os.path.isfile(os.path.join(out, name)) for name in wanted):
         return  # simulated before (a folder from before the complete judgements is written again)
     manifests = [os.path.join(data, "train.csv"), os.path.join(data, "test.csv")]
     subprocess.run([sys.executable, "-m", "align.cli", "prep", "search-log", "simulate", "--catalogue", *manifests,
-                    "--new", manifests[1], "--out", out, "--seed", str(seed)], check=True, cwd=REPO)
+                    "--new", manifests[1], "--out", out, "--seed", str(seed), "--val-fraction", str(val_fraction)],
+                   check=True, cwd=REPO)
 
 
 def fine_tune(name: str, overrides: List[str], args: argparse.Namespace, work: str) -> str:
@@ -56,6 +66,10 @@ def fine_tune(name: str, overrides: List[str], args: argparse.Namespace, work: s
     from align.train.recipe import train
 
     out = os.path.join(work, name)
+    if args.val_fraction:  # validate on the held-out val.csv; <out>/best keeps the best model
+        held_out = "val.csv" if args.val_judged_by == "log" else "val.truth.csv"
+        overrides = overrides + [f"data.search_log.val={os.path.join(work, 'search', held_out)}",
+                                 f"train.eval_every={args.eval_every}", "train.best_metric=search/ndcg@10"]
     common = [f"model.init_from={args.checkpoint}", f"data.search_log.log={os.path.join(work, 'search', 'train.csv')}",
               f"data.search_log.catalogue=[{os.path.join(args.data, 'train.csv')},{os.path.join(args.data, 'test.csv')}]",
               "data.val=", f"train.output_dir={out}",
@@ -114,6 +128,22 @@ def summarise(base: Dict[str, Any], plain: Dict[str, Any], ours: Dict[str, Any],
     return out
 
 
+def judge_best(runs: Dict[str, str], last: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    """Each run's best validated model (``<run>/best``) judged on the complete judgements, printed
+    beside its last step's figures."""
+    best, steps = {}, {}
+    print(f"\n{'model':6s} {'kept':>10s} " + " ".join(f"{s:>20s}" for s in SPLITS) + "   (nDCG@10, truth)")
+    for name, run in runs.items():
+        with open(os.path.join(run, "best", "best.json"), encoding="utf-8") as handle:
+            steps[name] = json.load(handle)["step"]
+        results = judge(os.path.join(run, "best"), args, args.work)["truth"]
+        best[name] = {s: round(figure(results, s, "ndcg@10"), 4) for s in SPLITS}
+        for label, figures in ((f"step {args.steps}", {s: figure(last[name]["truth"], s, "ndcg@10") for s in SPLITS}),
+                               (f"best {steps[name]}", best[name])):
+            print(f"{name:6s} {label:>10s} " + " ".join(f"{figures[s]:20.4f}" for s in SPLITS))
+    return {"best_ndcg10": best, "best_step": steps}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=os.path.join(REPO, "runs", "demo"), help="the demo checkpoint")
@@ -124,6 +154,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ours-pairs", default="per_query", choices=["graded", "per_query"],
                         help="ours: a row per graded pair, or one per query with a product drawn by grade")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="hold this share of the training queries out as val.csv and judge each "
+                             "fine-tune's best validated model too (0: off, the default)")
+    parser.add_argument("--eval-every", type=int, default=25, help="validation interval with --val-fraction")
+    parser.add_argument("--val-judged-by", default="log", choices=["log", "truth"],
+                        help="validate on val.csv's own events (what a shop has) or on the simulator's "
+                             "complete judgements of the same queries (val.truth.csv)")
     args = parser.parse_args()
     if not os.path.isdir(args.checkpoint) or not os.path.isfile(os.path.join(args.data, "train.csv")):
         print(f"needs the demo checkpoint {args.checkpoint} and catalogue {args.data}: run `make demo` first")
@@ -132,7 +169,7 @@ def main() -> int:
 
     started = time.time()
     os.makedirs(args.work, exist_ok=True)
-    simulate(args.data, os.path.join(args.work, "search"), args.seed)
+    simulate(args.data, os.path.join(args.work, "search"), args.seed, args.val_fraction)
     fields = dict(load_config(CONFIG).model.fields)
     full = load_config(CONFIG).model.embed_dim
     base = judge(args.checkpoint, args, args.work, fields)  # the untuned model, with the same products
@@ -146,6 +183,8 @@ def main() -> int:
     for how in JUDGED_BY:
         figures = summarise(base[how], plain[how], ours[how], full, how)
         summary.update(figures if how == JUDGED_BY[0] else {f"{how}_judged": figures})
+    if args.val_fraction:
+        summary.update(judge_best({"plain": plain_dir, "ours": ours_dir}, {"plain": plain, "ours": ours}, args))
     summary.update({"judged_by": JUDGED_BY[0], "steps": args.steps, "batch_size": args.batch_size,
                     "seconds": round(time.time() - started, 1)})
     print(json.dumps(summary))
