@@ -260,6 +260,7 @@ def test_field_alignment_adds_the_photo_text_infonce_of_the_products(shop, tmp_p
             load_config(None, search_overrides(shop, tmp_path / "bad", f"loss.field_alignment={bad}"))
 
 
+@pytest.mark.once  # every figure it compares comes from the same kernels
 def test_image_pipeline_and_jpeg_draft_reach_search_log_rows(shop, tmp_path):
     """data.image_pipeline and data.jpeg_draft apply to search-log rows as to manifest rows: with
     ``device`` the workers ship each product photo at its stored size with the drawn crop, and a big
@@ -300,6 +301,7 @@ def _held_out(shop):
     return f"data.search_log.val={shop[2]}/val.csv"
 
 
+@pytest.mark.once  # every figure it compares comes from the same kernels
 def test_held_out_log_keeps_the_best_model_and_stops_when_it_no_longer_improves(shop, tmp_path):
     """data.search_log.val is scored at every evaluation; train.best_metric keeps the model of the
     best one in <output_dir>/best/; train.patience stops the run after that many evaluations
@@ -332,6 +334,7 @@ def test_held_out_log_keeps_the_best_model_and_stops_when_it_no_longer_improves(
     assert again["search"]["ndcg@10"] == pytest.approx(record["value"], abs=1e-6)
 
 
+@pytest.mark.once  # every figure it compares comes from the same kernels
 def test_the_best_model_is_the_evaluation_with_the_highest_figure(shop, tmp_path):
     """A run that learns: best/ holds the first evaluation with the highest figure, as eval.json
     and the per-step evaluations show it; without train.patience the run goes to its last step."""
@@ -369,6 +372,7 @@ def test_held_out_log_is_checked_before_any_work(shop, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.once  # every figure it compares comes from the same kernels
 def test_patience_counts_on_across_a_resume(shop, tmp_path):
     """The evaluations without a new best are saved with the checkpoint: a run resumed after two
     of them (steps 2 best, 4) stops at its third further one (8), not three after the resume."""

@@ -177,6 +177,7 @@ def test_simulator_is_deterministic_from_its_seed(small_demo, tmp_path):
     assert (tmp_path / "other" / "log.csv").read_bytes() != (tmp_path / "first" / "log.csv").read_bytes()
 
 
+@pytest.mark.once  # numpy draws and file bytes: no float kernel in it
 def test_val_fraction_keeps_training_queries_apart_and_moves_no_other_split(small_demo, tmp_path):
     """--val-fraction moves a share of the training queries, all their sessions, to val.csv (with
     its complete judgements); the evaluation splits stay byte for byte."""
