@@ -35,8 +35,8 @@ from align.errors import atomic_open, write_json_atomic
 from align.data.tables import BadRows, read_columns
 from align.rec.interactions import read_catalogue_columns, read_catalogue_ids
 from align.searchlog.log import DEFAULT_EVENT_GRADES, EventGrades, SearchLog, SearchLogColumns, read_search_log
-from align.searchlog.simulate import (DEFAULT_ATTRIBUTES, JUDGEMENT_COLUMNS, LOG_COLUMNS, SPLITS, TRUTH_SUFFIX,
-                                      VAL_SPLIT, SearchSimConfig, SimCatalogue, simulate_search_log, split_stats)
+from align.searchlog.simulate import (DEFAULT_ATTRIBUTES, JUDGEMENT_COLUMNS, LOG_COLUMNS, TRUTH_SUFFIX,
+                                      SearchSimConfig, SimCatalogue, simulate_search_log, split_stats, written_splits)
 from data_prep.simulator_flags import add_knob_flags, config_from_flags, new_item_positions
 
 
@@ -150,11 +150,12 @@ def _simulate(args: argparse.Namespace) -> int:
     sim = simulate_search_log(catalogue, config, new_items)
     os.makedirs(args.out, exist_ok=True)
     _write_rows(sim.rows, os.path.join(args.out, "log.csv"))
-    for split in SPLITS + ((VAL_SPLIT,) if config.val_fraction > 0 else ()):
+    splits = written_splits(config)
+    for split in splits:
         _write_rows([r for r in sim.rows if r["split"] == split], os.path.join(args.out, f"{split}.csv"))
     for split, judged in sim.judgements.items():
         _write_rows(judged, os.path.join(args.out, f"{split}{TRUTH_SUFFIX}"), JUDGEMENT_COLUMNS)
-    stats = split_stats(sim.rows)
+    stats = split_stats(sim.rows, splits)
     write_json_atomic({"config": dataclasses.asdict(config), "attributes": attributes,
                        "catalogue": list(args.catalogue), "new": list(args.new), "rows": len(sim.rows),
                        "splits": stats, "held_out_items": sim.held_out_items,

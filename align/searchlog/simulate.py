@@ -248,7 +248,7 @@ def simulate_search_log(catalogue: SimCatalogue, config: SearchSimConfig,
     return SimulatedLog(rows=rows, held_out_items=[catalogue.item_ids[i] for i in np.flatnonzero(held_out)],
                         held_out_templates=[TEMPLATES[t] for t in held_templates], reserved_words=reserved,
                         judgements=complete_judgements(rows, intents, codes, held_out, catalogue.item_ids,
-                                                       with_val=bool(val)))
+                                                       with_val=config.val_fraction > 0))
 
 
 def complete_judgements(rows: Sequence[Dict[str, str]], intents: Dict[str, Dict[int, int]], codes: np.ndarray,
@@ -425,12 +425,18 @@ def _split(side: str, held_out_product: bool) -> str:
     return {"train": "train", VAL_SPLIT: VAL_SPLIT}.get(side, "eval_in_domain")
 
 
-def split_stats(rows: Sequence[Dict[str, str]], grades: Optional[Dict[str, int]] = None) -> Dict[str, Dict]:
-    """Per split: rows, distinct queries (by modality), judged pairs and their grade histogram
-    (a pair's grade is its deepest event); ``val`` only when some row is in it."""
+def written_splits(config: SearchSimConfig) -> Tuple[str, ...]:
+    """The splits a simulation with ``config`` writes: ``SPLITS``, and ``val`` with ``val_fraction``."""
+    return SPLITS + ((VAL_SPLIT,) if config.val_fraction > 0 else ())
+
+
+def split_stats(rows: Sequence[Dict[str, str]], splits: Sequence[str] = SPLITS,
+                grades: Optional[Dict[str, int]] = None) -> Dict[str, Dict]:
+    """Per split of ``splits``: rows, distinct queries (by modality), judged pairs and their grade
+    histogram (a pair's grade is its deepest event)."""
     grades = grades or {e: i + 1 for i, e in enumerate(EVENTS)}
     out: Dict[str, Dict] = {}
-    for split in SPLITS + ((VAL_SPLIT,) if any(row["split"] == VAL_SPLIT for row in rows) else ()):
+    for split in splits:
         pairs: Dict[Tuple[str, str, str, str], int] = {}
         n_rows = 0
         for row in rows:
