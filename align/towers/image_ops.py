@@ -189,7 +189,7 @@ class ImageGeometry:
         if encoded is not None:
             stored = {"jpeg": torch.frombuffer(bytearray(encoded.data), dtype=torch.uint8)}  # (n,)
         else:
-            stored = {"pixels": torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()}
+            stored = {"pixels": rgb_pixels(image)}
         return {
             **stored,
             "size": torch.tensor([height, width]),
@@ -242,13 +242,20 @@ def decode_jpegs(files: List[torch.Tensor], device: torch.device) -> List[torch.
     return images
 
 
+def rgb_pixels(image: Any) -> torch.Tensor:
+    """PIL image -> (3, H, W) uint8 tensor of its RGB pixels, not normalised."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
 def _pil_rgb(data: torch.Tensor) -> torch.Tensor:
     import io
 
     from PIL import Image
 
     with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-        return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return rgb_pixels(image)
 
 
 def stored_images(batch: Dict[str, Any], device: torch.device) -> List[torch.Tensor]:

@@ -21,12 +21,12 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Set, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
 from align.errors import ConfigError
 from align.towers.base import Projection, TokenCache, Tower, projection_head, used_length
+from align.towers.image_ops import rgb_pixels
 
 
 @dataclass
@@ -104,9 +104,7 @@ class PilToUint8:
     """Picklable: PIL image -> (3, H, W) uint8 tensor of its RGB pixels, not normalised."""
 
     def __call__(self, image: Any) -> torch.Tensor:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return rgb_pixels(image)
 
 
 class OpenClipImageTokens:
