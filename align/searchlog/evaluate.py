@@ -117,6 +117,20 @@ def candidate_rows(stats: Dict[str, Any], split: str, item_ids: Sequence[str], s
     return np.flatnonzero(is_held if side == "held_out" else ~is_held).astype(np.int64)
 
 
+def read_judgements(path: str, item_ids: Sequence[str], events: EventGrades, catalogue: str,
+                    media_root: Optional[str] = None, max_bad_fraction: float = 0.01) -> SearchLog:
+    """A judged log read against the catalogue: a row naming an item outside it is a
+    ``ConfigError`` naming the file and ``catalogue`` (the flag or key that gave it); more than
+    ``max_bad_fraction`` other broken rows a ``RunError`` with the counts and examples."""
+    log, report = read_search_log(path, item_ids, events, media_root=media_root, max_bad_fraction=1.0)
+    if report.counts.get("unknown_item"):
+        example = (report.examples.get("unknown_item") or [""])[0]
+        raise ConfigError(f"{path}: {report.counts['unknown_item']} rows name items not in {catalogue} "
+                          f"(e.g. {example}); give the manifests the log was made over")
+    report.check(max_bad_fraction)
+    return log
+
+
 def read_split(log_dir: str, split: str, stats: Dict[str, Any], item_ids: Sequence[str],
                judged_by: str = "log") -> SplitData:
     """The split's judgements against the catalogue (``judged_by``: its log file, or the complete
@@ -129,12 +143,7 @@ def read_split(log_dir: str, split: str, stats: Dict[str, Any], item_ids: Sequen
     if not os.path.isfile(path):
         raise ConfigError(f"--log-dir {log_dir}: no {name} (write the folder with `align prep search-log "
                           f"simulate`, or leave the split out of --splits)")
-    log, report = read_search_log(path, item_ids, EventGrades(), max_bad_fraction=1.0)
-    if report.counts.get("unknown_item"):
-        example = (report.examples.get("unknown_item") or [""])[0]
-        raise ConfigError(f"{path}: {report.counts['unknown_item']} rows name items not in --catalogue "
-                          f"(e.g. {example}); give the manifests the log was made over")
-    report.check(0.01)  # other broken rows: a RunError with the counts and examples
+    log = read_judgements(path, item_ids, EventGrades(), "--catalogue")
     candidates = candidate_rows(stats, split, item_ids, os.path.join(log_dir, STATS_FILE))
     outside = np.setdiff1d(log.items, candidates)
     if outside.size:
@@ -328,8 +337,8 @@ def validate_on_log(model: Any, config: Any, device: torch.device, depth: int = 
 
     Returns {"search": graded_report of every query, "search-<modality>": of that modality's}, the
     entries ``train.best_metric`` may name. ``model`` in eval mode on ``device`` (the caller's).
-    A log row naming an item outside the catalogue, or too many broken rows, is a ``RunError``
-    naming the file (the run checks the path before it starts).
+    A log row naming an item outside the catalogue is a ``ConfigError``, too many broken rows a
+    ``RunError``, each naming the file (the run checks the path before it starts).
     """
     from align.config import SEARCH_VAL_K
     from align.index.embed import embed_catalogue
@@ -338,11 +347,8 @@ def validate_on_log(model: Any, config: Any, device: torch.device, depth: int = 
     search = config.data.search_log
     items = embed_catalogue(model, config, search.catalogue, config.eval.batch_size, device, {})
     events = EventGrades(search.events) if search.events else EventGrades()
-    log, report = read_search_log(search.val, items.ids, events, media_root=search.media_root, max_bad_fraction=1.0)
-    if report.counts.get("unknown_item"):
-        raise RunError(f"data.search_log.val: {search.val}: {report.counts['unknown_item']} rows name items outside "
-                       f"data.search_log.catalogue (e.g. {(report.examples.get('unknown_item') or [''])[0]})")
-    report.check(search.max_bad_fraction)
+    log = read_judgements(search.val, items.ids, events, "data.search_log.catalogue", search.media_root,
+                          search.max_bad_fraction)
     split = SplitData("val", search.val, log, np.arange(len(items.ids), dtype=np.int64))
     encoder = QueryEncoder(config.train.output_dir, device, model=model)  # named by the run in errors
     queries = encode_queries(encoder, split, config.eval.batch_size)
