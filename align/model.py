@@ -45,6 +45,10 @@ class AlignModel(nn.Module):
             raise KeyError(f"this model has no {modality!r} tower; it has {self.modalities}")
         return self.towers[modality](inputs)  # (B, D)
 
+    def reusable(self, modality: str, inputs: Any) -> Any:
+        """``inputs`` of ``modality`` ready to be encoded again and again (``Tower.reusable``)."""
+        return self.towers[modality].reusable(inputs) if modality in self.towers else inputs
+
     def forward(self, inputs: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         """Encode every modality present in ``inputs`` -> {modality: (n_m, D)}."""
         return {m: self.encode(m, x) for m, x in inputs.items() if m in self.towers}

@@ -177,6 +177,11 @@ class ContrastiveObjective(nn.Module):
         terms["logit_scale"] = scale.detach()
         return terms
 
+    def reusable(self, batch: Mapping[str, Any]) -> Dict[str, Any]:
+        """``batch`` with its inputs ready to be embedded twice (``Tower.reusable``): what a
+        cached step embeds."""
+        return {**batch, "inputs": {m: self.model.reusable(m, x) for m, x in batch["inputs"].items()}}
+
     # ------------------------------------------------------------------ steps
 
     def forward(self, batch: Mapping[str, Any], mode: str = "loss", embeddings: Optional[Mapping] = None):

@@ -321,3 +321,39 @@ def test_a_training_step_from_jpeg_shards_decodes_on_the_device(tmp_path):
         losses[decode], evaluations[decode] = history[0]["loss"], summary["eval"]["text->image"]
     assert abs(losses["device"] - losses["worker"]) <= 1e-4 * losses["worker"], losses
     assert "R@1" in evaluations["device"] and evaluations["device"] == pytest.approx(evaluations["worker"], abs=1e-6)
+
+
+def test_a_cached_step_decodes_each_jpeg_once_and_trains_as_the_worker_decode(tmp_path, monkeypatch):
+    """``train.accum_steps`` > 1 embeds each micro-batch twice (align/train/cached_step.py); the
+    micro-batches are made ``reusable`` first, so each JPEG is decoded once a step, not twice, and
+    the loss is the worker decode's."""
+    from align.data.demo_catalogue import build_demo_catalogue
+    from align.towers import image_ops
+    from align.train.recipe import train
+    from data_prep.shards import main as prep_shards
+    from tests.test_train_e2e import tiny_overrides
+
+    demo, shards = tmp_path / "demo", tmp_path / "shards"
+    build_demo_catalogue(str(demo), seed=0, n_train=32, n_test=8, image_size=40, clip_seconds=0.5)
+    assert prep_shards([str(demo / "train.csv"), "--out", str(shards), "--samples-per-shard", "16",
+                        "--image-format", "jpg", "--image-max-side", "40", "--workers", "1", "--col-text", "title",
+                        "--clip-seconds", "0.5"]) == 0
+    decoded = []
+    real = image_ops.decode_jpegs
+
+    def counting(files, device):
+        decoded.append(len(files))
+        return real(files, device)
+
+    monkeypatch.setattr(image_ops, "decode_jpegs", counting)
+    losses = {}
+    for decode in ("worker", "device"):
+        overrides = tiny_overrides(demo, tmp_path / decode, "train.max_steps=2", "train.accum_steps=2",
+                                   "data.batch_size=8", f"data.train={shards}/shards-{{000000..000001}}.tar",
+                                   "data.num_workers=1", "data.image_pipeline=device", f"data.image_decode={decode}")
+        history = train(load_config(None, overrides))["history"]  # held-out split: the PNG manifest
+        assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+        losses[decode] = [h["loss"] for h in history]
+    # one decode a micro-batch a step (two without ``reusable``), of its rows with a photo
+    assert len(decoded) == 2 * 2 and 0 < sum(decoded) <= 2 * 2 * 8, decoded
+    assert losses["device"] == pytest.approx(losses["worker"], rel=1e-4), losses

@@ -95,6 +95,13 @@ class Tower(nn.Module):
         """A picklable callable: raw value (str, PIL image, (wave, sr)) -> model input tensor(s)."""
         raise NotImplementedError
 
+    def reusable(self, inputs: Any) -> Any:
+        """``inputs`` made ready to be embedded more than once without redoing work that does not
+        depend on the weights: a cached step (align/train/cached_step.py) embeds each
+        micro-batch twice. The image tower decodes ``data.image_decode: device`` JPEGs here, once.
+        Towers with nothing to do keep this default: the inputs as they are."""
+        return inputs
+
     def trunk_blocks(self) -> List[nn.Module]:
         """The trunk's repeated blocks, input side first; freezing keeps the last N trainable."""
         return []

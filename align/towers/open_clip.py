@@ -267,17 +267,28 @@ class OpenClipImageTower(OpenClipTower):
         gives) and are normalised here; float images are taken as already normalised (the
         output of open_clip's own preprocess). A dict is a ``data.image_pipeline: device``
         batch (stored-size pixels and, with ``data.image_decode: device``, JPEG bytes on the host,
-        + drawn crops, align/towers/image_ops.py): decoded on this tower's device, cropped,
-        resized and flipped here first."""
+        + drawn crops, align/towers/image_ops.py): decoded on this tower's device (unless
+        ``reusable`` already did), cropped, resized and flipped here first."""
         if isinstance(images, dict):
             from align.towers.image_ops import resized_crops, stored_images
 
-            stored = stored_images(images, self.pixel_scale.device)  # B x (3, h, w) uint8
+            stored = images["stored"] if "stored" in images else stored_images(images, self.pixel_scale.device)
             levels = resized_crops(stored, images, self.image_size)  # (B, 3, S, S) float32 pixel levels
             return self.trunk(torch.addcmul(self.pixel_shift, levels, self.pixel_scale))
         if images.dtype == torch.uint8:
             images = torch.addcmul(self.pixel_shift, images.to(self.pixel_scale.dtype), self.pixel_scale)
         return self.trunk(images)
+
+    def reusable(self, images: Any) -> Any:
+        """A ``data.image_decode: device`` batch with its JPEGs decoded, once, on this tower's
+        device: its geometry + "stored", one (3, h, w) uint8 image a row (``stored_images``).
+        Other inputs as they are."""
+        if not isinstance(images, dict) or images.get("jpeg") is None:
+            return images
+        from align.towers.image_ops import stored_images
+
+        geometry = {k: v for k, v in images.items() if k not in ("jpeg", "pixels")}
+        return {**geometry, "stored": stored_images(images, self.pixel_scale.device)}
 
     def transform(self, train: bool) -> Callable:
         """open_clip's image transform for this model (ending in ToTensor + Normalize)."""

@@ -52,13 +52,18 @@ def with_negatives(embedded: Dict[str, torch.Tensor], negatives: Optional[int]) 
 
 def cached_step(objective: Callable, micro_batches: List[Mapping[str, Any]],
                 backward: Callable[[torch.Tensor], None],
-                no_sync: Callable[[], contextlib.AbstractContextManager]) -> Dict[str, torch.Tensor]:
+                no_sync: Callable[[], contextlib.AbstractContextManager],
+                reusable: Optional[Callable[[Mapping[str, Any]], Mapping[str, Any]]] = None
+                ) -> Dict[str, torch.Tensor]:
     """One exact large-batch step over ``micro_batches`` (GradCache); gradients are left in .grad.
 
     ``objective`` is the (possibly DDP-wrapped) ContrastiveObjective; ``backward`` is e.g.
     ``accelerator.backward``; ``no_sync`` returns the context that defers DDP's all-reduce. The
-    all-reduce happens once, on the last re-encoding pass.
+    all-reduce happens once, on the last re-encoding pass. ``reusable`` (the unwrapped
+    objective's) readies each micro-batch for its two passes first: JPEGs decoded once, not twice.
     """
+    if reusable is not None:
+        micro_batches = [reusable(micro) for micro in micro_batches]
     # 1. Embed every micro-batch without a graph, remembering the RNG state each one started with.
     rng_states, cached = [], []
     with torch.no_grad():

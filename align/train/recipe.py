@@ -355,7 +355,8 @@ def optimizer_step(accelerator, objective, optimizer, micro: List[dict], config:
         accelerator.backward(terms["loss"])
     else:
         with accelerator.autocast():
-            terms = cached_step(objective, micro, accelerator.backward, lambda: accelerator.no_sync(objective))
+            terms = cached_step(objective, micro, accelerator.backward, lambda: accelerator.no_sync(objective),
+                                accelerator.unwrap_model(objective).reusable)
     accelerator.unscale_gradients()  # fp16: true gradients for the norms and the clip (no-op otherwise)
     model = accelerator.unwrap_model(objective).model
     terms = {k: v.detach() for k, v in terms.items()}
