@@ -42,11 +42,13 @@ def atomic_open(path: str, mode: str = "w", encoding: str = "utf-8", newline: An
     os.makedirs(folder, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(handle)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result gets the usual mode
     try:
         kwargs = {} if "b" in mode else {"encoding": encoding, "newline": newline}
         with open(tmp, mode, **kwargs) as stream:
             yield stream
+        # The usual mode, set last: mkstemp makes the file private, and so does a writer that
+        # replaces it by name (safetensors' save_file makes 0600 files).
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -59,6 +61,34 @@ def write_json_atomic(data: Any, path: str) -> None:
     with atomic_open(path) as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")
+
+
+@contextlib.contextmanager
+def staged_folder(out: str) -> Iterator[str]:
+    """A temporary folder beside ``out`` to write into. When the block ends without error it gets
+    the umask's usual modes, with everything in it (mkdtemp makes a private folder, and some
+    writers private files: what we write is for others to read), and replaces ``out``
+    (``replace_folder``); on an error it is removed and ``out`` is left as it was."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".tmp", dir=parent)
+    try:
+        yield staging
+        usual_modes(staging)
+        replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def usual_modes(folder: str) -> None:
+    """The umask's usual modes for ``folder`` and everything in it."""
+    os.chmod(folder, 0o777 & ~_UMASK)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~_UMASK)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~_UMASK)
 
 
 def replace_folder(staging: str, out: str) -> None:

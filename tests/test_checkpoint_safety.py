@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import shutil
+import stat
 
 import pytest
 
@@ -15,6 +16,9 @@ from align.loading import load_model
 from align.train.recipe import train
 from data_prep import mine_negatives
 from tests.test_train_e2e import tiny_overrides
+
+# What is read and refused, never a float: CI runs these once.
+pytestmark = pytest.mark.once
 
 ACCELERATE_FILES = ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "pytorch_model.bin",
                     "scheduler.bin", "model/pytorch_model.bin")
@@ -91,6 +95,16 @@ def test_the_checkpoint_holds_only_safetensors_json_and_yaml(trained):
     files = checkpoint_files(trained["checkpoint"])
     assert set(files) == set(READS["resume"]) | MODEL_FILES | {"config.yaml"}
     assert all(f.endswith((".safetensors", ".json", ".yaml")) for f in files)
+
+
+def test_every_checkpoint_file_has_the_umasks_usual_mode(trained):
+    """A checkpoint on a shared filesystem is for others to read: no file is left private (as
+    safetensors' writer and mkstemp leave theirs)."""
+    from tests.test_file_modes import usual_modes
+
+    folder = trained["checkpoint"]
+    modes = {path: stat.S_IMODE(os.stat(os.path.join(folder, path)).st_mode) for path in checkpoint_files(folder)}
+    assert modes and all(mode == usual_modes()[0] for mode in modes.values()), modes
 
 
 @pytest.mark.parametrize("operation", sorted(OPERATIONS))

@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from align.errors import ConfigError, RunError, replace_folder
+from align.errors import ConfigError, RunError, staged_folder
 from align.export.matryoshka import truncated_model
 from align.loading import load_model, model_folder, read_saved_config
 from align.model import AlignModel, check_prefix_dim, prefix
@@ -239,11 +237,8 @@ def export(checkpoint: str, out: str, formats: Optional[List[str]] = None, overw
                           f"{skipped.get('onnx')}")
     if not chosen:
         raise ConfigError("no format is possible for this model: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".tmp", dir=parent)
     written, checks, cosines = {}, {}, {}
-    try:
+    with staged_folder(out) as staging:
         for name in chosen:
             subdir = os.path.join(staging, name)
             written[name] = write_format(name, written_model, subdir, bool(quantize), full_dim)
@@ -263,27 +258,9 @@ def export(checkpoint: str, out: str, formats: Optional[List[str]] = None, overw
         dims = {m: str(e.shape[-1]) for m, e in our_embeddings(written_model, probe_inputs(model, 1)).items()}
         write_card(staging, config, folder, dims, written, skipped, checks,
                    compression={"dim": dim if dim != full_dim else None, "full_dim": full_dim, "int8": cosines})
-        _usual_modes(staging)
-        replace_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {"written": written, "skipped": skipped, "max_abs_diff": checks, "out": out,
             "dim": dim or full_dim, "full_dim": full_dim, "int8_min_cosine": {m: c for m, (c, _) in cosines.items()},
             "int8_required": {m: bound for m, (_, bound) in cosines.items()}}
-
-
-def _usual_modes(folder: str) -> None:
-    """The umask's usual modes for ``folder`` and everything in it: mkdtemp makes a private folder
-    and some writers (safetensors) private files, but an export is for others to read."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(folder, 0o777 & ~mask)
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~mask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _parser() -> argparse.ArgumentParser:

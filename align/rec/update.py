@@ -38,12 +38,9 @@ Linux), so a reader sees the old folder or the whole new one; ``--out`` defaults
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -53,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from align.config import load_dataclass
-from align.errors import ConfigError, RunError, replace_folder, write_json_atomic
+from align.errors import ConfigError, RunError, staged_folder, write_json_atomic
 from align.index.embed import load_item_embeddings
 from align.loading import read_json, read_tensors, write_tensors
 from align.rec.config import RecConfig, validate_rec
@@ -284,27 +281,6 @@ def update_head(checkpoint: str, events: str, out: Optional[str] = None, epochs:
             write_json_atomic(summary, os.path.join(staging, "summary.json"))
     accelerator.end_training()
     return summary
-
-
-# ------------------------------------------------------------------------------------------------
-# the new folder, swapped in at once
-# ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def staged_folder(out: str):
-    """A temporary folder beside ``out`` to write into; when the block ends without error it
-    replaces ``out`` (``replace_folder``), and on an error it is removed and ``out`` left as it was."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
-    try:
-        yield staging
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(staging, 0o777 & ~mask)  # mkdtemp's folder is private; a checkpoint is for others to read
-        replace_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------

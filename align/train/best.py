@@ -8,7 +8,7 @@ tie is no improvement (the earlier, less trained model stays), and so is NaN (no
 relevant item). An improvement writes the model to ``<output_dir>/best/``: a model folder that
 ``align embed``, ``align eval``, ``align search-eval`` and ``align export`` read as they read a
 checkpoint, with ``best.json`` ({"metric", "value", "step"}) beside the weights, staged and
-swapped in whole (``errors.replace_folder``), so a reader never finds half a model there.
+swapped in whole (``errors.staged_folder``), so a reader never finds half a model there.
 
 ``train.patience`` N > 0 ends the run after N evaluations in a row without an improvement: it
 ends as at its last step (a checkpoint, the final evaluation, summary.json with "best" and
@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from align.config import Config
-from align.errors import RunError, replace_folder, write_json_atomic
+from align.errors import RunError, staged_folder, write_json_atomic
 
 BEST_SUBDIR = "best"
 BEST_FILE = "best.json"
@@ -85,12 +85,6 @@ def _agree(accelerator: Any, stop: bool) -> bool:
 def _write_best(model: torch.nn.Module, config: Config, metric: str, value: float, step: int) -> None:
     from align.train.checkpoint import save_model
 
-    out = best_folder(config.train.output_dir)
-    staging = out + ".tmp"
-    if os.path.exists(staging):  # left by a run that stopped while writing it
-        import shutil
-
-        shutil.rmtree(staging)
-    save_model(model, config, staging)
-    write_json_atomic({"metric": metric, "value": value, "step": step}, os.path.join(staging, BEST_FILE))
-    replace_folder(staging, out)
+    with staged_folder(best_folder(config.train.output_dir)) as staging:
+        save_model(model, config, staging)
+        write_json_atomic({"metric": metric, "value": value, "step": step}, os.path.join(staging, BEST_FILE))
