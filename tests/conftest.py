@@ -9,11 +9,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CLIP = os.path.join(REPO, "configs", "models", "tiny-clip.json")
+
+
+def pytest_sessionstart(session) -> None:
+    """Processes the tests start (launches, SLURM jobs) make their temporary files in a folder of
+    this session's, removed at its end: torchrun leaves a ``torchelastic_*`` log folder in the
+    temporary folder at every launch. This process keeps its own (pytest's ``tmp_path`` included:
+    it is cached before the switch)."""
+    tempfile.gettempdir()
+    session.config.launch_tmp = tempfile.mkdtemp(prefix="align-tests-")
+    os.environ["TMPDIR"] = session.config.launch_tmp
+
+
+def pytest_sessionfinish(session) -> None:
+    shutil.rmtree(getattr(session.config, "launch_tmp", ""), ignore_errors=True)
 
 
 def free_port() -> int:

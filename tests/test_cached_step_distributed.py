@@ -8,6 +8,7 @@ from tests.conftest import REPO, launch_two_processes
 
 
 @pytest.mark.multiprocess
+@pytest.mark.once  # counts calls; the ranks' gradients compared exactly
 def test_cached_step_all_reduces_once(tmp_path):
     out = tmp_path / "result.json"
     done = launch_two_processes(os.path.join(REPO, "tests", "dist_cached_worker.py"), str(out))

@@ -14,6 +14,8 @@ from tests.conftest import REPO, launch_two_processes, one_step_checkpoint
 from tests.test_index import read_rows, write_rows
 
 CLI = os.path.join(REPO, "align", "cli.py")
+# Exact comparisons of runs on the same kernels, and refusals: CI runs them once.
+pytestmark = pytest.mark.once
 
 
 @pytest.fixture(scope="module")

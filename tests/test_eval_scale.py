@@ -137,6 +137,7 @@ def test_classify_keys_are_checked(checkpoint, small_demo, tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.once  # the same figures, exactly, from runs on the same kernels
 def test_two_processes_evaluate_as_one(checkpoint, small_demo, tmp_path):
     split = os.path.join(small_demo, "test.csv")
     overrides = ["eval.batch_size=8", "eval.plots=false", "eval.classify.column=kind"]

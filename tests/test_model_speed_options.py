@@ -46,6 +46,7 @@ def test_grad_checkpointing_gives_the_plain_gradients(small_demo, tmp_path):
         assert torch.allclose(a[name], b[name], rtol=1e-10, atol=1e-14), name
 
 
+@pytest.mark.once  # the plumbing: finite losses and plain parameter names
 def test_a_compiled_run_trains_and_saves_plain_checkpoints(small_demo, tmp_path):
     # aot_eager traces and compiles the graphs without generating kernels: the plumbing, fast.
     summary = train(load_config(None, tiny_overrides(small_demo, tmp_path / "run", "train.max_steps=2", "data.val=''",
