@@ -118,6 +118,12 @@ class LossConfig:
     # Search-log fine-tuning: weight of an InfoNCE between each product's photo (and sound) and
     # its text fields, so the towers stay aligned while queries move (align/objective.py); 0 = off
     field_alignment: float = 0.0
+    # Search-log fine-tuning: "learned" trains the fields' weights in the item vector with the
+    # towers, from model.fields.<f>.weight; each checkpoint's config holds the weights reached
+    field_weights: Literal["fixed", "learned"] = "fixed"
+    # their own learning rate (AdamW on the log-weights, on the run's schedule): a fine-tune's lr
+    # moves a handful of scalars too little to matter
+    field_weights_lr: float = 0.01
 
 
 @dataclass
@@ -416,7 +422,11 @@ def _loss_config(data: Dict[str, Any], key: str) -> LossConfig:
     pairs = _convert(data.get("pairs") or {}, Dict[str, Any], f"{key}.pairs")
     config = LossConfig(name=name, params=_loss_params(name, raw_params, f"{key}.params"),
                         matryoshka=_to_dataclass(MatryoshkaConfig, data.get("matryoshka"), f"{key}.matryoshka"),
-                        field_alignment=_convert(data.get("field_alignment", 0.0), float, f"{key}.field_alignment"))
+                        field_alignment=_convert(data.get("field_alignment", 0.0), float, f"{key}.field_alignment"),
+                        field_weights=_convert(data.get("field_weights", LossConfig.field_weights),
+                                               Literal["fixed", "learned"], f"{key}.field_weights"),
+                        field_weights_lr=_convert(data.get("field_weights_lr", LossConfig.field_weights_lr), float,
+                                                  f"{key}.field_weights_lr"))
     for pair, raw in pairs.items():
         where = f"{key}.pairs.{pair}"
         item = _to_dataclass(PairLossConfig, raw, where)
@@ -597,13 +607,37 @@ def _check_fields(fields: Dict[str, FieldConfig], towers: Dict[str, TowerConfig]
         raise ConfigError("model.fields: every weight is 0; give one field a positive weight")
 
 
+def product_fields(model: ModelConfig, columns: ColumnsConfig) -> Dict[str, FieldConfig]:
+    """The fields that make an item vector: ``model.fields``, or one per tower (align/fields.py)."""
+    if model.fields:
+        return dict(model.fields)
+    fields = {}
+    for modality in model.towers:
+        if modality == "text":
+            if columns.text:
+                fields["text"] = FieldConfig(modality="text", columns=list(columns.text))
+        elif getattr(columns, modality, None):
+            fields[modality] = FieldConfig(modality=modality)
+    return fields
+
+
 def _check_search_log(config: "Config") -> None:
     search = config.data.search_log
     if not search.log:
         if search.val:
             raise ConfigError("data.search_log.val: a held-out search log goes with data.search_log.log; "
                               "set the log to train on, or leave val empty")
+        if config.loss.field_weights == "learned":
+            raise ConfigError("loss.field_weights: learned weighs a product's fields in search-log training; "
+                              "set data.search_log.log, or leave it fixed")
         return
+    if config.loss.field_weights == "learned":
+        if not (math.isfinite(config.loss.field_weights_lr) and config.loss.field_weights_lr > 0):
+            raise ConfigError(f"loss.field_weights_lr = {config.loss.field_weights_lr} must be a number > 0")
+        weighed = [n for n, f in product_fields(config.model, config.data.columns).items() if f.weight > 0]
+        if len(weighed) < 2:
+            raise ConfigError(f"loss.field_weights: learned needs two or more fields of positive weight to weigh "
+                              f"against each other; the product has {weighed or 'none'} (model.fields)")
     if not search.catalogue:
         raise ConfigError("data.search_log.catalogue: list the manifest(s) whose ids the log's items are")
     if search.max_positives < 1:

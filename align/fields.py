@@ -6,9 +6,10 @@ into one text let the description drown the title), and the item vector is
 
     item_i = normalize( sum_f w_f [i has f] normalize(v_if) / sum_f w_f [i has f] )
 
-with ``w_f`` from ``model.fields.<f>.weight``. An item lacking a field (an empty cell, no photo)
-is the mean of the fields it has; one with no field of positive weight gets a zero row and a False
-mask. The same function makes the item vector in search-log training (align/objective.py, with
+with ``w_f`` from ``model.fields.<f>.weight`` (trained with the towers under
+``loss.field_weights: learned``, which writes the weights reached there: align/objective.py). An
+item lacking a field (an empty cell, no photo) is the mean of the fields it has; one with no field
+of positive weight gets a zero row and a False mask. The same function makes the item vector in search-log training (align/objective.py, with
 gradients), in ``align embed`` / ``align search-eval`` and so in the index, so the space the loss
 shaped is the space that is searched.
 
@@ -18,29 +19,15 @@ field joining ``data.columns.text``: the plain modality fusion ``align embed`` h
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from align.config import ColumnsConfig, FieldConfig, ModelConfig
+from align.config import FieldConfig
 from align.errors import ConfigError
 
 FUSED = "fused"
-
-
-def product_fields(model: ModelConfig, columns: ColumnsConfig) -> Dict[str, FieldConfig]:
-    """The fields that make an item vector: ``model.fields``, or one per tower (see module doc)."""
-    if model.fields:
-        return dict(model.fields)
-    fields = {}
-    for modality in model.towers:
-        if modality == "text":
-            if columns.text:
-                fields["text"] = FieldConfig(modality="text", columns=list(columns.text))
-        elif getattr(columns, modality, None):
-            fields[modality] = FieldConfig(modality=modality)
-    return fields
 
 
 def field_weights(fields: Mapping[str, FieldConfig]) -> Dict[str, float]:
@@ -61,26 +48,33 @@ def check_weights(weights: Optional[Mapping[str, float]], names) -> None:
 
 
 def fuse(vectors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
-         weights: Optional[Mapping[str, float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+         weights: Optional[Mapping[str, Union[float, torch.Tensor]]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One vector per item from its field (or modality) vectors, as the module doc writes it.
 
     Args:
         vectors: name -> (N, D); a ``"fused"`` entry is ignored. Rows need not be unit length.
         masks: name -> (N,) bool, the item has that field.
-        weights: name -> weight >= 0 for every name of ``vectors``; None: equal weights.
+        weights: name -> weight >= 0 for every name of ``vectors``; None: equal weights. A
+            weight may be a 0-dim tensor (learned weights, positive by construction: not checked,
+            which would wait for the device).
     Returns:
         (fused (N, D) float32 with unit rows, zero rows where the item has no field of positive
-        weight; mask (N,) bool, True where the row is real). Differentiable in ``vectors``.
+        weight; mask (N,) bool, True where the row is real). Differentiable in ``vectors`` and in
+        tensor weights.
     """
     names = [name for name in vectors if name != FUSED]
     if not names:
         raise ValueError("fuse needs at least one field's vectors")
-    check_weights(weights, names)
+    if weights is not None and any(torch.is_tensor(w) for w in weights.values()):
+        check_weights({n: 1.0 for n in weights}, names)  # the names only
+    else:
+        check_weights(weights, names)
     first = vectors[names[0]]
     total = torch.zeros(first.shape, dtype=torch.float32, device=first.device)  # (N, D)
     weight_sum = torch.zeros(first.shape[0], dtype=torch.float32, device=first.device)  # (N,)
     for name in names:
-        weight = masks[name].float() * (1.0 if weights is None else float(weights[name]))  # (N,)
+        given = 1.0 if weights is None else weights[name]
+        weight = masks[name].float() * (given.float() if torch.is_tensor(given) else float(given))  # (N,)
         total = total + weight[:, None] * F.normalize(vectors[name].float(), dim=-1)
         weight_sum = weight_sum + weight
     present = weight_sum > 0

@@ -182,6 +182,10 @@ class ContrastiveObjective(nn.Module):
         cached step embeds."""
         return {**batch, "inputs": {m: self.model.reusable(m, x) for m, x in batch["inputs"].items()}}
 
+    def own_lr(self) -> Dict[str, float]:
+        """Parameters with their own learning rate (align/train/optim.py): none here."""
+        return {}
+
     # ------------------------------------------------------------------ steps
 
     def forward(self, batch: Mapping[str, Any], mode: str = "loss", embeddings: Optional[Mapping] = None):
@@ -215,12 +219,17 @@ class QueryProductObjective(nn.Module):
     (a product in two rows is not its own negative), reported as "fields:<m>-text". Search logs
     are mostly typed queries, so without it the text tower follows the queries and the image and
     audio towers drift away from it: photo and voice search get worse as text search improves.
+
+    ``learn_field_weights`` (``loss.field_weights: learned``) trains the weights of the fields in
+    the item vector with the towers, starting from the config's; they are reported as
+    "field_weight/<f>", and the trainer writes them into the config it evaluates with and saves.
     """
 
     NAME = "query-product"
 
     def __init__(self, model: AlignModel, loss: nn.Module, fields: Mapping[str, Any],
-                 matryoshka: Optional[MatryoshkaConfig] = None, field_alignment: float = 0.0) -> None:
+                 matryoshka: Optional[MatryoshkaConfig] = None, field_alignment: float = 0.0,
+                 learn_field_weights: bool = False, field_weights_lr: float = 0.01) -> None:
         super().__init__()
         import inspect
 
@@ -230,6 +239,13 @@ class QueryProductObjective(nn.Module):
         self.loss = loss
         self.fields = {name: spec.modality for name, spec in fields.items()}
         self.field_weights = {name: float(spec.weight) for name, spec in fields.items()}
+        # loss.field_weights: learned: the fields of positive weight get log-weights, trained with
+        # the towers (a field at 0 stays out); the weighted mean is scale-free, so only their
+        # ratios matter. In the state dict, so a resumed run goes on from where it stopped.
+        self.learned = [name for name, w in self.field_weights.items() if w > 0] if learn_field_weights else []
+        if self.learned:
+            self.field_log_weights = nn.Parameter(torch.tensor([self.field_weights[n] for n in self.learned]).log())
+        self.field_weights_lr = float(field_weights_lr)
         self.levels = matryoshka_levels(matryoshka, model.embed_dim)
         self.graded = "item_keys" in inspect.signature(loss.forward).parameters
         self.field_alignment = float(field_alignment)
@@ -241,6 +257,22 @@ class QueryProductObjective(nn.Module):
     def _zeros(self, size: int) -> torch.Tensor:
         scale = self.model.logit_scale()
         return scale.new_zeros(size, self.model.embed_dim) * scale  # on the graph, as ContrastiveObjective's
+
+    def weights(self) -> Dict[str, Any]:
+        """Each field's weight in the item vector: the config's, or the learned ones (0-dim tensors
+        on the graph)."""
+        if not self.learned:
+            return self.field_weights
+        return {**self.field_weights, **dict(zip(self.learned, self.field_log_weights.exp().unbind(0)))}
+
+    def own_lr(self) -> Dict[str, float]:
+        """Parameters with their own learning rate (align/train/optim.py): the field log-weights."""
+        return {"field_log_weights": self.field_weights_lr} if self.learned else {}
+
+    def learned_weights(self) -> Dict[str, float]:
+        """The learned weights as numbers (empty unless ``loss.field_weights: learned``): what the
+        trainer writes into ``model.fields.<f>.weight`` before it evaluates or saves."""
+        return {name: float(w) for name, w in zip(self.learned, self.field_log_weights.detach().exp().tolist())}
 
     def embed(self, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         """{"query": (B, D), "product": (B, D), "query_mask": (B,), "product_mask": (B,)}."""
@@ -261,13 +293,15 @@ class QueryProductObjective(nn.Module):
                 continue
             vectors[name] = scatter_rows(self.model.encode(modality, batch["fields"]["inputs"][name]), mask)
             masks[name] = mask.to(query.device)
-        product, product_mask = fuse(vectors, masks, self.field_weights)
+        weights = self.weights()
+        product, product_mask = fuse(vectors, masks, weights)
         out = {"query": query, "product": product.to(query.dtype), "query_mask": query_mask,
                "product_mask": product_mask}
         for modality in (["text"] + self.aligned) if self.aligned else []:  # per modality, for field_alignment
             names = [name for name, m in self.fields.items() if m == modality]
+            # the weights as they stand: learned ones follow the search loss, not this one
             fused, mask = fuse({n: vectors[n] for n in names}, {n: masks[n] for n in names},
-                               {n: self.field_weights[n] for n in names})
+                               {n: weights[n].detach() if torch.is_tensor(weights[n]) else weights[n] for n in names})
             out[f"fields:{modality}"], out[f"fields:{modality}_mask"] = fused.to(query.dtype), mask
         return out
 
@@ -296,6 +330,9 @@ class QueryProductObjective(nn.Module):
             total = total + self.field_alignment * term
         terms["loss"] = total
         terms["logit_scale"] = scale.detach()
+        if self.learned:
+            for name, weight in zip(self.learned, self.field_log_weights.detach().exp().unbind(0)):
+                terms[f"field_weight/{name}"] = weight
         return terms
 
     def forward(self, batch: Mapping[str, Any], mode: str = "loss", embeddings: Optional[Mapping] = None):

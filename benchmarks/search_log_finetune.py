@@ -24,7 +24,8 @@ training queries; no evaluation split moves), both fine-tunes validate on it eve
 is judged twice: its last step and its best validated model (``<run>/best``;
 ``--val-judged-by truth`` validates on the simulator's complete judgements of the val queries,
 ``val.truth.csv``, instead of their logged events); the JSON then
-adds ``best_ndcg10`` ({model: {split: ..}}) and ``best_step`` ({model: step}).
+adds ``best_ndcg10`` ({model: {split: ..}}) and ``best_step`` ({model: step}). ``--ours-override
+KEY=VALUE`` changes ours' config only (e.g. ``loss.field_weights=learned``).
 
 The last line is the JSON ``{"base_ndcg10": {split: ..}, "plain_ndcg10": {split: ..},
 "ours_ndcg10": {split: ..}, "ours_ndcg10_by_dim": {dim: ..}, "plain_ndcg10_by_dim": {dim: ..},
@@ -154,6 +155,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ours-pairs", default="per_query", choices=["graded", "per_query"],
                         help="ours: a row per graded pair, or one per query with a product drawn by grade")
+    parser.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for ours only, e.g. loss.field_weights=learned (repeatable)")
     parser.add_argument("--val-fraction", type=float, default=0.0,
                         help="hold this share of the training queries out as val.csv and judge each "
                              "fine-tune's best validated model too (0: off, the default)")
@@ -176,7 +179,7 @@ def main() -> int:
     plain_dir = fine_tune("plain", ["data.search_log.pairs=best", "loss.name=infonce",
                                     "loss.params={same_group: ignore}", "loss.matryoshka.dims=[]",
                                     "loss.field_alignment=0"], args, args.work)
-    ours_dir = fine_tune("ours", [f"data.search_log.pairs={args.ours_pairs}"], args, args.work)
+    ours_dir = fine_tune("ours", [f"data.search_log.pairs={args.ours_pairs}", *args.ours_override], args, args.work)
     plain, ours = judge(plain_dir, args, args.work), judge(ours_dir, args, args.work)
 
     summary: Dict[str, Any] = {}
@@ -186,6 +189,7 @@ def main() -> int:
     if args.val_fraction:
         summary.update(judge_best({"plain": plain_dir, "ours": ours_dir}, {"plain": plain, "ours": ours}, args))
     summary.update({"judged_by": JUDGED_BY[0], "steps": args.steps, "batch_size": args.batch_size,
+                    "ours_overrides": args.ours_override,
                     "seconds": round(time.time() - started, 1)})
     print(json.dumps(summary))
     return 0

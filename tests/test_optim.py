@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from align.config import OptimConfig
-from align.train.optim import build_optimizer, build_scheduler, param_groups
+from align.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 class Toy(nn.Module):
@@ -52,6 +52,21 @@ def test_groups_split_decay_and_tower_scale():
     assert (0.3, 1.0) not in by_key  # the token table (an nn.Embedding) is not decayed
     assert by_key[(0.0, 1.0)] == ["log_logit_scale", "towers.text.0.weight", "towers.text.1.bias",
                                   "towers.text.1.weight"]
+
+
+def test_a_parameter_with_its_own_lr_gets_its_group_on_the_same_schedule():
+    model = Toy()
+    groups = param_groups(model, OptimConfig(lr=0.25, weight_decay=0.3), {"image": 0.5}, {"log_logit_scale": 0.01})
+    own = [g for g in groups if "log_logit_scale" in g["names"]]
+    assert len(own) == 1 and own[0]["names"] == ["log_logit_scale"] and own[0]["lr"] == pytest.approx(0.01)
+    optimizer = build_optimizer(model, OptimConfig(lr=0.25, warmup_steps=2), {}, {"log_logit_scale": 0.01})
+    scheduler = build_scheduler(optimizer, 10, OptimConfig(lr=0.25, warmup_steps=2))
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    factor = lr_factor(4, 10, OptimConfig(lr=0.25, warmup_steps=2))
+    assert 0 < factor < 1  # past the warmup, on the way down
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([0.01 * factor] + [0.25 * factor] * 2)
 
 
 def test_warmup_then_cosine_to_the_floor():

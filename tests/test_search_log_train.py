@@ -127,12 +127,26 @@ def test_batches_carry_queries_fields_and_graded_positives(shop, tmp_path):
     assert torch.equal(batch["groups"], batch["item_keys"])
 
 
+def assert_products_are_the_embedded_items(objective, model, config, items) -> None:
+    """The objective's product vectors for the log's first batch are `align embed`'s fused vectors
+    of the same items (``items``). Same weights and inputs; only the batch differs (text padding,
+    matmul blocking), so the unit vectors agree to float32 rounding accumulated through a few
+    layers."""
+    from align.data.transforms import SampleProcessor
+    from align.searchlog.pairs import search_log_loader
+
+    batch = next(search_log_loader(config, SampleProcessor(model.preprocessors(train=False))).iterate(0))
+    with torch.no_grad():
+        products = objective.eval().embed(batch)["product"]
+    row_of = {item: n for n, item in enumerate(items.ids)}
+    expected = items.vectors["fused"][[row_of[i.split("|")[-1]] for i in batch["ids"]]]
+    assert torch.allclose(products, expected, atol=1e-4), (products - expected).abs().max()
+
+
 def test_product_vector_in_training_is_the_embedded_item_vector(shop, tmp_path):
     """The loss shapes the vector the index searches: the training objective's product vector
     equals `align embed`'s fused vector for the same items (eval mode: no augmentation)."""
-    from align.data.transforms import SampleProcessor
     from align.index.embed import embed_manifests
-    from align.searchlog.pairs import search_log_loader
     from align.train.recipe import build_objective
 
     demo, manifests, _, _ = shop
@@ -155,16 +169,7 @@ def test_product_vector_in_training_is_the_embedded_item_vector(shop, tmp_path):
     from align.loading import load_model
     model = load_model(checkpoint)
     config = load_config(None, search_overrides(shop, tmp_path / "again"))
-    objective = build_objective(model, config).eval()
-    loader = search_log_loader(config, SampleProcessor(model.preprocessors(train=False)))
-    batch = next(loader.iterate(0))
-    with torch.no_grad():
-        products = objective.embed(batch)["product"]
-    row_of = {item: n for n, item in enumerate(items.ids)}
-    expected = items.vectors["fused"][[row_of[i.split("|")[-1]] for i in batch["ids"]]]
-    # Same weights and inputs; only the batch differs (text padding, matmul blocking), so the
-    # unit vectors agree to float32 rounding accumulated through a few layers.
-    assert torch.allclose(products, expected, atol=1e-4), (products - expected).abs().max()
+    assert_products_are_the_embedded_items(build_objective(model, config), model, config, items)
     # and the fusion is the weighted mean of the normalised fields, not the plain modality mean
     title = items.vectors["text"]  # text = the text fields' own weighted mean
     assert not torch.allclose(items.vectors["fused"], fuse({"t": title, "i": items.vectors["image"]},
@@ -182,8 +187,46 @@ def test_graded_matryoshka_run_logs_every_width_and_lowers_the_loss(shop, tmp_pa
     assert saved.model.fields["attributes"].weight == 2.0  # the fields travel with the checkpoint
 
 
+def test_learned_field_weights_move_and_the_checkpoint_fuses_with_the_weights_reached(shop, tmp_path):
+    """loss.field_weights: learned: the fields' weights train with the towers and are logged every
+    step; each checkpoint's config holds the weights its state reached, so `align embed` of it
+    fuses the catalogue with them, as the trained objective fuses a batch."""
+    from align.index.embed import embed_manifests
+    from align.loading import load_model, read_saved_config, read_tensors
+    from align.train.recipe import build_objective
+
+    demo, manifests, _, _ = shop
+    overrides = search_overrides(shop, tmp_path / "run", "train.max_steps=12", "loss.field_weights=learned",
+                                 "loss.field_weights_lr=0.05")
+    summary = train(load_config(None, overrides))
+    history = summary["history"]
+    names = ["image", "title", "attributes"]
+    assert all({f"field_weight/{n}" for n in names} <= set(h) for h in history)
+    assert [history[0][f"field_weight/{n}"] for n in names] == pytest.approx([1.0, 1.0, 2.0])  # from the config
+    ratios = [h["field_weight/image"] / h["field_weight/title"] for h in (history[0], history[-1])]
+    assert abs(ratios[1] - ratios[0]) > 1e-3, ratios  # only the ratios matter to the weighted mean
+
+    checkpoint = summary["checkpoint"]
+    state, _ = read_tensors(os.path.join(checkpoint, "model.safetensors"))  # the objective's state
+    reached = dict(zip(names, state["field_log_weights"].exp().tolist()))
+    saved = read_saved_config(os.path.join(checkpoint, "model"), [])
+    assert {n: saved.model.fields[n].weight for n in names} == reached == summary["field_weights"]  # exactly
+    assert saved.model.fields["title"].columns == ["title"] and saved.model.fields["image"].modality == "image"
+
+    items = embed_manifests(checkpoint, manifests, batch_size=64, device="cpu", progress=False)
+    assert f"attributes:text[colour+kind]={reached['attributes']:g}" in items.metadata["fields"]
+    model = load_model(checkpoint)
+    objective = build_objective(model, saved)
+    objective.load_state_dict(state, strict=True)
+    assert_products_are_the_embedded_items(objective, model, load_config(None, overrides), items)
+
+
 @pytest.mark.parametrize("override, key", [
     (["train.accum_steps=2"], "train.accum_steps"),
+    (["loss.field_weights=learnt"], "loss.field_weights"),
+    (["loss.field_weights=learned", "loss.field_weights_lr=0"], "loss.field_weights_lr"),
+    (["loss.field_weights=learned", "model.fields.title.weight=0", "model.fields.attributes.weight=0"],
+     "loss.field_weights"),
     (["model.fields.sound.modality=smell"], "model.fields.sound.modality"),
     (["model.fields.body.modality=text"], "model.fields.body.columns"),
     (["data.search_log.catalogue=[]"], "data.search_log.catalogue"),
@@ -224,8 +267,6 @@ def test_field_alignment_adds_the_photo_text_infonce_of_the_products(shop, tmp_p
     """loss.field_alignment w: loss = query-product loss + w * InfoNCE(product photo, product text
     fields fused), over the batch's products; w = 0 adds nothing. Checked against an InfoNCE
     computed here from the objective's own field vectors, in float64."""
-    import torch.nn.functional as F
-
     from align.data.transforms import SampleProcessor
     from align.model import build_model
     from align.searchlog.pairs import search_log_loader

@@ -29,10 +29,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from align.config import Config, FieldConfig
+from align.config import Config, FieldConfig, product_fields
 from align.data.manifest import read_manifest
 from align.errors import ConfigError
-from align.fields import product_fields
 from align.index.embed import (FUSED, IDS_FILE, TENSORS_FILE, ItemEmbeddings, embed_batches, embed_fields,
                                fields_metadata, load_for_embedding, load_item_embeddings, merge_parts)
 from align.loading import model_folder, read_saved_config

@@ -35,13 +35,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from align.config import ColumnsConfig, Config, FieldConfig, SearchLogConfig
+from align.config import ColumnsConfig, Config, FieldConfig, SearchLogConfig, product_fields
 from align.data.bad_samples import Skipped
 from align.data.loader import ManifestLoader, worker_processor
 from align.data.manifest import open_audio, open_image, read_manifest, seeded_sample
 from align.data.sample import BadSample, _stack
 from align.errors import ConfigError, RunError
-from align.fields import product_fields
 from align.searchlog.log import EventGrades, SearchLog, read_search_log
 
 @dataclass

@@ -1,7 +1,7 @@
 """AdamW parameter groups and the warmup + cosine schedule."""
 from __future__ import annotations
 
-from typing import Dict, List, Set
+from typing import Dict, List, Optional, Set
 
 import torch
 from torch import nn
@@ -46,10 +46,13 @@ def no_decay_names(objective: nn.Module, decay_embeddings: bool = False) -> Set[
     return names
 
 
-def param_groups(objective: nn.Module, config: OptimConfig, tower_lr_scale: Dict[str, float]) -> List[dict]:
-    """Groups by (decay or not) x (tower lr scale); frozen parameters are left out."""
+def param_groups(objective: nn.Module, config: OptimConfig, tower_lr_scale: Dict[str, float],
+                 own_lr: Optional[Dict[str, float]] = None) -> List[dict]:
+    """Groups by (decay or not) x (lr scale: the tower's, or ``own_lr[name] / config.lr`` for a
+    parameter given its own learning rate by full name); frozen parameters are left out."""
     groups: Dict[tuple, dict] = {}
     no_decay = no_decay_names(objective, config.decay_embeddings)
+    own_lr = own_lr or {}
     for name, parameter in objective.named_parameters():
         if not parameter.requires_grad:
             continue
@@ -57,6 +60,8 @@ def param_groups(objective: nn.Module, config: OptimConfig, tower_lr_scale: Dict
         for modality, tower_scale in tower_lr_scale.items():
             if f"towers.{modality}." in name:
                 scale = tower_scale
+        if name in own_lr:
+            scale = own_lr[name] / config.lr
         decay = name not in no_decay
         key = (decay, scale)
         group = groups.setdefault(key, {"params": [], "names": [], "weight_decay": config.weight_decay if decay else 0.0,
@@ -66,10 +71,11 @@ def param_groups(objective: nn.Module, config: OptimConfig, tower_lr_scale: Dict
     return list(groups.values())
 
 
-def build_optimizer(objective: nn.Module, config: OptimConfig, tower_lr_scale: Dict[str, float]) -> torch.optim.AdamW:
+def build_optimizer(objective: nn.Module, config: OptimConfig, tower_lr_scale: Dict[str, float],
+                    own_lr: Optional[Dict[str, float]] = None) -> torch.optim.AdamW:
     """AdamW over ``param_groups``; build it after the model is on its training device, so that
     ``implementation="auto"`` picks the fused kernel only where that device has one."""
-    groups = param_groups(objective, config, tower_lr_scale)
+    groups = param_groups(objective, config, tower_lr_scale, own_lr)
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
     for group in groups:

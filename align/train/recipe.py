@@ -14,12 +14,12 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from align.config import Config, save_config, to_dict
+from align.config import Config, product_fields, save_config, to_dict
 from align.data.loader import loader_from_config
 from align.data.transforms import SampleProcessor
 from align.errors import write_json_atomic
@@ -177,14 +177,28 @@ def init_weights(model, source: str) -> None:
 def build_objective(model, config: Config):
     """The modality-pair objective, or the query-product one when training on a search log."""
     if config.data.search_log.log:
-        from align.fields import product_fields
         from align.objective import build_loss
 
         fields = product_fields(config.model, config.data.columns)
         return QueryProductObjective(model, build_loss(config.loss.name, config.loss.params), fields,
-                                     matryoshka=config.loss.matryoshka, field_alignment=config.loss.field_alignment)
+                                     matryoshka=config.loss.matryoshka, field_alignment=config.loss.field_alignment,
+                                     learn_field_weights=config.loss.field_weights == "learned",
+                                     field_weights_lr=config.loss.field_weights_lr)
     return ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss),
                                 matryoshka=config.loss.matryoshka)
+
+
+def sync_field_weights(accelerator, objective, config: Config) -> None:
+    """``loss.field_weights: learned``: the weights the fields have reached become
+    ``model.fields.<f>.weight`` of ``config`` (the fields written out where it named none). Called
+    before every evaluation and save: the held-out log's catalogue is fused as training fuses it,
+    and every checkpoint and the best model hold the weights, which ``align embed`` and search
+    then fuse with, learned or not."""
+    if config.loss.field_weights != "learned":
+        return
+    learned = accelerator.unwrap_model(objective).learned_weights()
+    fields = product_fields(config.model, config.data.columns)
+    config.model.fields = {name: replace(spec, weight=learned.get(name, spec.weight)) for name, spec in fields.items()}
 
 
 def build_train_loader(config: Config, processor, accelerator):
@@ -211,7 +225,7 @@ def prepare_training(accelerator, objective: ContrastiveObjective, config: Confi
     """Optimiser and schedule over ``objective``, prepared by Accelerate -> (objective, optimizer, scheduler)."""
     tower_scale = {m: t.lr_scale for m, t in config.model.towers.items()}
     objective.to(accelerator.device)  # before the optimiser, whose kernel choice follows the device
-    optimizer = build_optimizer(objective, config.optim, tower_scale)
+    optimizer = build_optimizer(objective, config.optim, tower_scale, objective.own_lr())
     scheduler = build_scheduler(optimizer, total_steps, config.optim)
     # The scheduler is not prepared: Accelerate would step it once per process per call.
     objective, optimizer = accelerator.prepare(objective, optimizer)
@@ -262,6 +276,7 @@ def stop(run: Run, state: TrainState) -> None:
     accelerator, config = run.accelerator, run.config
     name = signal.Signals(run.stop_signal).name
     state.segments[-1].update(end=state.step, ended="stopped", signal=name)
+    sync_field_weights(accelerator, run.objective, config)
     path = run.clock.off_the_clock(checkpoint.save_checkpoint, accelerator, run.objective, run.optimizer,
                                    run.scheduler, config, config.train.output_dir, state,
                                    config.train.keep_checkpoints)
@@ -279,7 +294,11 @@ def periodic_work(run: Run, state: TrainState, epoch_ended: bool) -> None:
     """Evaluate and save every ``eval_every`` / ``save_every`` steps, or at the end of each
     epoch where that setting is 0; off the samples/s clock."""
     train_config = run.config.train
-    if _due(train_config.eval_every, state.step, epoch_ended):
+    evaluate = _due(train_config.eval_every, state.step, epoch_ended)
+    save = _due(train_config.save_every, state.step, epoch_ended)
+    if evaluate or save:
+        sync_field_weights(run.accelerator, run.objective, run.config)
+    if evaluate:
         model = run.accelerator.unwrap_model(run.objective).model
         results = run.clock.off_the_clock(_evaluate, run.accelerator, model, run.config, state.step)
         if run.clock.off_the_clock(track_best, run.accelerator, model, run.config, state, results):
@@ -288,7 +307,7 @@ def periodic_work(run: Run, state: TrainState, epoch_ended: bool) -> None:
                                   f"{train_config.patience} evaluations (best {state.best.get('value')} at step "
                                   f"{state.best.get('step')}, in {best_folder(train_config.output_dir)}); "
                                   f"stopping (train.patience)")
-    if _due(train_config.save_every, state.step, epoch_ended):
+    if save:
         if state.segments:
             state.segments[-1]["end"] = state.step
         run.clock.off_the_clock(checkpoint.save_checkpoint, run.accelerator, run.objective, run.optimizer,
@@ -320,6 +339,7 @@ def finish(run: Run, state: TrainState, started: float) -> Dict[str, Any]:
         run.stop.close()
     if state.segments:
         state.segments[-1].update(end=state.step, ended="finished")
+    sync_field_weights(accelerator, run.objective, config)
     final = checkpoint.save_checkpoint(accelerator, run.objective, run.optimizer, run.scheduler, config, out_dir,
                                        state, config.train.keep_checkpoints)
     model = accelerator.unwrap_model(run.objective).model
@@ -331,6 +351,8 @@ def finish(run: Run, state: TrainState, started: float) -> Dict[str, Any]:
                "preemptions": sum(s["ended"] == "stopped" for s in segments), "resumes": len(segments) - 1,
                "segments": [dict(s, steps=s["end"] - s["start"]) for s in segments],
                "history": run.history, "eval": results}
+    if config.loss.field_weights == "learned":  # where they ended (the last checkpoint's model.fields)
+        summary["field_weights"] = {name: spec.weight for name, spec in config.model.fields.items()}
     if config.train.best_metric:
         best = {k: state.best.get(k) for k in ("metric", "value", "step")}
         summary.update(best=dict(best, folder=best_folder(out_dir)), stopped_early=run.stopped_early)
