@@ -548,6 +548,8 @@ def validate(config: Config) -> None:
     _check_matryoshka(config.loss.matryoshka, config.model.embed_dim)
     if not (math.isfinite(config.loss.field_alignment) and config.loss.field_alignment >= 0):
         raise ConfigError(f"loss.field_alignment = {config.loss.field_alignment} must be a number >= 0 (0: off)")
+    if not (math.isfinite(config.loss.field_weights_lr) and config.loss.field_weights_lr > 0):
+        raise ConfigError(f"loss.field_weights_lr = {config.loss.field_weights_lr} must be a number > 0")
     for key in ("batch_size", "num_workers", "max_negatives", "epoch_samples"):
         if getattr(config.data, key) < 0 or (key == "batch_size" and config.data.batch_size == 0):
             raise ConfigError(f"data.{key} must be {'positive' if key == 'batch_size' else '>= 0'}")
@@ -632,8 +634,6 @@ def _check_search_log(config: "Config") -> None:
                               "set data.search_log.log, or leave it fixed")
         return
     if config.loss.field_weights == "learned":
-        if not (math.isfinite(config.loss.field_weights_lr) and config.loss.field_weights_lr > 0):
-            raise ConfigError(f"loss.field_weights_lr = {config.loss.field_weights_lr} must be a number > 0")
         weighed = [n for n, f in product_fields(config.model, config.data.columns).items() if f.weight > 0]
         if len(weighed) < 2:
             raise ConfigError(f"loss.field_weights: learned needs two or more fields of positive weight to weigh "

@@ -9,9 +9,9 @@ into one text let the description drown the title), and the item vector is
 with ``w_f`` from ``model.fields.<f>.weight`` (trained with the towers under
 ``loss.field_weights: learned``, which writes the weights reached there: align/objective.py). An
 item lacking a field (an empty cell, no photo) is the mean of the fields it has; one with no field
-of positive weight gets a zero row and a False mask. The same function makes the item vector in search-log training (align/objective.py, with
-gradients), in ``align embed`` / ``align search-eval`` and so in the index, so the space the loss
-shaped is the space that is searched.
+of positive weight gets a zero row and a False mask. The same function makes the item vector in
+search-log training (align/objective.py, with gradients), in ``align embed`` / ``align
+search-eval`` and so in the index, so the space the loss shaped is the space that is searched.
 
 Without ``model.fields`` every modality tower is one field named after its modality, the text
 field joining ``data.columns.text``: the plain modality fusion ``align embed`` has always done.
