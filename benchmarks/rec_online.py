@@ -19,7 +19,7 @@ are left out) of:
 service does not know yet gets ``{"history": []}``); (c) and (d) come from ``Recommender.recommend``,
 the function the service calls. Wall times of (c) and (d) are the verbs' in this process, data
 loading and saving included. faithful_share, taste_match and taste_chance come from
-``align.explain`` (``faithfulness``, ``taste_match``) on the updated head (c) and W0+W1 histories.
+``align.rec.faithfulness`` (``faithfulness``, ``taste_match``) on the updated head (c) and W0+W1 histories.
 
     make demo && python benchmarks/rec_online.py          # about 15 minutes on 2 cores
     python benchmarks/rec_online.py --users 300 --epochs 2    # a smoke run
@@ -168,7 +168,8 @@ def explanation_checks(folder: str, known: Dict[str, List[str]], shop: str, max_
     a failure here is printed and the three figures are null, so the freshness figures still come."""
     nothing = {"faithful_share": None, "taste_match": None, "taste_chance": None}
     try:
-        from align.explain import faithfulness, recommender_probe, taste_match
+        from align.explain import recommender_probe
+        from align.rec.faithfulness import faithfulness, taste_match
         from align.explain.report import checkpoint_of
         from align.index.search import QueryEncoder
         from align.rec.recommend import Recommender

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.explain.faithfulness import faithfulness, simulated_tastes, taste_match
+from align.rec.faithfulness import faithfulness, simulated_tastes, taste_match
 from align.explain.history import history_contributions
 from align.explain.modalities import linear_shares, shapley_shares
 from align.explain.words import Terms, WordProbe, catalogue_terms

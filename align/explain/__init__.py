@@ -4,11 +4,10 @@ For each result: which history items contributed how much (history.py: leave-one
 gradient x input for long histories), which modalities of the item carried the score
 (modalities.py: an exact split), and the catalogue words that best describe the match
 (words.py: zero-shot probes against the catalogue's own vocabulary). report.py puts them
-together per result (JSON-ready, and text); faithfulness.py checks they are true.
+together per result (JSON-ready, and text); align/rec/faithfulness.py checks that they are true.
 """
-from align.explain.faithfulness import faithfulness, simulated_tastes, taste_match
 from align.explain.report import (RecommendationExplainer, SearchExplainer, checkpoint_of, format_explanation,
                                   recommender_probe, search_explainer)
 
-__all__ = ["RecommendationExplainer", "SearchExplainer", "checkpoint_of", "faithfulness", "format_explanation",
-           "recommender_probe", "search_explainer", "simulated_tastes", "taste_match"]
+__all__ = ["RecommendationExplainer", "SearchExplainer", "checkpoint_of", "format_explanation", "recommender_probe",
+           "search_explainer"]

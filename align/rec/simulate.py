@@ -132,7 +132,7 @@ class _Catalogue:
 @dataclass
 class Tastes:
     """The simulated users' tastes: one weight per attribute value (theta_u at time 0, before
-    drift), what a recommender's explanations can be checked against (align/explain/faithfulness.py).
+    drift), what a recommender's explanations can be checked against (align/rec/faithfulness.py).
 
     Attributes:
         user_ids: the log's user ids, in the simulator's order.

@@ -1,4 +1,5 @@
-"""Are the explanations true? Two checks a benchmark reports (``benchmarks/rec_online.py``).
+"""Are the recommender's explanations (align/explain/) true? Two checks a benchmark reports
+(``benchmarks/rec_online.py``).
 
 ``faithfulness``: among users with at least ``min_history`` history entries, the share for whom
 removing the entry the explanation ranks first lowers the score of the user's top recommended
@@ -16,20 +17,20 @@ times the true share). The tastes are those ``align prep shop-sim`` drew and wro
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from align.explain.history import LOO_MAX, Method, history_contributions, removal_scores
 from align.explain.words import WordProbe, user_preference
+from align.rec.recommend import Recommender
 from align.rec.simulate import TASTES_FILE, Tastes, read_tastes
 
-Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend / align search import this package
 
 Histories = Mapping[str, Sequence[str]]  # user id -> item ids, oldest first
 
 
-def faithfulness(recommender: "Recommender", histories: Histories, min_history: int = 3, method: Method = "auto",
+def faithfulness(recommender: Recommender, histories: Histories, min_history: int = 3, method: Method = "auto",
                  loo_max: int = LOO_MAX, seed: int = 0, max_users: Optional[int] = None) -> float:
     """The share of users for whom removing the top-ranked history entry lowers their top
     recommendation's score more than removing a random entry of another item (module docstring).
@@ -77,7 +78,7 @@ def simulated_tastes(shop: str) -> Tastes:
     return read_tastes(os.path.join(shop, TASTES_FILE))
 
 
-def taste_match(recommender: "Recommender", histories: Histories, shop: Union[str, Tastes],
+def taste_match(recommender: Recommender, histories: Histories, shop: Union[str, Tastes],
                 probe: WordProbe, min_history: int = 3) -> Tuple[float, float]:
     """(match, chance): the share of simulated users whose top attribute word is their strongest
     taste, and the share a random pairing would give (module docstring).
