@@ -233,12 +233,14 @@ class QueryProductObjective(nn.Module):
         super().__init__()
         import inspect
 
+        from align.fields import field_weights
+
         if not (field_alignment >= 0):
             raise ValueError(f"loss.field_alignment must be >= 0, got {field_alignment}")
         self.model = model
         self.loss = loss
         self.fields = {name: spec.modality for name, spec in fields.items()}
-        self.field_weights = {name: float(spec.weight) for name, spec in fields.items()}
+        self.field_weights = field_weights(fields)
         # loss.field_weights: learned: the fields of positive weight get log-weights, trained with
         # the towers (a field at 0 stays out); the weighted mean is scale-free, so only their
         # ratios matter. In the state dict, so a resumed run goes on from where it stopped.

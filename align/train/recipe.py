@@ -23,6 +23,7 @@ from align.config import Config, product_fields, save_config, to_dict
 from align.data.loader import loader_from_config
 from align.data.transforms import SampleProcessor
 from align.errors import write_json_atomic
+from align.fields import field_weights
 from align.model import build_model
 from align.objective import ContrastiveObjective, QueryProductObjective, build_pair_losses
 from align.train import checkpoint
@@ -352,7 +353,7 @@ def finish(run: Run, state: TrainState, started: float) -> Dict[str, Any]:
                "segments": [dict(s, steps=s["end"] - s["start"]) for s in segments],
                "history": run.history, "eval": results}
     if config.loss.field_weights == "learned":  # where they ended (the last checkpoint's model.fields)
-        summary["field_weights"] = {name: spec.weight for name, spec in config.model.fields.items()}
+        summary["field_weights"] = field_weights(config.model.fields)
     if config.train.best_metric:
         best = {k: state.best.get(k) for k in ("metric", "value", "step")}
         summary.update(best=dict(best, folder=best_folder(out_dir)), stopped_early=run.stopped_early)
