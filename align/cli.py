@@ -20,7 +20,7 @@ PREP_TOOLS = {
 TOOL_VERBS = {
     "embed": ("align.index.embed", "embed a catalogue with a checkpoint: item vectors per modality and fused"),
     "index": ("align.index.build", "build a FAISS index (exact, HNSW or IVF-PQ) over `align embed` vectors"),
-    "search": ("align.index.search", "search a catalogue index by text, image or audio"),
+    "search": ("align.search.command", "search a catalogue index by text, image or audio"),
     "search-eval": ("align.searchlog.evaluate", "graded zero-shot evaluation of a checkpoint on a search log's splits"),
     "export": ("align.export.command", "export towers as open_clip, sentence-transformers and ONNX folders"),
     "serve": ("align.serve.app", "serve search (and recommendations) over HTTP with FastAPI + uvicorn"),

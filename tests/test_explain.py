@@ -289,7 +289,7 @@ def test_simulated_tastes_are_those_the_simulator_drew(shop, tmp_path):  # noqa:
 
 
 def test_align_recommend_and_search_explain_in_text_and_json(server, head, items, capsys):  # noqa: F811
-    from align.index.search import main as search
+    from align.search.command import main as search
     from align.rec.recommend import main as recommend
 
     rec = server.recommender

@@ -29,9 +29,9 @@ from align.explain.history import LOO_MAX, Method, history_contributions
 from align.explain.modalities import fusion_weights_of, linear_shares, shapley_shares
 from align.explain.words import Terms, WordProbe, catalogue_terms, metadata_terms, user_preference
 from align.index.embed import FUSED, ItemEmbeddings, load_item_embeddings
+from align.index.search import QueryEncoder
 
-QueryEncoder = Any  # an align.index.search.QueryEncoder: not imported, as align recommend / align search import this package
-Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend / align search import this package
+Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend imports this package
 
 TOP_WORDS = 5  # words listed per result and for the query or user
 
@@ -56,7 +56,7 @@ def _columns(checkpoint: str):
     return read_saved_config(model_folder(checkpoint)).data.columns
 
 
-def recommender_probe(recommender: "Recommender", encoder: "QueryEncoder",
+def recommender_probe(recommender: "Recommender", encoder: QueryEncoder,
                       manifests: Optional[Sequence[str]] = None) -> WordProbe:
     """The word probe of a recommender: the words of ``manifests`` (default its catalogue,
     ``data.catalogue``) embedded with ``encoder`` (the text tower of ``checkpoint_of(recommender)``),
@@ -185,7 +185,7 @@ def search_terms(index: Any, checkpoint: str, manifests: Optional[Sequence[str]]
     return catalogue_terms(trained, columns)
 
 
-def search_explainer(index: Any, encoder: "QueryEncoder", manifests: Optional[Sequence[str]] = None,
+def search_explainer(index: Any, encoder: QueryEncoder, manifests: Optional[Sequence[str]] = None,
                      recommender: Optional["Recommender"] = None) -> SearchExplainer:
     """A ``SearchExplainer`` for ``index`` (``open_index``'s) with the words embedded by ``encoder``
     (a ``QueryEncoder``); the vocabulary as ``search_terms`` finds it."""
@@ -213,7 +213,7 @@ class Explainers:
         recommender: the head, or None.
     """
 
-    def __init__(self, encoder: "QueryEncoder", index: Any, recommender: Optional["Recommender"] = None) -> None:
+    def __init__(self, encoder: QueryEncoder, index: Any, recommender: Optional["Recommender"] = None) -> None:
         self.encoder, self.index, self.recommender = encoder, index, recommender
         self._search: Optional[SearchExplainer] = None
         self._recommend: Optional[RecommendationExplainer] = None
