@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator, List, TextIO
 
 MODALITIES = ("text", "image", "audio")
 _UMASK = os.umask(0o022)
@@ -79,6 +79,20 @@ def staged_folder(out: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def remove_staged_leftovers(out: str) -> List[str]:
+    """Delete the staging (``.tmp``) and set-aside (``.old``) folders that a process killed inside
+    ``staged_folder`` left beside ``out``; their names. Call it only where no other process may be
+    staging ``out`` (a run's main process on its own output folder)."""
+    parent, base = os.path.split(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        return []
+    gone = sorted(name for name in os.listdir(parent) if name.startswith(f".{base}.")
+                  and name.endswith((".tmp", ".old")) and os.path.isdir(os.path.join(parent, name)))
+    for name in gone:
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return gone
 
 
 def usual_modes(folder: str) -> None:

@@ -1,12 +1,15 @@
 """What we write is for others to read: files and folders get the umask's usual modes, never the
 private ones that mkstemp, mkdtemp and safetensors' writer leave (align/errors.py)."""
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from align.errors import atomic_open, staged_folder, write_json_atomic
+from align.errors import atomic_open, remove_staged_leftovers, staged_folder, write_json_atomic
 from align.loading import read_tensors, write_tensors
 
 
@@ -59,3 +62,26 @@ def test_a_failed_staged_folder_leaves_its_target_as_it_was(tmp_path):
             raise RuntimeError("disk full")
     assert sorted(os.listdir(out)) == ["old.txt"] and (out / "old.txt").read_text() == "old"
     assert not os.path.exists((tmp_path / "seen").read_text())
+
+
+def test_a_process_killed_inside_a_staged_folder_leaves_only_leftovers_that_are_then_removed(tmp_path):
+    """SIGKILL while staging: ``out`` keeps its old contents, and ``remove_staged_leftovers`` deletes
+    the staging folder but nothing else beside it (another target's staging, the target itself)."""
+    out = tmp_path / "best"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    (tmp_path / ".bestish.a1b2c3d4.tmp").mkdir()  # another target's
+    (tmp_path / ".best.notes").write_text("kept")
+    writer = ("import sys, time\nfrom align.errors import staged_folder\n"
+              "with staged_folder(sys.argv[1]) as staging:\n"
+              "    open(staging + '/half.txt', 'w').write('half')\n    print(staging, flush=True)\n    time.sleep(600)\n")
+    process = subprocess.Popen([sys.executable, "-c", writer, str(out)], stdout=subprocess.PIPE, text=True)
+    staging = process.stdout.readline().strip()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stdout.close()
+    assert os.path.isfile(os.path.join(staging, "half.txt"))  # the kill left it
+    assert sorted(os.listdir(out)) == ["old.txt"]
+    assert remove_staged_leftovers(str(out)) == [os.path.basename(staging)]
+    assert sorted(os.listdir(tmp_path)) == [".best.notes", ".bestish.a1b2c3d4.tmp", "best"]
+    assert remove_staged_leftovers(str(tmp_path / "nowhere" / "best")) == []

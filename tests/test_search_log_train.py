@@ -421,6 +421,11 @@ def test_patience_counts_on_across_a_resume(shop, tmp_path):
               "train.patience=3", _held_out(shop)]
     first = train(load_config(None, search_overrides(shop, tmp_path / "run", "train.max_steps=4", *common)))
     assert first["steps"] == 4 and first["stopped_early"] is False and first["best"]["step"] == 2
+    for leftover in (".best.k1lled00.tmp", ".best.k1lled01.old"):  # a run killed while writing best/
+        (tmp_path / "run" / leftover).mkdir()
+        (tmp_path / "run" / leftover / "model.safetensors").write_bytes(b"half")
     resumed = train(load_config(None, search_overrides(shop, tmp_path / "run", "train.max_steps=20",
                                                        "train.resume=latest", *common)))
     assert resumed["steps"] == 8 and resumed["stopped_early"] is True and resumed["best"]["step"] == 2
+    assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(".best.")]
+    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["step"] == 2

@@ -8,7 +8,9 @@ tie is no improvement (the earlier, less trained model stays), and so is NaN (no
 relevant item). An improvement writes the model to ``<output_dir>/best/``: a model folder that
 ``align embed``, ``align eval``, ``align search-eval`` and ``align export`` read as they read a
 checkpoint, with ``best.json`` ({"metric", "value", "step"}) beside the weights, staged and
-swapped in whole (``errors.staged_folder``), so a reader never finds half a model there.
+swapped in whole (``errors.staged_folder``), so a reader never finds half a model there; the
+staging folder of a run killed while writing it (``.best.*.tmp``) is removed when a run next starts
+in that output folder.
 
 ``train.patience`` N > 0 ends the run after N evaluations in a row without an improvement: it
 ends as at its last step (a checkpoint, the final evaluation, summary.json with "best" and

@@ -22,7 +22,7 @@ import torch
 from align.config import Config, product_fields, save_config, to_dict
 from align.data.loader import loader_from_config
 from align.data.transforms import SampleProcessor
-from align.errors import write_json_atomic
+from align.errors import remove_staged_leftovers, write_json_atomic
 from align.fields import field_weights
 from align.model import build_model
 from align.objective import ContrastiveObjective, QueryProductObjective, build_pair_losses
@@ -121,7 +121,7 @@ def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
     check_train_split_fills_a_step(config, loader, accelerator.num_processes)
     if accelerator.is_main_process:
         save_config(config, os.path.join(out_dir, "config.yaml"))
-        for name in checkpoint.remove_leftovers(out_dir):
+        for name in checkpoint.remove_leftovers(out_dir) + remove_staged_leftovers(best_folder(out_dir)):
             log.warning("removed %s, left by a run that stopped while saving or pruning", name)
     steps_per_epoch = len(loader) // config.train.accum_steps
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
