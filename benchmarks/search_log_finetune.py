@@ -25,7 +25,8 @@ is judged twice: its last step and its best validated model (``<run>/best``;
 ``--val-judged-by truth`` validates on the simulator's complete judgements of the val queries,
 ``val.truth.csv``, instead of their logged events); the JSON then
 adds ``best_ndcg10`` ({model: {split: ..}}) and ``best_step`` ({model: step}). ``--ours-override
-KEY=VALUE`` changes ours' config only (e.g. ``loss.field_weights=learned``).
+KEY=VALUE`` changes ours' config only (e.g. ``loss.field_weights=learned``), ``--override`` both
+fine-tunes' and the base's products (e.g. a sound field in ``model.fields``).
 
 The last line is the JSON ``{"base_ndcg10": {split: ..}, "plain_ndcg10": {split: ..},
 "ours_ndcg10": {split: ..}, "ours_ndcg10_by_dim": {dim: ..}, "plain_ndcg10_by_dim": {dim: ..},
@@ -76,7 +77,7 @@ def fine_tune(name: str, overrides: List[str], args: argparse.Namespace, work: s
               "data.val=", f"train.output_dir={out}",
               f"train.max_steps={args.steps}", f"data.batch_size={args.batch_size}", "train.progress=false",
               "train.wandb=disabled", "eval.plots=false", f"train.seed={args.seed}"]
-    config = load_config(CONFIG, common + overrides)
+    config = load_config(CONFIG, common + args.override + overrides)
     started = time.time()
     train(config)
     print(f"{name}: {args.steps} steps of {args.batch_size} in {time.time() - started:.0f} s", flush=True)
@@ -97,6 +98,17 @@ def figure(results: Dict[str, Any], split: str, metric: str, dim: str = "full") 
     return float(results[split]["all"][dim][metric])
 
 
+def by_query_modality(results: Dict[str, Any]) -> Dict[str, float]:
+    """nDCG@10 per query modality (text, image = photo, audio = voice): the mean over the splits
+    that hold queries of it."""
+    figures: Dict[str, List[float]] = {}
+    for split in SPLITS:
+        for modality, report in results[split].items():
+            if modality != "all" and report["full"]["ndcg@10"] is not None:
+                figures.setdefault(modality, []).append(float(report["full"]["ndcg@10"]))
+    return {m: round(sum(v) / len(v), 4) for m, v in sorted(figures.items())}
+
+
 def by_dim(results: Dict[str, Any], full: int) -> Dict[str, float]:
     """nDCG@10 per width: the mean over the four splits."""
     return {str(d): sum(figure(results, s, "ndcg@10", str(d) if d != full else "full") for s in SPLITS) / len(SPLITS)
@@ -110,6 +122,10 @@ def summarise(base: Dict[str, Any], plain: Dict[str, Any], ours: Dict[str, Any],
         for name, results in (("base", base), ("plain", plain), ("ours", ours)):
             print(f"{split:22s} {name:6s} " + " ".join(f"{figure(results, split, m):8.4f}"
                                                       for m in ("ndcg@10", "err@10", "recall@10")))
+    by_query = {name: by_query_modality(results) for name, results in (("base", base), ("plain", plain), ("ours", ours))}
+    print(f"\n{'query':6s} {'base':>8s} {'plain':>8s} {'ours':>8s}   (nDCG@10 by query modality, mean of the splits)")
+    for modality in by_query["ours"]:
+        print(f"{modality:6s} " + " ".join(f"{by_query[n].get(modality, float('nan')):8.4f}" for n in by_query))
     ours_dims, plain_dims = by_dim(ours, full), by_dim(plain, full)
     print(f"\n{'dim':>5s} {'ours':>8s} {'plain':>8s}   (nDCG@10, mean of the four splits)")
     for dim in ours_dims:
@@ -123,6 +139,7 @@ def summarise(base: Dict[str, Any], plain: Dict[str, Any], ours: Dict[str, Any],
         "plain_ndcg10_by_dim": {k: round(v, 4) for k, v in plain_dims.items()},
         "ours_over_plain": {s: round(ndcg["ours"][s] / max(ndcg["plain"][s], 1e-12), 3) for s in SPLITS},
         "ours_quarter_keeps": round(ours_dims[quarter] / max(ours_dims[str(full)], 1e-12), 3),
+        "ndcg10_by_query_modality": by_query,
     })
     for metric, key in (("err@10", "err10"), ("recall@10", "r10")):
         out.update({f"{name}_{key}": {s: round(figure(r, s, metric), 4) for s in SPLITS} for name, r in models})
@@ -155,6 +172,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ours-pairs", default="per_query", choices=["graded", "per_query"],
                         help="ours: a row per graded pair, or one per query with a product drawn by grade")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both fine-tunes and the base's products, e.g. "
+                             "'model.fields.sound={modality: audio, weight: 0.5}' (repeatable)")
     parser.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for ours only, e.g. loss.field_weights=learned (repeatable)")
     parser.add_argument("--val-fraction", type=float, default=0.0,
@@ -173,8 +193,8 @@ def main() -> int:
     started = time.time()
     os.makedirs(args.work, exist_ok=True)
     simulate(args.data, os.path.join(args.work, "search"), args.seed, args.val_fraction)
-    fields = dict(load_config(CONFIG).model.fields)
-    full = load_config(CONFIG).model.embed_dim
+    fields = dict(load_config(CONFIG, args.override).model.fields)
+    full = load_config(CONFIG, args.override).model.embed_dim
     base = judge(args.checkpoint, args, args.work, fields)  # the untuned model, with the same products
     plain_dir = fine_tune("plain", ["data.search_log.pairs=best", "loss.name=infonce",
                                     "loss.params={same_group: ignore}", "loss.matryoshka.dims=[]",
@@ -189,7 +209,7 @@ def main() -> int:
     if args.val_fraction:
         summary.update(judge_best({"plain": plain_dir, "ours": ours_dir}, {"plain": plain, "ours": ours}, args))
     summary.update({"judged_by": JUDGED_BY[0], "steps": args.steps, "batch_size": args.batch_size,
-                    "ours_overrides": args.ours_override,
+                    "overrides": args.override, "ours_overrides": args.ours_override,
                     "seconds": round(time.time() - started, 1)})
     print(json.dumps(summary))
     return 0
