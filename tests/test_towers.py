@@ -1,4 +1,6 @@
 """Every registered tower: shapes, L2 normalisation, loading real weights, freezing."""
+import logging
+
 import numpy as np
 import open_clip
 import pytest
@@ -93,6 +95,19 @@ def test_local_open_clip_checkpoint_is_loaded(tmp_path):
     load_clip_halves.cache_clear()
     for key, value in source.visual.state_dict().items():
         assert torch.equal(tower.trunk.state_dict()[key], value), key
+
+
+def test_a_clip_built_without_pretrained_weights_does_not_warn_they_are_random(caplog):
+    """Our checkpoint loads the weights next (or the run trains from scratch): open_clip's
+    "initialized randomly" warning would greet every `align search`; other warnings stay."""
+    load_clip_halves.cache_clear()
+    with caplog.at_level("WARNING"):
+        OpenClipImageTower(OpenClipConfig(model=TINY_CLIP), 32)
+        logging.getLogger().warning("a warning of someone else's")
+    load_clip_halves.cache_clear()
+    messages = [record.getMessage() for record in caplog.records]
+    assert "a warning of someone else's" in messages
+    assert not [m for m in messages if "initialized randomly" in m], messages
 
 
 def open_clip_name():

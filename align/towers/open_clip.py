@@ -13,13 +13,15 @@ of a model-config JSON (``model/open_clip/<name>.json``) so it rebuilds with no 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -80,6 +82,27 @@ def check_open_clip_sources(config: OpenClipConfig, key: str) -> None:
     raise ConfigError(f"{key}.pretrained: {pretrained!r} is neither a file nor an open_clip tag of {name} ({known})")
 
 
+class _NotRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init(asked: bool) -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning where no
+    weights were asked for: a model trained from scratch, or one whose weights our checkpoint
+    loads next (``align search`` and the rest would print it on every start)."""
+    if not asked:
+        yield
+        return
+    quiet = _NotRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
 @functools.lru_cache(maxsize=2)
 def load_clip_halves(model: str, pretrained: str, image_size: Optional[int], context_length: Optional[int],
                      cache_dir: Optional[str]) -> Tuple[nn.Module, nn.Module]:
@@ -93,8 +116,9 @@ def load_clip_halves(model: str, pretrained: str, image_size: Optional[int], con
     if context_length:
         kwargs["force_context_length"] = context_length
     # weights_only=True: an untrusted checkpoint is read as tensors and never runs code.
-    clip = open_clip.create_model(name, pretrained=pretrained or None, cache_dir=cache_dir,
-                                  weights_only=True, **kwargs)
+    with _quiet_random_init(not pretrained):
+        clip = open_clip.create_model(name, pretrained=pretrained or None, cache_dir=cache_dir,
+                                      weights_only=True, **kwargs)
     visual = clip.visual
     clip.visual = nn.Identity()  # the text half keeps token embedding, transformer, ln, projection
     return visual, clip
