@@ -282,6 +282,37 @@ def test_an_unknown_history_item_is_an_error_naming_it(trained):
     assert main(["recommend", "--checkpoint", str(out), "--history", "nope-1", "-k", "5"]) == 1
 
 
+def test_align_recommend_prints_the_history_and_items_with_their_catalogue_cells(trained, shop, capsys):
+    import csv
+
+    from align.cli import main
+
+    out, _ = trained
+    rows = {}
+    for manifest in shop["manifests"]:
+        with open(manifest, newline="", encoding="utf-8") as handle:
+            rows.update({row["id"]: row for row in csv.DictReader(handle)})
+    history = shop["ids"][:7]
+    assert main(["recommend", "--checkpoint", str(out), "--history", ",".join(history), "-k", "4"]) == 0
+    text = capsys.readouterr().out
+    head, table = text.split("\n\n")
+    assert head.splitlines()[0] == "history: 7 items, the last 5:"
+    assert [line.split()[0] for line in head.splitlines()[1:]] == history[-5:]
+    assert all(line.split(None, 1)[1] == rows[line.split()[0]]["title"] for line in head.splitlines()[1:])
+    lines = table.splitlines()[1:]
+    assert lines[0].split()[:4] == ["rank", "cosine", "item", "title"] and len(lines) == 5
+    for rank, line in enumerate(lines[1:], 1):
+        number, _, item, title = line.split(None, 3)
+        assert int(number) == rank and title == rows[item]["title"] and item not in history
+
+    assert main(["recommend", "--checkpoint", str(out), "--history", history[0], "-k", "2", "--show", "kind,colour"]) == 0
+    lines = capsys.readouterr().out.split("\n\n")[1].splitlines()[1:]
+    assert lines[0].split() == ["rank", "cosine", "item", "kind", "colour"]
+    assert all(line.split()[3:] == [rows[line.split()[2]]["kind"], rows[line.split()[2]]["colour"]] for line in lines[1:])
+    assert main(["recommend", "--checkpoint", str(out), "--history", history[0], "-k", "2", "--show", "price"]) == 1
+    assert "column 'price' is missing" in capsys.readouterr().err
+
+
 @pytest.mark.multiprocess
 def test_two_processes_train_the_same_head_as_one(shop, tmp_path):
     from align.rec.train import train_head

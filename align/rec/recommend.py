@@ -206,6 +206,39 @@ def user_history(recommender: Recommender, user: str) -> List[str]:
     return [interactions.item_ids[i] for i in interactions.items[rows]]
 
 
+DEFAULT_SHOWN = "title"
+SHOWN_HISTORY = 5  # the history's last items printed above the table
+
+
+def catalogue_cells(recommender: Recommender, show: Optional[str]) -> Dict[str, Dict[str, str]]:
+    """{column: {item id: cell}} of the head's catalogue for the table's ``--show`` columns. The
+    default (``title``) is shown where the manifests have it; a column asked for by name that a
+    manifest lacks is a ``RunError`` naming the file and the columns it has."""
+    from align.data.tables import as_text, read_columns
+
+    asked = show is not None
+    columns = [c.strip() for c in (DEFAULT_SHOWN if show is None else show).split(",") if c.strip()]
+    data = recommender.config.data
+    cells: Dict[str, Dict[str, str]] = {c: {} for c in columns}
+    for manifest in data.catalogue if columns else []:
+        table = read_columns(manifest, [data.id_column, *columns] if asked else [data.id_column],
+                             optional=() if asked else columns, hint="--show names catalogue columns")
+        ids = as_text(table[data.id_column]).tolist()
+        for column in columns:
+            if column in table:
+                cells[column].update(zip(ids, as_text(table[column]).tolist()))
+    return {c: v for c, v in cells.items() if v}
+
+
+def format_items(rows: Sequence[Sequence[str]], cells: Dict[str, Dict[str, str]], right: int = 0) -> List[str]:
+    """Aligned lines of ``rows`` (their last entry an item id) with the ``cells`` of each item
+    beside them; the first ``right`` entries are right-aligned (ranks)."""
+    table = [[*row, *(cells[c].get(row[-1], "") for c in cells)] for row in rows]
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))] if table else []
+    return ["  ".join(cell.rjust(w) if c < right else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in table]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align recommend", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,6 +258,9 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"auto: leave-one-out up to this many items ({LOO_MAX})")
     parser.add_argument("--vocabulary", nargs="+", metavar="MANIFEST",
                         help="catalogue manifests whose words explain (default: the head's data.catalogue)")
+    parser.add_argument("--show", metavar="COLUMNS",
+                        help=f"catalogue columns printed beside each item, comma-separated (default: "
+                             f"{DEFAULT_SHOWN}, where the catalogue has it; '' for none); not in --json")
     return parser
 
 
@@ -260,10 +296,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(answer))
     else:
         rerank = recommender.config.rerank
-        print(f"rank  item  cosine (ranked after hub_penalty={rerank.hub_penalty:g}, "
-              f"popularity_penalty={rerank.popularity_penalty:g}, mmr_lambda={rerank.mmr_lambda:g})")
-        for rank, (item, score) in enumerate(picked, 1):
-            print(f"{rank:4d}  {item}  {score:.4f}")
+        cells = catalogue_cells(recommender, args.show)
+        shown = history[-SHOWN_HISTORY:]
+        print(f"history: {len(history)} item{'s' if len(history) != 1 else ''}"
+              + (f", the last {len(shown)}:" if len(shown) < len(history) else ":"))
+        for line in format_items([("  ", item) for item in shown], cells):
+            print(line)
+        print(f"\nranked after hub_penalty={rerank.hub_penalty:g}, popularity_penalty={rerank.popularity_penalty:g}, "
+              f"mmr_lambda={rerank.mmr_lambda:g}:")
+        rows = [(str(rank), f"{score:.4f}", item) for rank, (item, score) in enumerate(picked, 1)]
+        for line in format_items([("rank", "cosine", "item"), *rows], {c: {"item": c, **v} for c, v in cells.items()},
+                                 right=1):
+            print(line)
         if why is not None:
             print(f"\nwhy (from a history of {len(history)} items):")
             print(format_explanation(why))
