@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Align text, image and audio encoders in one embedding space.",
         epilog="Any config key can be overridden as key.sub=value, e.g. optim.lr=3e-4 train.epochs=2",
     )
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB",
+                                  title="verbs (align VERB --help for each one's arguments)")
 
     train = verbs.add_parser("train", help="train a model from a YAML config",
                              description="Train with Accelerate (CPU, one GPU or many; use `accelerate launch`).")
@@ -118,6 +119,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOL_VERBS:  # these parse their own arguments, --help included
         args = argparse.Namespace(verb=argv[0], tool_args=argv[1:])
+    elif not argv:  # the verbs and what each does, rather than argparse's "arguments are required"
+        _parser().print_help(sys.stderr)
+        return 2
     else:
         args = _parser().parse_args(argv)
     verb = args.verb if args.verb != "prep" else f"prep {args.tool}"

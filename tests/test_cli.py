@@ -26,6 +26,15 @@ def test_help_and_prep_help_do_not_import_torch():
     assert not _imports_torch("import align; align.ConfigError; align.load_config")
 
 
+def test_align_alone_lists_every_verb_with_what_it_does(capsys):
+    from align.cli import TOOL_VERBS
+
+    assert align_main([]) == 2
+    words = " ".join(capsys.readouterr().err.split())  # the help wraps where the terminal ends
+    for verb, (_, does) in {**TOOL_VERBS, "train": (None, "train a model"), "prep": (None, "make training data")}.items():
+        assert f" {verb} {' '.join(does.split())}" in words, (verb, words)
+
+
 def test_info_logging_stays_on(monkeypatch):
     import logging
 
