@@ -59,7 +59,7 @@ from align.eval.runner import embed_for_eval  # noqa: E402
 from align.export.command import export  # noqa: E402
 from align.export.onnx import OnnxEncoder  # noqa: E402
 from align.index.build import INDEX_FILE, build_index  # noqa: E402
-from align.index.embed import FORMAT, ItemEmbeddings  # noqa: E402
+from align.index.vectors import FORMAT, ItemEmbeddings  # noqa: E402
 from align.loading import load_model, model_folder, read_saved_config  # noqa: E402
 from benchmarks.export_parity import alternating_median_ms  # noqa: E402
 

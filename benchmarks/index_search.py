@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from align.index.build import INDEX_FILE, CatalogueIndex, build_index, use_machine_threads  # noqa: E402
-from align.index.embed import ItemEmbeddings  # noqa: E402
+from align.index.vectors import ItemEmbeddings  # noqa: E402
 
 CHUNK = 100_000  # vectors drawn at a time: bounds the temporaries to a few hundred MB
 UNCLUSTERED = 0.10

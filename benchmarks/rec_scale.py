@@ -33,7 +33,7 @@ def peak_rss_gb() -> float:
 
 
 def build_shop(n_items: int, n_users: int, sessions: float, folder: str, dim: int = 64) -> Dict[str, str]:
-    from align.index.embed import ItemEmbeddings, save_item_embeddings
+    from align.index.vectors import ItemEmbeddings, save_item_embeddings
     from align.rec.interactions import write_interactions
     from align.rec.simulate import ShopSimConfig, simulate_shop
 

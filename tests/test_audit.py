@@ -20,7 +20,7 @@ from align.audit.duplicates import DuplicateThresholds, ImageDigests, candidate_
 from align.audit.findings import FLAGS
 from align.cli import main as align_main
 from align.data.demo_catalogue import build_demo_catalogue, render_image
-from align.index.embed import load_item_embeddings, save_item_embeddings, truncate_embeddings
+from align.index.vectors import load_item_embeddings, save_item_embeddings, truncate_embeddings
 from tests.browser import assert_drawn, screenshot
 from tests.conftest import one_step_checkpoint
 from tests.test_index import read_rows, write_rows

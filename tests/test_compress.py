@@ -19,7 +19,8 @@ from align.eval.runner import embed_for_eval
 from align.export.command import export, main as export_main
 from align.export.onnx import OnnxEncoder
 from align.index.build import load_index, main as index_main
-from align.index.embed import load_item_embeddings, main as embed_main
+from align.index.embed import main as embed_main
+from align.index.vectors import load_item_embeddings
 from align.loading import load_model, model_folder, read_saved_config
 from tests.conftest import EPS32, one_step_checkpoint
 from tests.test_export import ONNX_BOUND, our_tokens

@@ -9,7 +9,8 @@ import torch
 
 from align.errors import ConfigError, RunError
 from align.index import embed as embed_module
-from align.index.embed import PARTS, PLAN_FILE, load_item_embeddings, main
+from align.index.embed import PARTS, PLAN_FILE, main
+from align.index.vectors import load_item_embeddings
 from tests.conftest import REPO, launch_two_processes, one_step_checkpoint
 from tests.test_index import read_rows, write_rows
 

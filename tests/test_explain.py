@@ -18,7 +18,7 @@ from align.rec.faithfulness import faithfulness, simulated_tastes, taste_match
 from align.explain.history import history_contributions
 from align.explain.modalities import linear_shares, shapley_shares
 from align.explain.words import Terms, WordProbe, catalogue_terms
-from align.index.embed import ItemEmbeddings, fuse
+from align.index.vectors import ItemEmbeddings, fuse
 from align.rec.config import HeadConfig, RecConfig
 from align.rec.head import RecHead
 from align.rec.recommend import Recommender

@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 
 from align.errors import ConfigError, RunError
 from align.index import index as index_module
-from align.index.embed import (FORMAT, ItemEmbeddings, append_item_embeddings, embed_manifests, fuse,
-                               load_item_embeddings, main, save_item_embeddings)
+from align.index.embed import embed_manifests, main
 from align.index.index import ExactIndex
+from align.index.vectors import (FORMAT, ItemEmbeddings, append_item_embeddings, fuse, load_item_embeddings,
+                                 save_item_embeddings)
 from tests.conftest import EPS32, logit_error, one_step_checkpoint
 
 DIM = 32  # model.embed_dim in tiny_overrides

@@ -15,7 +15,7 @@ from align.errors import ConfigError, RunError
 from align.index import build as build_module
 from align.index.build import (INDEX_FILE, INFO_FILE, IDS_FILE, METADATA_FILE, build_index, choose_index, load_index,
                                main, open_index)
-from align.index.embed import FORMAT as EMBED_FORMAT, ItemEmbeddings, save_item_embeddings
+from align.index.vectors import FORMAT as EMBED_FORMAT, ItemEmbeddings, save_item_embeddings
 from tests.conftest import logit_error
 
 DIM = 32

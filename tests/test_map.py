@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from align.errors import ConfigError
-from align.index.embed import ItemEmbeddings, fuse, save_item_embeddings
+from align.index.vectors import ItemEmbeddings, fuse, save_item_embeddings
 from align.map.command import main
 from align.map.project import pca_2d
 from tests.browser import assert_drawn, chromium, screenshot

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.index.embed import ItemEmbeddings, append_item_embeddings, load_item_embeddings, save_item_embeddings
+from align.index.vectors import ItemEmbeddings, append_item_embeddings, load_item_embeddings, save_item_embeddings
 from align.losses.sampled_softmax import SampledSoftmax
 from align.rec.config import load_rec_config
 from align.rec.data import last_items, training_examples
@@ -355,7 +355,7 @@ def test_every_peer_runs_on_the_same_split_and_scores_cold_items_only_if_it_can(
 def two_modality_embeddings(ids, text, image, image_mask):
     """Item embeddings with a text and an image modality (image missing where ``image_mask`` is
     False) and their plain-mean fused vector, as `align embed` writes them."""
-    from align.index.embed import fuse
+    from align.index.vectors import fuse
 
     text_mask = torch.ones(len(ids), dtype=torch.bool)
     image = image * image_mask[:, None]
@@ -383,7 +383,7 @@ def noisy_items(shop):
 
 
 def test_learned_fusion_starts_as_the_mean_align_embed_computes():
-    from align.index.embed import fuse
+    from align.index.vectors import fuse
     from align.rec.head import ModalityFusion
 
     g = torch.Generator().manual_seed(0)

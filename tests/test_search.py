@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from align.errors import ConfigError
-from align.index.embed import ItemEmbeddings, load_item_embeddings, save_item_embeddings
 from align.index.embed import main as embed_main
 from align.index.search import QueryEncoder, QueryError
+from align.index.vectors import ItemEmbeddings, load_item_embeddings, save_item_embeddings
 from align.search.command import main
 from tests.conftest import EPS32, one_step_checkpoint
 from tests.test_index import read_rows as rows_of

@@ -157,7 +157,7 @@ def test_product_vector_in_training_is_the_embedded_item_vector(shop, tmp_path):
     assert "attributes:text[colour+kind]=2" in items.metadata["fields"]
     # `align embed` of such a checkpoint writes those same vectors (same batch size: bit for bit)
     from align.cli import main as cli_main
-    from align.index.embed import load_item_embeddings
+    from align.index.vectors import load_item_embeddings
 
     out = str(tmp_path / "items")
     assert cli_main(["embed", "--checkpoint", checkpoint, "--manifest", *manifests, "--out", out,

@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from align.index.embed import PARTS, load_item_embeddings
+from align.index.embed import PARTS
+from align.index.vectors import load_item_embeddings
 from tests.conftest import REPO, one_step_checkpoint
 from tests.slurm_cluster import cancel, require_cluster, submit, wait_for_state
 from tests.test_embed_sharded import assert_identical

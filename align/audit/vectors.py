@@ -32,8 +32,8 @@ import torch
 from align.config import Config, FieldConfig, product_fields
 from align.data.manifest import read_manifest
 from align.errors import ConfigError
-from align.index.embed import (FUSED, IDS_FILE, TENSORS_FILE, ItemEmbeddings, embed_batches, embed_fields,
-                               fields_metadata, load_for_embedding, load_item_embeddings, merge_parts)
+from align.index.embed import embed_batches, embed_fields, fields_metadata, load_for_embedding, merge_parts
+from align.index.vectors import FUSED, IDS_FILE, TENSORS_FILE, ItemEmbeddings, load_item_embeddings
 from align.loading import model_folder, read_saved_config
 
 SHOWN = 5  # paths or ids named in a refusal

@@ -111,9 +111,9 @@ def index_top(candidates: torch.Tensor, queries: torch.Tensor, k: int, kind: str
               modality: str) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """(Q, k) candidate positions (best first, -1 padding) from a catalogue index of kind ``kind``
     over ``candidates`` (C, D), and the index's {"kind", "factory", "recall10"}."""
-    # Imported here: align/index/embed.py imports this module, so a top-level import would loop.
+    # Imported here: only a run with eval.index builds an index.
     from align.index.build import build_index
-    from align.index.embed import FORMAT, ItemEmbeddings
+    from align.index.vectors import FORMAT, ItemEmbeddings
 
     ones = torch.ones(len(candidates), dtype=torch.bool)
     emb = ItemEmbeddings([str(n) for n in range(len(candidates))], {modality: candidates, "fused": candidates},

@@ -1,7 +1,7 @@
 """Which modalities of an item carried its score: the score split into one share per modality.
 
 Search (``linear``, exact): the fused item vector is the normalised weighted mean of the item's
-normalised modality vectors (``align.index.embed.fuse``),
+normalised modality vectors (``align.index.vectors.fuse``),
 
     f = m / |m|,   m = sum_k w_k v_k / sum_k w_k   (over the modalities k the item has),
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from align.errors import RunError
-from align.index.embed import FUSED, ItemEmbeddings, fuse, parse_fusion_weights
+from align.index.vectors import FUSED, ItemEmbeddings, fuse, parse_fusion_weights
 
 Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend / align search import this package
 

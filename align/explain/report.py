@@ -28,8 +28,8 @@ from align.errors import RunError
 from align.explain.history import LOO_MAX, Method, history_contributions
 from align.explain.modalities import fusion_weights_of, linear_shares, shapley_shares
 from align.explain.words import Terms, WordProbe, catalogue_terms, metadata_terms, user_preference
-from align.index.embed import FUSED, ItemEmbeddings, load_item_embeddings
 from align.index.search import QueryEncoder
+from align.index.vectors import FUSED, ItemEmbeddings, load_item_embeddings
 
 Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend imports this package
 

@@ -86,9 +86,9 @@ import numpy as np
 import torch
 
 from align.errors import ConfigError, RunError, atomic_open
-from align.index.embed import (FUSED, IDS_FILE as EMBED_IDS_FILE, TENSORS_FILE, ItemEmbeddings, load_item_embeddings,
-                               truncate_embeddings)
 from align.index.index import PAD_SCORE, Matrix, as_matrix
+from align.index.vectors import (FUSED, IDS_FILE as EMBED_IDS_FILE, TENSORS_FILE, ItemEmbeddings, load_item_embeddings,
+                                 truncate_embeddings)
 from align.loading import read_json
 from align.model import check_prefix_dim
 

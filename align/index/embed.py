@@ -2,29 +2,7 @@
 retrieval and recommendation read (``load_item_embeddings``); ``--append`` adds cold items to it
 later, and replaces re-embedded ones, without embedding the rest again.
 
-Folder format ``align-item-embeddings/1``::
-
-    <out>/embeddings.safetensors
-        text, image, audio   float32 (N, D)  only the modalities the model has; L2-normalised rows,
-                                             zero rows where the item lacks that modality
-        fused                float32 (N, D)  normalised (weighted) mean of the item's modality
-                                             vectors (``fuse``); a zero row when it has none
-        mask.text, ...,      bool (N,)       the row is a real embedding (the item has it)
-        mask.fused
-        metadata (strings)   format "align-item-embeddings/1", checkpoint (absolute path of the
-                             model folder), dim "D", full_dim (only after --dim: the model's
-                             embed_dim, D < full_dim), modalities "text,image,audio",
-                             fusion "mean" | "weighted_mean" (then also fusion_weights "image=2,text=1")
-    <out>/ids.json           {"ids": [item ids in row order], "modalities": [...], "dim": D, "count": N}
-
-Rows follow the manifests' rows, manifest after manifest in the order given; an id may appear once.
-``--dim D`` (Matryoshka, Kusupati et al. 2022, https://arxiv.org/abs/2205.13147) stores every vector,
-the fused one included, as the first D coordinates of its full-width vector renormalised to unit
-length (``truncate_embeddings``): what a model trained with ``loss.matryoshka`` keeps usable at D.
-``align index`` records the dim, so that queries are cut the same way.
-
-Both files are written atomically (a temporary file renamed over the old one), the tensors first;
-``load_item_embeddings`` refuses a pair whose counts or keys disagree.
+The folder's format, and reading, writing, appending and cutting it: ``align/index/vectors.py``.
 
 Every manifest row gets a row here. Each (item, modality) is embedded as a sample of its own, so a
 missing or corrupt media file costs its item that modality only (zero row, mask False): the loader
@@ -59,80 +37,13 @@ from align.data.transforms import SampleProcessor
 from align.errors import MODALITIES, ConfigError, RunError, write_json_atomic
 from align.encoding import Processes, embed_split, join_processes
 from align.config import FieldConfig
-from align.fields import check_weights, field_weights
-from align.fields import fuse as fuse_fields
+from align.fields import field_weights
+from align.index.vectors import (FORMAT, FUSED, IDS_FILE, TENSORS_FILE, ItemEmbeddings, append_item_embeddings,
+                                 check_fusion_weights, check_same_space, fuse, fusion_metadata, id_list,
+                                 load_item_embeddings, parse_fusion_weights, save_item_embeddings,
+                                 truncate_embeddings)
 from align.loading import load_model, model_folder, read_json, read_saved_config, read_tensors, write_tensors
-from align.model import check_prefix_dim, prefix
-
-FORMAT = "align-item-embeddings/1"
-TENSORS_FILE = "embeddings.safetensors"
-IDS_FILE = "ids.json"
-FUSED = "fused"
-MASK = "mask."  # prefix of the mask tensors' names
-SHOWN_IDS = 20  # ids listed per line of a report; the masks hold every one
-
-
-@dataclass
-class ItemEmbeddings:
-    """A catalogue's item embeddings, one row per item (format in the module docstring).
-
-    Attributes:
-        ids: item ids in row order, unique.
-        vectors: modality or ``"fused"`` -> (N, D) float32; unit rows, zero rows where masked out.
-        masks: modality or ``"fused"`` -> (N,) bool; True where the row is a real embedding.
-        metadata: the safetensors metadata (``format``, ``checkpoint``, ``dim``, ``modalities``, ``fusion``).
-    """
-
-    ids: List[str]
-    vectors: Dict[str, torch.Tensor]
-    masks: Dict[str, torch.Tensor]
-    metadata: Dict[str, str]
-
-    @property
-    def modalities(self) -> List[str]:
-        """The model's modalities held here, in order, without ``"fused"``."""
-        return [name for name in self.vectors if name != FUSED]
-
-    def row_of(self) -> Dict[str, int]:
-        """Item id -> its row."""
-        return {item: row for row, item in enumerate(self.ids)}
-
-    def select(self, rows: Union[Sequence[int], torch.Tensor]) -> "ItemEmbeddings":
-        """The items at ``rows``, in that order, with the same metadata."""
-        index = torch.as_tensor(rows, dtype=torch.long).reshape(-1)  # (M,)
-        return ItemEmbeddings([self.ids[i] for i in index.tolist()],
-                              {name: v[index] for name, v in self.vectors.items()},
-                              {name: m[index] for name, m in self.masks.items()}, dict(self.metadata))
-
-
-def check_fusion_weights(weights: Optional[Dict[str, float]], modalities: Sequence[str]) -> None:
-    """A ``ConfigError`` unless ``weights`` is None or gives every one of ``modalities`` a weight >= 0."""
-    check_weights(weights, modalities)
-
-
-def fuse(vectors: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor],
-         weights: Optional[Dict[str, float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One vector per item: the normalised weighted mean of the modality vectors it has
-    (``align.fields.fuse``, the same function that fuses a product's fields in training)."""
-    return fuse_fields(vectors, masks, weights)
-
-
-def fusion_metadata(weights: Optional[Dict[str, float]]) -> Dict[str, str]:
-    """The metadata entries that say how ``fused`` was made (compared before an append)."""
-    if weights is None:
-        return {"fusion": "mean"}
-    return {"fusion": "weighted_mean", "fusion_weights": ",".join(f"{m}={weights[m]:g}" for m in sorted(weights))}
-
-
-def truncate_embeddings(emb: ItemEmbeddings, dim: int, flag: str = "--dim") -> ItemEmbeddings:
-    """``emb`` with every vector cut to its first ``dim`` coordinates and renormalised (zero rows stay
-    zero); metadata ``dim`` becomes ``dim``, ``full_dim`` keeps the model's width. A ``dim`` wider
-    than the vectors is a ``ConfigError`` naming ``flag``."""
-    width = emb.vectors[FUSED].shape[-1]
-    check_prefix_dim(dim, width, flag)
-    full = emb.metadata.get("full_dim") or str(width)
-    return ItemEmbeddings(list(emb.ids), {name: prefix(v, dim).contiguous() for name, v in emb.vectors.items()},
-                          dict(emb.masks), {**emb.metadata, "dim": str(dim), "full_dim": full})
+from align.model import check_prefix_dim
 
 
 class _ProgressLoader:
@@ -283,17 +194,12 @@ def merge_parts(catalogue: Catalogue, parts: Sequence[Part], modalities: Sequenc
     return ItemEmbeddings(list(catalogue.ids), vectors, masks, dict(metadata))
 
 
-def _id_list(ids: Sequence[str]) -> str:
-    shown = ", ".join(repr(i) for i in ids[:SHOWN_IDS])
-    return shown + (f" ... and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else "")
-
-
 def _unreadable_report(manifest: str, lost: Dict[str, List[str]], tally: Any) -> str:
     """Which items lost which modality to an unreadable file, why, and an example with its path."""
     reasons = ", ".join(f"{reason}: {n}" for reason, n in Counter(tally.counts).most_common())
     lines = [f"{manifest}: {sum(map(len, lost.values()))} media files could not be read ({reasons}); "
              f"those items keep their other modalities (mask False for the lost one):"]
-    lines += [f"  {m} ({len(ids)}): {_id_list(ids)}" for m, ids in lost.items() if ids]
+    lines += [f"  {m} ({len(ids)}): {id_list(ids)}" for m, ids in lost.items() if ids]
     lines += [f"  e.g. {e.sample_id!r} at {e.where or '?'}: {e.reason} {e.detail[:160]}" for e in tally.examples[:3]]
     return "\n".join(lines)
 
@@ -457,134 +363,6 @@ def embed_catalogue(model: Any, config: Any, manifests: Sequence[str], batch_siz
     catalogue = _modality_catalogue(config, model, manifests, batch_size, device)
     part = embed_batches(model, catalogue, catalogue.batches(), device, "" if progress else None)
     return merge_parts(catalogue, [part], model.modalities, model.embed_dim, metadata, fusion_weights)
-
-
-def _check_ids(ids: Sequence[str], where: str) -> None:
-    if not all(isinstance(item, str) for item in ids):
-        raise RunError(f"{where}: every item id must be a string")
-    if len(set(ids)) != len(ids):
-        repeated = [item for item, n in Counter(ids).items() if n > 1]
-        raise RunError(f"{where}: item ids repeat: {_id_list(repeated)}; each item may have one row")
-
-
-def _check_tensors(emb: ItemEmbeddings, where: str) -> None:
-    """A ``RunError`` naming ``where`` unless every vector is (N, D) float32 with an (N,) bool mask."""
-    rows = len(emb.ids)
-    if FUSED not in emb.vectors or set(emb.vectors) != set(emb.masks):
-        raise RunError(f"{where}: vectors {sorted(emb.vectors)} and masks {sorted(emb.masks)} must name the same "
-                       f"modalities and {FUSED!r}")
-    dim = emb.vectors[FUSED].shape[-1]
-    for name, vector in emb.vectors.items():
-        mask = emb.masks[name]
-        if vector.dtype != torch.float32 or tuple(vector.shape) != (rows, dim):
-            raise RunError(f"{where}: {name} is {vector.dtype} {tuple(vector.shape)}, expected float32 {(rows, dim)} "
-                           f"(one row per id)")
-        if mask.dtype != torch.bool or tuple(mask.shape) != (rows,):
-            raise RunError(f"{where}: {MASK}{name} is {mask.dtype} {tuple(mask.shape)}, expected bool ({rows},)")
-
-
-def save_item_embeddings(emb: ItemEmbeddings, folder: str) -> None:
-    """Write ``emb`` into ``folder`` (format in the module docstring), each file atomically."""
-    _check_ids(emb.ids, folder)
-    _check_tensors(emb, folder)
-    tensors = {}
-    for name in emb.vectors:
-        tensors[name] = emb.vectors[name]
-        tensors[MASK + name] = emb.masks[name]
-    write_tensors(tensors, os.path.join(folder, TENSORS_FILE), metadata={k: str(v) for k, v in emb.metadata.items()})
-    write_json_atomic({"ids": list(emb.ids), "modalities": emb.modalities, "dim": int(emb.vectors[FUSED].shape[-1]),
-                       "count": len(emb.ids)}, os.path.join(folder, IDS_FILE))
-
-
-def load_item_embeddings(folder: str) -> ItemEmbeddings:
-    """The embeddings ``align embed`` wrote into ``folder`` (safetensors and JSON only, nothing
-    unpickled). A missing or unreadable file, a tensor of the wrong shape or type, or an ids.json that
-    does not fit the tensors is a ``RunError`` naming the file."""
-    tensors_path, ids_path = os.path.join(folder, TENSORS_FILE), os.path.join(folder, IDS_FILE)
-    for path in (tensors_path, ids_path):
-        if not os.path.isfile(path):
-            raise RunError(f"{path}: missing; write the folder with `align embed`")
-    tensors, metadata = read_tensors(tensors_path)
-    if metadata.get("format") != FORMAT:
-        raise RunError(f"{tensors_path}: format {metadata.get('format')!r}, expected {FORMAT!r}; "
-                       f"write the folder with `align embed`")
-    modalities = [m for m in metadata.get("modalities", "").split(",") if m]
-    names = modalities + [FUSED]
-    missing = [key for name in names for key in (name, MASK + name) if key not in tensors]
-    if not modalities or missing:
-        raise RunError(f"{tensors_path}: modalities {modalities} in its metadata, tensors {missing} missing")
-    listing = read_json(ids_path)
-    if not isinstance(listing, dict) or not isinstance(listing.get("ids"), list) or "count" not in listing:
-        raise RunError(f"{ids_path}: expected {{\"ids\": [...], \"modalities\": [...], \"dim\": D, \"count\": N}}")
-    rows = tensors[FUSED].shape[0]
-    if not listing["count"] == len(listing["ids"]) == rows:
-        raise RunError(f"{ids_path}: {len(listing['ids'])} ids (count {listing['count']}) for the {rows} rows of "
-                       f"{tensors_path}; the files come from different runs: write the folder again with `align embed`")
-    if listing.get("modalities") != modalities or str(listing.get("dim")) != metadata.get("dim"):
-        raise RunError(f"{ids_path}: modalities {listing.get('modalities')} and dim {listing.get('dim')} differ from "
-                       f"{tensors_path} ({modalities}, {metadata.get('dim')}); "
-                       f"write the folder again with `align embed`")
-    _check_ids(listing["ids"], ids_path)
-    emb = ItemEmbeddings(listing["ids"], {name: tensors[name] for name in names},
-                         {name: tensors[MASK + name] for name in names}, metadata)
-    _check_tensors(emb, tensors_path)
-    return emb
-
-
-APPEND_KEYS = ("checkpoint", "dim", "modalities", "fusion", "fusion_weights")
-
-
-def check_same_space(existing: Dict[str, str], new: Dict[str, str], keys: Sequence[str] = APPEND_KEYS,
-                     where: str = "append") -> None:
-    """A ``RunError`` unless the two metadata agree on ``keys``: vectors of two models, or fused
-    differently, cannot share one catalogue."""
-    for key in keys:
-        if existing.get(key) != new.get(key):
-            raise RunError(f"{where}: {key} is {existing.get(key)!r} in the existing embeddings and {new.get(key)!r} "
-                           f"in the new ones; embed the whole catalogue again with one checkpoint and one fusion")
-
-
-def append_item_embeddings(existing: ItemEmbeddings, new: ItemEmbeddings) -> ItemEmbeddings:
-    """``existing`` with the items of ``new``: an id in both takes the new row in place (a
-    re-embedded item), the other new ids follow in ``new``'s order. Dimension, modalities,
-    checkpoint and fusion must agree (``RunError`` otherwise)."""
-    old_dim, new_dim = existing.vectors[FUSED].shape[-1], new.vectors[FUSED].shape[-1]
-    if old_dim != new_dim:
-        raise RunError(f"append: the existing embeddings have dim {old_dim}, the new ones {new_dim}")
-    if set(existing.vectors) != set(new.vectors):
-        raise RunError(f"append: the existing embeddings hold {sorted(existing.vectors)}, the new ones "
-                       f"{sorted(new.vectors)}")
-    check_same_space(existing.metadata, new.metadata)
-    _check_ids(new.ids, "append: the new embeddings")
-    row_of = existing.row_of()
-    replaced = [(row_of[item], j) for j, item in enumerate(new.ids) if item in row_of]
-    added = torch.tensor([j for j, item in enumerate(new.ids) if item not in row_of], dtype=torch.long)
-    old_rows = torch.tensor([r for r, _ in replaced], dtype=torch.long)
-    new_rows = torch.tensor([j for _, j in replaced], dtype=torch.long)
-
-    def merged(old: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-        out = old.clone()
-        out[old_rows] = fresh[new_rows]
-        return torch.cat([out, fresh[added]])
-
-    return ItemEmbeddings(existing.ids + [new.ids[j] for j in added.tolist()],
-                          {name: merged(existing.vectors[name], new.vectors[name]) for name in existing.vectors},
-                          {name: merged(existing.masks[name], new.masks[name]) for name in existing.masks},
-                          {**existing.metadata, **new.metadata})
-
-
-def parse_fusion_weights(text: str) -> Dict[str, float]:
-    """``"text=1,image=2"`` -> {"text": 1.0, "image": 2.0} (``--fusion-weights``)."""
-    weights = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r}: expected modality=weight pairs, e.g. text=1,image=2") from None
-        if name.strip() not in MODALITIES:
-            raise argparse.ArgumentTypeError(f"{name.strip()!r}: not a modality; known: {', '.join(MODALITIES)}")
-    return weights
 
 
 # --- shards on disk: plan, parts, merge -----------------------------------------------------------
@@ -798,7 +576,7 @@ def _summary(emb: ItemEmbeddings, seconds: float) -> List[str]:
     has_any = torch.stack([emb.masks[m] for m in emb.modalities]).any(dim=0)  # (N,)
     bare = [emb.ids[i] for i in (~has_any).nonzero().flatten().tolist()]
     lines = [f"embedded {len(emb.ids)} items in {seconds:.1f} s", f"  with {counts}"]
-    lines.append(f"  items without any modality: {len(bare)}" + (f" (zero rows, mask False): {_id_list(bare)}"
+    lines.append(f"  items without any modality: {len(bare)}" + (f" (zero rows, mask False): {id_list(bare)}"
                                                                     if bare else ""))
     return lines
 

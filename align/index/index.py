@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from align.index.embed import ItemEmbeddings
+    from align.index.vectors import ItemEmbeddings
 
 Backend = Literal["faiss", "torch"]
 Matrix = Union[np.ndarray, torch.Tensor]

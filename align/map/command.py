@@ -64,7 +64,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.thumbnail_px < 0 or args.thumbnails_mb < 0:
         raise ConfigError("--thumbnail-px and --thumbnails-mb must be >= 0 (0: no thumbnails)")
     if args.embeddings:
-        from align.index.embed import IDS_FILE, TENSORS_FILE
+        from align.index.vectors import IDS_FILE, TENSORS_FILE
 
         for name in (TENSORS_FILE, IDS_FILE):
             if not os.path.isfile(os.path.join(args.embeddings, name)):
@@ -77,7 +77,8 @@ def _columns(args: argparse.Namespace) -> CatalogueColumns:
 
 
 def _embeddings(args: argparse.Namespace) -> Any:
-    from align.index.embed import embed_manifests, load_item_embeddings
+    from align.index.embed import embed_manifests
+    from align.index.vectors import load_item_embeddings
 
     if args.embeddings:
         return load_item_embeddings(args.embeddings)

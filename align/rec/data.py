@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from align.errors import ConfigError, RunError
-from align.index.embed import ItemEmbeddings, load_item_embeddings
+from align.index.vectors import ItemEmbeddings, load_item_embeddings
 from align.rec.config import RecConfig
 from align.rec.interactions import BadRows, Interactions, read_catalogue_ids, read_interactions
 from align.rec.split import Split, leave_last_out, temporal_split, time_order, user_histories

@@ -53,7 +53,7 @@ class ModalityFusion(nn.Module):
         fused_i = normalize( sum_m [i has m] w_m v_im / sum_m [i has m] w_m ),  w = softmax(logits),
         v_im = normalize(row)
 
-    the formula of ``align.index.embed.fuse`` with weights that train. The logits start at zero
+    the formula of ``align.index.vectors.fuse`` with weights that train. The logits start at zero
     (equal weights): training starts from the plain mean ``align embed`` writes. An item with no
     modality gets a zero vector, as ``fuse`` gives it. The softmax keeps the weights positive and
     summing to 1, so they read as each modality's share.

@@ -27,9 +27,9 @@ from align.errors import RunError
 from align.explain.history import LOO_MAX, METHODS
 from align.explain.report import (RecommendationExplainer, attach_explanation, checkpoint_of, format_explanation,
                                   recommender_probe)
-from align.index.embed import load_item_embeddings
 from align.index.index import ExactIndex
 from align.index.search import QueryEncoder
+from align.index.vectors import load_item_embeddings
 from align.loading import read_json, read_tensors
 from align.rec.config import RecConfig, validate_rec
 from align.rec.data import item_features, stack_modalities

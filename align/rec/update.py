@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from align.config import load_dataclass
 from align.errors import ConfigError, RunError, staged_folder, write_json_atomic
-from align.index.embed import load_item_embeddings
+from align.index.vectors import load_item_embeddings
 from align.loading import read_json, read_tensors, write_tensors
 from align.rec.config import RecConfig, validate_rec
 from align.rec.data import RecData, item_content, item_features, item_rows, training_examples
