@@ -100,7 +100,8 @@ def test_embed_writes_one_unit_row_per_item_masks_and_the_fused_mean(checkpoint,
     modalities = metadata["modalities"].split(",")
     assert sorted(modalities) == ["audio", "image", "text"]
     assert metadata == {"format": FORMAT, "checkpoint": os.path.abspath(os.path.join(checkpoint, "model")),
-                        "dim": str(DIM), "modalities": ",".join(modalities), "fusion": "mean"}
+                        "dim": str(DIM), "modalities": ",".join(modalities), "fusion": "mean",
+                        "batch_size": "16", "device": "cpu", "torch": torch.__version__}
     assert listing == {"ids": [r["id"] for r in rows], "modalities": modalities, "dim": DIM, "count": len(rows)}
     names = modalities + ["fused"]
     assert set(tensors) == set(names) | {f"mask.{n}" for n in names}

@@ -219,9 +219,13 @@ def _check_inputs(checkpoint: str, manifests: Sequence[str], batch_size: int) ->
         raise ConfigError(f"batch size {batch_size}: must be positive")
 
 
-def _space_metadata(folder: str, model: Any, fusion_weights: Optional[Dict[str, float]]) -> Dict[str, str]:
+def _space_metadata(folder: str, model: Any, fusion_weights: Optional[Dict[str, float]], batch_size: int,
+                    device: torch.device) -> Dict[str, str]:
+    """What the vectors are (model, space, fusion), and how they were computed: the same batch
+    size on the same device type and torch gives the same vectors bit for bit."""
     return {"format": FORMAT, "checkpoint": os.path.abspath(folder), "dim": str(model.embed_dim),
-            "modalities": ",".join(model.modalities), **fusion_metadata(fusion_weights)}
+            "modalities": ",".join(model.modalities), **fusion_metadata(fusion_weights),
+            "batch_size": str(batch_size), "device": device.type, "torch": torch.__version__}
 
 
 def _load_checked(checkpoint: str, manifests: Sequence[str], batch_size: int, device: torch.device,
@@ -253,7 +257,7 @@ def load_for_embedding(checkpoint: str, manifests: Sequence[str], batch_size: in
     every input checked first (see ``embed_manifests``)."""
     folder, config, model = _load_checked(checkpoint, manifests, batch_size, device, fusion_weights)
     catalogue = _modality_catalogue(config, model, manifests, batch_size, device)
-    return model, catalogue, _space_metadata(folder, model, fusion_weights)
+    return model, catalogue, _space_metadata(folder, model, fusion_weights, batch_size, device)
 
 
 # ---------------------------------------------------------------- multi-field products
@@ -342,7 +346,8 @@ def embed_manifests(checkpoint: str, manifests: Sequence[str], batch_size: int =
     """
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder, config, model = _load_checked(checkpoint, manifests, batch_size, target, fusion_weights, model)
-    return embed_catalogue(model, config, manifests, batch_size, target, _space_metadata(folder, model, fusion_weights),
+    metadata = _space_metadata(folder, model, fusion_weights, batch_size, target)
+    return embed_catalogue(model, config, manifests, batch_size, target, metadata,
                            fusion_weights=fusion_weights, progress=progress, fields=fields)
 
 

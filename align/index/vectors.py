@@ -14,7 +14,9 @@ Folder format ``align-item-embeddings/1``::
         metadata (strings)   format "align-item-embeddings/1", checkpoint (absolute path of the
                              model folder), dim "D", full_dim (only after --dim: the model's
                              embed_dim, D < full_dim), modalities "text,image,audio",
-                             fusion "mean" | "weighted_mean" (then also fusion_weights "image=2,text=1")
+                             fusion "mean" | "weighted_mean" (then also fusion_weights "image=2,text=1"),
+                             batch_size, device ("cpu", "cuda") and torch (its version) of the
+                             run that wrote them: the same three give the same vectors bit for bit
     <out>/ids.json           {"ids": [item ids in row order], "modalities": [...], "dim": D, "count": N}
 
 Rows follow the manifests' rows, manifest after manifest in the order given; an id may appear once.
