@@ -100,6 +100,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(answer))
     elif results:
         print(format_table(results))
+        if not any("metadata" in entry for entry in results):
+            print(f"(ids only: {args.index} keeps no catalogue columns; `align index --metadata MANIFEST ... "
+                  f"--fields title,...` builds an index that shows them)", file=sys.stderr)
         if why is not None:
             print("\n" + format_explanation(why))
     else:
