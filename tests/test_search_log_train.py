@@ -221,6 +221,24 @@ def test_learned_field_weights_move_and_the_checkpoint_fuses_with_the_weights_re
     assert_products_are_the_embedded_items(objective, model, load_config(None, overrides), items)
 
 
+def test_a_tower_without_a_product_field_is_warned_of_naming_it(shop, tmp_path, caplog):
+    """The fixture's products have a photo and text fields but no sound, and the model an audio
+    tower: voice queries would train against products they are no part of (align.fields)."""
+    from align.train.recipe import warn_of_towers_without_fields
+
+    with caplog.at_level("WARNING", logger="align.train"):
+        warn_of_towers_without_fields(load_config(None, search_overrides(shop, tmp_path / "run")))
+    assert [r.getMessage().split(" has no")[0] for r in caplog.records] == ["model.towers.audio"]
+    assert "model.fields.sound={modality: audio" in caplog.records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="align.train"):
+        warn_of_towers_without_fields(load_config(None, search_overrides(
+            shop, tmp_path / "run", "model.fields.sound={modality: audio, weight: 0.5}")))
+        warn_of_towers_without_fields(load_config(None, search_overrides(  # a field at weight 0 embeds nothing
+            shop, tmp_path / "run", "model.fields.sound={modality: audio, weight: 0}", "model.fields.image.weight=0")))
+    assert [r.getMessage().split(" has no")[0] for r in caplog.records] == ["model.towers.image", "model.towers.audio"]
+
+
 @pytest.mark.parametrize("override, key", [
     (["train.accum_steps=2"], "train.accum_steps"),
     (["loss.field_weights=learnt"], "loss.field_weights"),

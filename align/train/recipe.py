@@ -23,7 +23,7 @@ from align.config import Config, product_fields, save_config, to_dict
 from align.data.loader import loader_from_config
 from align.data.transforms import SampleProcessor
 from align.errors import remove_staged_leftovers, write_json_atomic
-from align.fields import field_weights
+from align.fields import field_weights, towers_without_fields
 from align.model import build_model
 from align.objective import ContrastiveObjective, QueryProductObjective, build_pair_losses
 from align.train import checkpoint
@@ -123,6 +123,8 @@ def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
         save_config(config, os.path.join(out_dir, "config.yaml"))
         for name in checkpoint.remove_leftovers(out_dir) + remove_staged_leftovers(best_folder(out_dir)):
             log.warning("removed %s, left by a run that stopped while saving or pruning", name)
+        if config.data.search_log.log:
+            warn_of_towers_without_fields(config)
     steps_per_epoch = len(loader) // config.train.accum_steps
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
     objective, optimizer, scheduler = prepare_training(accelerator, objective, config, total_steps)
@@ -187,6 +189,17 @@ def build_objective(model, config: Config):
                                      field_weights_lr=config.loss.field_weights_lr)
     return ContrastiveObjective(model, build_pair_losses(model.modalities, config.loss),
                                 matryoshka=config.loss.matryoshka)
+
+
+def warn_of_towers_without_fields(config: Config) -> None:
+    """A warning for each tower of a search-log fine-tune that no product field embeds
+    (``align.fields.towers_without_fields``)."""
+    fields = product_fields(config.model, config.data.columns)
+    for modality in towers_without_fields(config.model.towers, fields):
+        log.warning("model.towers.%s has no product field in model.fields: its queries are trained against products "
+                    "without %s, and field alignment cannot keep it beside the text tower, so %s search may get "
+                    "worse; add one, e.g. model.fields.%s={modality: %s, weight: 0.5}", modality, modality, modality,
+                    {"audio": "sound", "image": "photo"}.get(modality, modality), modality)
 
 
 def sync_field_weights(accelerator, objective, config: Config) -> None:
