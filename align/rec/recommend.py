@@ -230,10 +230,13 @@ def catalogue_cells(recommender: Recommender, show: Optional[str]) -> Dict[str, 
     return {c: v for c, v in cells.items() if v}
 
 
-def format_items(rows: Sequence[Sequence[str]], cells: Dict[str, Dict[str, str]], right: int = 0) -> List[str]:
+def format_items(rows: Sequence[Sequence[str]], cells: Dict[str, Dict[str, str]], right: int = 0,
+                 header: Sequence[str] = ()) -> List[str]:
     """Aligned lines of ``rows`` (their last entry an item id) with the ``cells`` of each item
-    beside them; the first ``right`` entries are right-aligned (ranks)."""
-    table = [[*row, *(cells[c].get(row[-1], "") for c in cells)] for row in rows]
+    beside them, under ``header`` (names of the rows' entries; the columns' names follow); the
+    first ``right`` entries are right-aligned (ranks)."""
+    table = [[*header, *cells]] if header else []
+    table += [[*row, *(cells[c].get(row[-1], "") for c in cells)] for row in rows]
     widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))] if table else []
     return ["  ".join(cell.rjust(w) if c < right else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths)))
             .rstrip() for row in table]
@@ -305,8 +308,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"\nranked after hub_penalty={rerank.hub_penalty:g}, popularity_penalty={rerank.popularity_penalty:g}, "
               f"mmr_lambda={rerank.mmr_lambda:g}:")
         rows = [(str(rank), f"{score:.4f}", item) for rank, (item, score) in enumerate(picked, 1)]
-        for line in format_items([("rank", "cosine", "item"), *rows], {c: {"item": c, **v} for c, v in cells.items()},
-                                 right=1):
+        for line in format_items(rows, cells, right=1, header=("rank", "cosine", "item")):
             print(line)
         if why is not None:
             print(f"\nwhy (from a history of {len(history)} items):")
