@@ -33,6 +33,11 @@ demo: $(STAMP)
 	$(BIN)/align rec-train --config configs/rec/demo.yaml
 	$(BIN)/align rec-eval --checkpoint runs/demo/rec --output runs/demo/rec_eval.json
 	@echo "recommender on the simulated shop: runs/demo/rec_eval.json, runs/demo/rec_mmr.png, runs/demo/rec_recall.png"
+	$(BIN)/align index --embeddings runs/demo/items --out runs/demo/index \
+		--metadata data/demo/train.csv data/demo/test.csv --fields title,kind,colour,pattern,size
+	@echo "try it:  $(BIN)/align search --index runs/demo/index --text 'small green dotted star' -k 5"
+	@echo "         $(BIN)/align recommend --checkpoint runs/demo/rec --user user0017 -k 5"
+	@echo "         $(BIN)/align serve --index runs/demo/index --recommender runs/demo/rec   (README: Search your catalogue)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
