@@ -313,6 +313,24 @@ def test_align_recommend_prints_the_history_and_items_with_their_catalogue_cells
     assert "column 'price' is missing" in capsys.readouterr().err
 
 
+def test_a_history_needs_no_catalogue_unless_its_columns_are_asked_for(trained, tmp_path, capsys):
+    import yaml
+
+    from align.cli import main
+
+    out, _ = trained
+    moved = with_rerank(out, tmp_path / "head")  # the catalogue manifests it names are gone
+    config = yaml.safe_load((moved / "rec_config.yaml").read_text())
+    config["data"]["catalogue"] = [str(tmp_path / "gone.csv")]
+    (moved / "rec_config.yaml").write_text(yaml.safe_dump(config))
+    history = ",".join(load_item_embeddings(config["data"]["items"]).ids[:3])
+    assert main(["recommend", "--checkpoint", str(moved), "--history", history, "-k", "2"]) == 0
+    lines = capsys.readouterr().out.split("\n\n")[1].splitlines()[1:]
+    assert lines[0].split() == ["rank", "cosine", "item"] and len(lines) == 3
+    assert main(["recommend", "--checkpoint", str(moved), "--history", history, "-k", "2", "--show", "title"]) == 1
+    assert "gone.csv" in capsys.readouterr().err
+
+
 @pytest.mark.multiprocess
 def test_two_processes_train_the_same_head_as_one(shop, tmp_path):
     from align.rec.train import train_head

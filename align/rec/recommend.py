@@ -212,8 +212,9 @@ SHOWN_HISTORY = 5  # the history's last items printed above the table
 
 def catalogue_cells(recommender: Recommender, show: Optional[str]) -> Dict[str, Dict[str, str]]:
     """{column: {item id: cell}} of the head's catalogue for the table's ``--show`` columns. The
-    default (``title``) is shown where the manifests have it; a column asked for by name that a
-    manifest lacks is a ``RunError`` naming the file and the columns it has."""
+    default (``title``) is shown where the manifests have it (and can be read: a history needs no
+    catalogue); a column asked for by name that a manifest lacks, or a manifest that cannot be
+    read, is a ``RunError`` naming the file."""
     from align.data.tables import as_text, read_columns
 
     asked = show is not None
@@ -221,8 +222,13 @@ def catalogue_cells(recommender: Recommender, show: Optional[str]) -> Dict[str, 
     data = recommender.config.data
     cells: Dict[str, Dict[str, str]] = {c: {} for c in columns}
     for manifest in data.catalogue if columns else []:
-        table = read_columns(manifest, [data.id_column, *columns] if asked else [data.id_column],
-                             optional=() if asked else columns, hint="--show names catalogue columns")
+        try:
+            table = read_columns(manifest, [data.id_column, *columns] if asked else [data.id_column],
+                                 optional=() if asked else columns, hint="--show names catalogue columns")
+        except RunError:
+            if asked:
+                raise
+            continue
         ids = as_text(table[data.id_column]).tolist()
         for column in columns:
             if column in table:
