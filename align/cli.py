@@ -55,13 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.batch_size=512")
 
-    rec_train = verbs.add_parser("rec-train", help="train the recommender head from a YAML config",
-                                 description="Train the recommender head on item vectors from `align embed` and an "
-                                             "interaction log (configs/rec/).")
-    rec_train.add_argument("--config", "-c", help="YAML config (see configs/rec/)")
-    rec_train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
-
     for verb, (_, text) in TOOL_VERBS.items():  # listed for --help; main() hands them their arguments
+        if verb == "rec-eval":  # the recommender's verbs together, in the order a shop runs them
+            rec_train = verbs.add_parser("rec-train", help="train the recommender head from a YAML config",
+                                         description="Train the recommender head on item vectors from `align embed` "
+                                                     "and an interaction log (configs/rec/).")
+            rec_train.add_argument("--config", "-c", help="YAML config (see configs/rec/)")
+            rec_train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
         verbs.add_parser(verb, help=text)
 
     prep = verbs.add_parser("prep", help="make training data", description="Data preparation tools.")
