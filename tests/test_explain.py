@@ -302,7 +302,11 @@ def test_align_recommend_and_search_explain_in_text_and_json(server, head, items
                       "--explain-method", "gradient_x_input"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["user_words"] and all(e["explanation"]["history"]["method"] == "gradient_x_input"
-                                        for e in answer["items"])
+                                        for e in answer["results"])
+    # one answer for one question, from the command line or over HTTP (the same head, CPU and batch)
+    assert recommend(["--checkpoint", head, "--history", ",".join(history), "-k", "3", "--json"]) == 0
+    served = server.client.post("/recommend", json={"history": history, "k": 3})
+    assert served.status_code == 200 and json.loads(capsys.readouterr().out) == served.json()
     assert search(["--index", items, "--text", "small red star", "-k", "2", "--explain", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "the query's words:" in text and "modalities: an exact split" in text and "history" not in text

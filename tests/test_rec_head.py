@@ -201,13 +201,13 @@ def test_a_new_item_is_recommended_after_align_embed_with_no_retraining(trained,
     k = ranked.index(cold) + 2
     assert recommend(["--checkpoint", str(out), "--items", str(items), "--history", ",".join(history), "-k", str(k),
                       "--json"]) == 0
-    listed = json.loads(capsys.readouterr().out)["items"]
+    listed = json.loads(capsys.readouterr().out)["results"]
     scores = {entry["id"]: entry["score"] for entry in listed}
     assert "brand-new" in scores and cold in scores and not set(history) & set(scores)
     assert scores["brand-new"] == pytest.approx(scores[cold], abs=1e-6)  # the same content, the same score
     # the head folder's own items (no --items) do not know it
     assert recommend(["--checkpoint", str(out), "--history", ",".join(history), "-k", str(k), "--json"]) == 0
-    assert "brand-new" not in {entry["id"] for entry in json.loads(capsys.readouterr().out)["items"]}
+    assert "brand-new" not in {entry["id"] for entry in json.loads(capsys.readouterr().out)["results"]}
 
 
 def with_rerank(out, folder, **rerank):

@@ -257,7 +257,9 @@ def _parser() -> argparse.ArgumentParser:
     who.add_argument("--history", help="comma-separated item ids, oldest first (a new user)")
     parser.add_argument("--items", help="item embeddings folder (default: the one the head was trained on)")
     parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true",
+                        help='print {"results": [{"id", "score"}, ...], "history": [...]} instead of a table, '
+                             "the answer of align serve's POST /recommend")
     parser.add_argument("--explain", action="store_true",
                         help="say why: each history item's contribution, each modality's share of the score and "
                              "the catalogue words of the match (align/explain)")
@@ -299,9 +301,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     picked = [(recommender.item_ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
     why = explain(recommender, history, picked, args) if args.explain else None
     if args.json:
-        answer = {"history": history, "items": [{"id": i, "score": s} for i, s in picked]}
+        answer = {"results": [{"id": i, "score": s} for i, s in picked], "history": history}  # as POST /recommend
         if why is not None:
-            attach_explanation(answer, answer["items"], why)
+            attach_explanation(answer, answer["results"], why)
         print(json.dumps(answer))
     else:
         rerank = recommender.config.rerank
