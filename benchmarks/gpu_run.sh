@@ -4,14 +4,10 @@
 #   run(command="bash benchmarks/gpu_run.sh", timeout_s=540)
 #
 # That machine has torch, accelerate, transformers, pandas and Triton, and no network; what it
-# lacks travels as wheels in shared/wheels (shared/ goes with every call; it is git-ignored
-# through .git/info/exclude). They were made here, once, for its Python 3.12 on x86-64:
+# lacks travels as wheels in shared/wheels (shared/ goes with every call; it is git-ignored).
+# Make them here first, once per checkout (this machine has PyPI; that one does not):
 #
-#   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-#     -d shared/wheels open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5 webdataset==1.0.2 \
-#     braceexpand==0.1.7 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12
+#   bash benchmarks/gpu_wheels.sh
 #
 # Writes $OUT/gpu_throughput.log (everything printed) and $OUT/gpu_throughput.json (its last
 # line). Outside the device tool, OUT defaults to runs/gpu-run. Arguments go to the benchmark
@@ -29,7 +25,7 @@ mkdir -p "$OUT"
 
 run() {
 if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    echo "no wheels in $WHEELS: make them first (see the top of $0)"
+    echo "no wheels in $WHEELS: make them first, on a machine with PyPI: bash benchmarks/gpu_wheels.sh"
     exit 2
 fi
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
