@@ -88,19 +88,20 @@ class _NotRandomInitWarning(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_random_init(asked: bool) -> Iterator[None]:
+def _quiet_random_init(quiet: bool) -> Iterator[None]:
     """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning where no
     weights were asked for: a model trained from scratch, or one whose weights our checkpoint
-    loads next (``align search`` and the rest would print it on every start)."""
-    if not asked:
+    loads next (``align search`` and the rest would print it on every start). ``quiet``: no
+    pretrained weights were asked for."""
+    if not quiet:
         yield
         return
-    quiet = _NotRandomInitWarning()
-    logging.getLogger().addFilter(quiet)
+    drop = _NotRandomInitWarning()
+    logging.getLogger().addFilter(drop)
     try:
         yield
     finally:
-        logging.getLogger().removeFilter(quiet)
+        logging.getLogger().removeFilter(drop)
 
 
 @functools.lru_cache(maxsize=2)
