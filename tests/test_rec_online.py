@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from align.rec.events import Event, LiveEvents
-from align.rec.interactions import Interactions, read_catalogue_ids, read_interactions, write_interactions
+from align.rec.interactions import (InteractionColumns, Interactions, read_catalogue_ids, read_interactions,
+                                    write_interactions)
 from tests.test_rec_head import rec_overrides, shop  # noqa: F401  (pytest fixtures)
 from tests.test_search import checkpoint  # noqa: F401
 from tests.test_serve import _first_user, head, items, server  # noqa: F401
@@ -286,6 +287,32 @@ def test_rec_update_replaces_its_folder_at_once_or_not_at_all(windows, tmp_path,
     assert summary["steps"] == 2 and os.listdir(tmp_path) == ["head"]
     assert (target / "head.safetensors").read_bytes() != before["head.safetensors"]
     assert json.loads((target / "summary.json").read_text())["loss_before"] == summary["loss_before"]
+
+
+def test_a_shop_with_its_own_column_names_updates_again_and_again(windows, shop, tmp_path):  # noqa: F811
+    """The merged log an update writes keeps the shop's column names, so the next update reads it
+    and the shop's next events with the one ``data.columns`` (it was written with the default names
+    and the config's columns reset: the second update could read one file or the other)."""
+    from align.cli import main as cli
+    from align.rec.config import load_rec_config
+    from align.rec.train import train_head
+
+    names = InteractionColumns(user="customer", item="product", time="ts", event="action", weight=None)
+    log, w0, w1 = windows["log"], windows["w0"], windows["w1"]
+    parts = {"w0": log.times < w0, "w1": (log.times >= w0) & (log.times < w1), "w2": log.times >= w1}
+    for name, rows in parts.items():
+        write_interactions(log.subset(rows), str(tmp_path / f"{name}.csv"), names)
+    assert (tmp_path / "w1.csv").read_text().splitlines()[0] == "customer,product,ts,action"
+    columns = [f"data.columns.{role}={getattr(names, role)}" for role in ("user", "item", "time", "event")]
+    train_head(load_rec_config(None, rec_overrides(shop, tmp_path / "head", f"data.interactions={tmp_path / 'w0.csv'}",
+                                                   *columns, "data.columns.weight=null", "train.epochs=1")))
+    for old, events, new in (("head", "w1", "head-1"), ("head-1", "w2", "head-2")):
+        assert cli(["rec-update", "--checkpoint", str(tmp_path / old), "--events", str(tmp_path / f"{events}.csv"),
+                    "--out", str(tmp_path / new), "--steps", "1"]) == 0, (old, events)
+    merged = tmp_path / "head-2" / "interactions.csv"
+    assert merged.read_text().splitlines()[0] == "customer,product,ts,action"
+    read, bad = read_interactions(str(merged), windows["ids"], names)
+    assert len(read) == len(log) and not bad.n_bad
 
 
 def test_realign_rows_keeps_known_ids_and_starts_new_ones_at_zero():

@@ -279,21 +279,23 @@ def read_interactions(path: str, item_ids: Sequence[str], columns: InteractionCo
     return inter, bad
 
 
-def write_interactions(inter: Interactions, path: str) -> None:
-    """Write ``inter`` as CSV/JSONL/Parquet (by suffix) with columns user_id, item_id, timestamp
-    (float seconds, written so they read back exactly), event, weight, atomically (see
-    ``atomic_open``). The event column is left out when ``inter.events`` is None, so the log
-    reads back without events."""
+def write_interactions(inter: Interactions, path: str, columns: InteractionColumns = InteractionColumns()) -> None:
+    """Write ``inter`` as CSV/JSONL/Parquet (by suffix) with the columns ``columns`` names (by
+    default user_id, item_id, timestamp, event, weight): timestamps as float seconds, written so
+    they read back exactly; atomically (see ``atomic_open``). The event column is left out when
+    ``inter.events`` is None or ``columns.event`` is, and the weight column when ``columns.weight``
+    is None (such a log's rows all weigh 1.0), so the log reads back as it was with ``columns``."""
     path = os.fspath(path)
     suffix = table_suffix(path)
     data = {
-        "user_id": np.asarray(inter.user_ids, dtype=object)[inter.users] if len(inter) else np.array([], object),
-        "item_id": np.asarray(inter.item_ids, dtype=object)[inter.items] if len(inter) else np.array([], object),
-        "timestamp": np.asarray(inter.times, dtype=np.float64),
+        columns.user: np.asarray(inter.user_ids, dtype=object)[inter.users] if len(inter) else np.array([], object),
+        columns.item: np.asarray(inter.item_ids, dtype=object)[inter.items] if len(inter) else np.array([], object),
+        columns.time: np.asarray(inter.times, dtype=np.float64),
     }
-    if inter.events is not None:
-        data["event"] = np.asarray(inter.events, dtype=object)
-    data["weight"] = np.asarray(inter.weights, dtype=np.float32)
+    if inter.events is not None and columns.event is not None:
+        data[columns.event] = np.asarray(inter.events, dtype=object)
+    if columns.weight is not None:
+        data[columns.weight] = np.asarray(inter.weights, dtype=np.float32)
     if suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -56,7 +56,7 @@ from align.loading import read_json, read_tensors, write_tensors
 from align.rec.config import RecConfig, validate_rec
 from align.rec.data import RecData, item_content, item_features, item_rows, training_examples
 from align.rec.head import REFERENCE_USERS_FILE, RecHead
-from align.rec.interactions import (BadRows, InteractionColumns, Interactions, read_catalogue_ids,
+from align.rec.interactions import (BadRows, Interactions, read_catalogue_ids,
                                     read_interactions, write_interactions)
 from align.rec.recommend import learned_inputs
 from align.rec.split import Split, temporal_split, time_order
@@ -269,10 +269,12 @@ def update_head(checkpoint: str, events: str, out: Optional[str] = None, epochs:
                    new_events=int(len(window.targets)), context_rows=int(len(window.old)),
                    optimizer_restored=restored, bad_rows=dict(window.bad.counts))
     if accelerator.is_main_process:
+        # the merged log keeps the shop's column names, so the next update reads it and the next
+        # events with the one data.columns
         config.data = dataclasses.replace(config.data, interactions=os.path.join(out, MERGED_LOG), cutoff=window.cutoff,
-                                          columns=InteractionColumns(), items=os.path.abspath(items or meta["items"]))
+                                          items=os.path.abspath(items or meta["items"]))
         with staged_folder(out) as staging:
-            write_interactions(window.merged, os.path.join(staging, MERGED_LOG))
+            write_interactions(window.merged, os.path.join(staging, MERGED_LOG), config.data.columns)
             save_head(head, config, items_meta(data, scale, config), staging)
             save_optimizer(optimizer, head, staging)
             write_tensors({"users": reference_users(head, data, features, config)},
