@@ -182,6 +182,65 @@ def test_rec_eval_reports_every_segment_for_the_head_and_its_peers(trained):
     assert (out / "rec_mmr.png").stat().st_size > 0 and (out / "rec_recall.png").stat().st_size > 0
 
 
+def with_config(out, folder, **sections):
+    """A copy of the trained head whose saved config has ``sections`` updated (section -> keys)."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(out, folder)
+    config = yaml.safe_load((folder / "rec_config.yaml").read_text())
+    for section, values in sections.items():
+        config[section].update(values)
+    (folder / "rec_config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def test_rec_eval_shows_the_cut_offs_it_measured_and_refuses_an_unknown_peer_before_reading(trained, tmp_path,
+                                                                                           capsys):
+    from align.cli import main as cli
+
+    out, _ = trained
+    folder = with_config(out, tmp_path / "ks", eval={"ks": [5, 20]}, rerank={"pool": 30})
+    assert cli(["rec-eval", "--checkpoint", str(folder), "--peers", "most_pop"]) == 0  # no @10 to show: @20
+    table = capsys.readouterr().out
+    assert "NDCG@20" in table and "NDCG@10" not in table and (folder / "rec_mmr.png").stat().st_size > 0
+    report = json.loads((folder / "rec_eval.json").read_text())
+    assert report["ks"] == [5, 20] and "ndcg@20" in report["segments"]["all"]["ours"]
+    (folder / "rec_eval.json").unlink()
+    assert cli(["rec-eval", "--checkpoint", str(folder), "--peers", "most_pop,most_popp"]) == 2
+    assert "--peers: unknown recommender 'most_popp'" in capsys.readouterr().err
+    assert not (folder / "rec_eval.json").exists()
+
+
+def test_rec_eval_never_ranks_an_item_that_align_recommend_cannot_return(trained, shop, tmp_path):
+    """An item without the head's vector (its modality missing) is never recommended, so the
+    evaluated lists leave it out too: they are the lists the service would show."""
+    from align.rec.data import load_rec_data, seen_items
+    from align.rec.evaluate import HeadMethod, segment_users, top_lists
+    from align.rec.recommend import Recommender
+
+    out, _ = trained
+    vectors = load_item_embeddings(str(shop["root"] / "items"))
+    absent = np.arange(0, len(vectors.ids), 7)  # every seventh item lost its vector
+    for modality in vectors.vectors:
+        vectors.vectors[modality][absent] = 0
+        vectors.masks[modality][absent] = False
+    save_item_embeddings(vectors, str(tmp_path / "items"))
+    folder = with_config(out, tmp_path / "head")
+    meta = json.loads((folder / "items.json").read_text())
+    (folder / "items.json").write_text(json.dumps({**meta, "items": str(tmp_path / "items")}))
+    rec = Recommender.load(str(folder))
+    data = load_rec_data(rec.config)
+    method = HeadMethod(rec, data)
+    gone = np.flatnonzero(~rec.present.numpy()[method.to_recommender])  # catalogue codes
+    assert len(gone) == len(absent)
+    seen = seen_items(data.split.train)
+    segments = segment_users(data, seen)
+    rows = top_lists(method, segments, seen, 20, 64)["all"][1]
+    assert (rows >= 0).any() and not np.isin(rows, gone).any()
+
+
 def test_a_new_item_is_recommended_after_align_embed_with_no_retraining(trained, shop, capsys):
     from align.rec.recommend import Recommender, main as recommend
 

@@ -25,9 +25,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from align.errors import RunError, write_json_atomic
+from align.errors import ConfigError, RunError, write_json_atomic
 from align.eval.plots import save_figure
-from align.rec.baselines import UNSCORABLE, FitData, build_peer
+from align.rec.baselines import PEERS, UNSCORABLE, FitData, build_peer
 from align.rec.config import RecConfig
 from align.rec.data import RecData, last_items, load_rec_data, seen_items
 from align.rec.metrics import beyond_accuracy, ranking_metrics
@@ -53,6 +53,8 @@ class HeadMethod:
         self.histories = last_items(data.split.train, recommender.config.head.history)  # catalogue codes
         self.lengths = np.bincount(data.split.train.users, minlength=len(data.split.train.user_ids))  # (U,)
         self.hub = recommender.hub[rows]  # (N,)
+        # items without the head's vectors, which ``Recommender.recommend`` never returns
+        self.absent = ~recommender.present.numpy()[rows]  # (N,)
 
     def scores(self, users: np.ndarray) -> np.ndarray:
         """(u, N) what ``Recommender.recommend`` ranks by: cosine minus the user's hub penalty."""
@@ -62,7 +64,9 @@ class HeadMethod:
         if self.recommender.config.rerank.hub_penalty > 0:
             # in place, a rank-one update: no second (u, N) matrix for the penalty
             scores.addr_(self.recommender.hub_weights(self.lengths[users]), self.hub, alpha=-1.0)
-        return scores.numpy()
+        scores = scores.numpy()
+        scores[:, self.absent] = UNSCORABLE
+        return scores
 
 
 def top_lists(method, segments: Dict[str, Dict[str, Any]], seen: List[np.ndarray], k: int,
@@ -155,7 +159,12 @@ def evaluate_methods(methods: Sequence[Any], data: RecData, config: RecConfig, h
                         sweep.append({"mmr_lambda": lam, **{k: point[k] for k in point
                                                              if k.startswith(("ndcg@", "ild@", "recall@"))}})
     counts_out = {name: int(len(s["users"])) for name, s in segments.items()}
-    return {"segments": results, "users": counts_out, "recall_curves": curves, "mmr_sweep": sweep}
+    return {"segments": results, "users": counts_out, "recall_curves": curves, "mmr_sweep": sweep, "ks": ks}
+
+
+def shown_k(ks: Sequence[int]) -> int:
+    """The cut-off the table and the plots show: 10 where it was measured, else the largest."""
+    return 10 if 10 in ks else max(ks)
 
 
 def figures(lists: np.ndarray, relevant: List[np.ndarray], ks: Sequence[int], counts: np.ndarray,
@@ -167,8 +176,10 @@ def figures(lists: np.ndarray, relevant: List[np.ndarray], ks: Sequence[int], co
     return out
 
 
-def format_report(report: Dict[str, Any], k: int = 10) -> str:
-    """A table per segment: NDCG, Recall, HitRate at k, coverage and ILD at k, per method."""
+def format_report(report: Dict[str, Any], k: Optional[int] = None) -> str:
+    """A table per segment: NDCG, Recall, HitRate at k, coverage and ILD at k, per method (k:
+    ``shown_k`` of the report's cut-offs by default)."""
+    k = shown_k(report["ks"]) if k is None else k
     lines = []
     for segment, methods in report["segments"].items():
         if not methods:
@@ -182,11 +193,12 @@ def format_report(report: Dict[str, Any], k: int = 10) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: Dict[str, Any], folder: str, k: int = 10) -> List[str]:
-    """``rec_mmr.png`` (NDCG@k against ILD@k over the MMR sweep) and ``rec_recall.png`` (Recall@K
-    curves per method). Returns the paths written."""
+def plot_report(report: Dict[str, Any], folder: str, k: Optional[int] = None) -> List[str]:
+    """``rec_mmr.png`` (NDCG@k against ILD@k over the MMR sweep; k as in ``format_report``) and
+    ``rec_recall.png`` (Recall@K curves per method). Returns the paths written."""
     import matplotlib
 
+    k = shown_k(report["ks"]) if k is None else k
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
@@ -261,6 +273,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers is not None else None
+    unknown = [p for p in peers or () if p not in PEERS]
+    if unknown:  # before the head and the log are read
+        raise ConfigError(f"--peers: unknown recommender {unknown[0]!r}; known: {', '.join(PEERS)}")
     report = evaluate_head(args.checkpoint, peers, args.output, plots=not args.no_plots)
     print(format_report(report))
     print(f"-> {args.output or os.path.join(args.checkpoint, 'rec_eval.json')}")
