@@ -121,6 +121,7 @@ def bad_events(item):
         ("timestamp not a time", {**good, "timestamp": "yesterday"}, "timestamp"),
         ("timestamp a boolean", {**good, "timestamp": True}, "timestamp"),
         ("timestamp not finite", {**good, "timestamp": float("nan")}, "timestamp"),
+        ("timestamp past a float's range", {**good, "timestamp": 10 ** 400}, "timestamp"),
         ("unknown field", {**good, "rating": 5}, "rating"),
         ("not an object", [good], "body"),
     ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import reprlib
 import threading
 import time
 from collections import OrderedDict
@@ -86,9 +87,13 @@ def parse_timestamp(value: Any, clock: Callable[[], float] = time.time) -> float
         return float(clock())
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise EventError("timestamp", f"timestamp must be seconds or ISO-8601 text, got {value!r}")
-    seconds = float(as_seconds(np.array([value], dtype=object))[0]) if isinstance(value, str) else float(value)
+    try:
+        seconds = float(as_seconds(np.array([value], dtype=object))[0]) if isinstance(value, str) else float(value)
+    except OverflowError:  # a JSON integer past float's range
+        seconds = math.inf
     if not math.isfinite(seconds):
-        raise EventError("timestamp", f"timestamp {value!r} is not a finite number of seconds or ISO-8601 text")
+        raise EventError("timestamp", f"timestamp {reprlib.repr(value)} is not a finite number of seconds or "
+                                      "ISO-8601 text")
     return seconds
 
 
