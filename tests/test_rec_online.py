@@ -316,6 +316,33 @@ def test_a_shop_with_its_own_column_names_updates_again_and_again(windows, shop,
     assert len(read) == len(log) and not bad.n_bad
 
 
+def test_a_head_trained_on_every_row_is_updated_and_not_evaluated(windows, shop, tmp_path, capsys):  # noqa: F811
+    """data.split=none: every row of the log trains (a temporal split holds its newest part out, and
+    an update reads that part as history only, so no head saw it as a target), rec-eval refuses
+    the head, and rec-update goes on from it."""
+    from align.cli import main as cli
+    from align.errors import ConfigError
+    from align.rec.config import load_rec_config
+    from align.rec.recommend import Recommender
+    from align.rec.train import train_head
+
+    log = windows["log"]
+    summary = train_head(load_rec_config(None, rec_overrides(shop, tmp_path / "all", "data.split=none",
+                                                             "train.epochs=1")))
+    assert summary["examples"] == len(log)
+    assert json.loads((tmp_path / "all" / "items.json").read_text())["cutoff"] > log.times.max()
+    assert cli(["rec-eval", "--checkpoint", str(tmp_path / "all")]) == 1
+    assert "data.split=none" in capsys.readouterr().err
+    assert cli(["rec-update", "--checkpoint", str(tmp_path / "all"), "--events", windows["events"],
+                "--out", str(tmp_path / "all-2"), "--steps", "1"]) == 0
+    updated = Recommender.load(str(tmp_path / "all-2"))  # its saved config loads and validates
+    assert updated.config.data.split == "none" and updated.config.data.cutoff is None
+    events, _ = read_interactions(windows["events"], windows["ids"])
+    assert json.loads((tmp_path / "all-2" / "summary.json").read_text())["new_events"] == len(events)
+    with pytest.raises(ConfigError, match="data.cutoff"):
+        load_rec_config(None, rec_overrides(shop, tmp_path / "x", "data.split=none", "data.cutoff=5"))
+
+
 def test_realign_rows_keeps_known_ids_and_starts_new_ones_at_zero():
     from align.rec.update import realign_rows
 

@@ -19,7 +19,8 @@ class RecDataConfig:
     items: str = ""  # folder written by `align embed` (embeddings.safetensors + ids.json)
     columns: InteractionColumns = field(default_factory=InteractionColumns)
     max_bad_fraction: float = 0.01
-    split: Literal["temporal", "leave_last_out"] = "temporal"
+    # none: every row trains and nothing is held out, for a head that serves (rec-eval refuses it)
+    split: Literal["temporal", "leave_last_out", "none"] = "temporal"
     cutoff: Optional[float] = None  # temporal split time (seconds); None = the test_quantile of times
     test_quantile: float = 0.2
     cold_user_max: int = 2  # users with at most this many training interactions are cold
@@ -126,6 +127,9 @@ def validate_rec(config: RecConfig) -> RecConfig:
             raise ConfigError(f"{key} must lie in [0, 1]")
     if not 0 < config.data.test_quantile < 1:
         raise ConfigError("data.test_quantile must lie in (0, 1)")
+    if config.data.split == "none" and config.data.cutoff is not None:
+        raise ConfigError(f"data.cutoff: {config.data.cutoff} cuts nothing with data.split=none (every row trains); "
+                          "drop it, or set data.split=temporal")
     if config.train.epochs < 1 or config.train.batch_size < 2:
         raise ConfigError("train.epochs must be >= 1 and train.batch_size >= 2 (the batch is the negatives)")
     if config.train.lr <= 0 or config.train.temperature <= 0:

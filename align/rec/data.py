@@ -129,13 +129,19 @@ def load_rec_data(config: RecConfig) -> RecData:
     interactions, bad = read_interactions(data.interactions, item_ids, data.columns, data.max_bad_fraction)
     if bad.n_bad:
         log.warning("%s", bad.report())
+    if len(interactions) == 0:
+        raise RunError(f"{data.interactions}: no usable interactions")
     if data.split == "temporal":
         split = temporal_split(interactions, data.cutoff, data.test_quantile, data.cold_user_max)
+    elif data.split == "none":  # cut just after the newest event: every row trains
+        split = temporal_split(interactions, float(np.nextafter(interactions.times.max(), np.inf)),
+                               cold_user_max=data.cold_user_max)
     else:
         split = leave_last_out(interactions, data.cold_user_max)
-    if len(split.train) == 0 or len(split.test) == 0:
+    if len(split.train) == 0 or (len(split.test) == 0 and data.split != "none"):
         raise RunError(f"{data.interactions}: the {data.split} split left {len(split.train)} training and "
-                       f"{len(split.test)} test interactions; both must be non-empty (data.cutoff, data.test_quantile)")
+                       f"{len(split.test)} test interactions; both must be non-empty (data.cutoff, data.test_quantile; "
+                       "data.split=none trains on every row and holds nothing out)")
     content, present = item_content(data.items, item_ids, config.head.modality, embeddings)
     vectors = masks = None
     if learned:

@@ -231,6 +231,9 @@ def evaluate_head(checkpoint: str, peers: Optional[List[str]] = None, output: Op
     (and the PNGs) next to it."""
     recommender = Recommender.load(checkpoint)
     config = recommender.config
+    if config.data.split == "none":
+        raise RunError(f"{checkpoint}: trained with data.split=none, on every row of its log: nothing is held out to "
+                       "evaluate on; evaluate a head trained with data.split=temporal or leave_last_out")
     data = load_rec_data(config)
     head = HeadMethod(recommender, data)
     fit = FitData(train=data.split.train, content=torch.nn.functional.normalize(data.content, dim=1).numpy(),

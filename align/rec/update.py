@@ -17,8 +17,10 @@ the time.
 Examples: one per row of ``--events`` (validated against the catalogue as ``align rec-train``
 validates its log: bad rows dropped and counted, too many refused). Its history is the user's
 items before it in the checkpoint's log and the new events together, so a known user's first new
-event is not read as a first visit; only the new events are targets (the old ones trained the
-checkpoint already). A new user is what it is in training: their first event has an empty history
+event is not read as a first visit; only the new events are targets. The old log's rows before
+the checkpoint's cut-off trained it; those after it (the part a temporal split held out to
+evaluate on) are history here, never targets: a head meant to serve is trained with
+``data.split: none``, on every row. A new user is what it is in training: their first event has an empty history
 (the head's "anyone" vector). A new item is what a cold item is: it had no ID vector (content
 only); now that it has interactions it gets one, starting at zero (content only, as every ID
 starts), and an item the checkpoint's catalogue did not list at all gets a new zero row. Item
@@ -27,8 +29,8 @@ checkpoint's scale (the head learnt what that scale means).
 
 The new folder holds what ``align rec-train`` writes, plus ``interactions.csv``: the checkpoint's
 log and the new events merged (exact repeats once), which its ``rec_config.yaml`` names
-(``data.interactions``, with ``data.cutoff`` just after the newest new event), so ``align serve``
-and the next update read every event the head has seen. ``summary.json`` adds ``loss_before``
+(``data.interactions``, with ``data.cutoff`` just after the newest new event, or none with
+``data.split: none``), so ``align serve`` and the next update read every event the head has seen. ``summary.json`` adds ``loss_before``
 (the checkpoint's loss on the new events, as it serves them) and ``loss_after`` (the updated
 head's): a full softmax over the catalogue, no dropout, at ``train.temperature``. Everything is
 written to a temporary folder beside ``--out`` and then swapped in at once (an atomic exchange on
@@ -271,7 +273,8 @@ def update_head(checkpoint: str, events: str, out: Optional[str] = None, epochs:
     if accelerator.is_main_process:
         # the merged log keeps the shop's column names, so the next update reads it and the next
         # events with the one data.columns
-        config.data = dataclasses.replace(config.data, interactions=os.path.join(out, MERGED_LOG), cutoff=window.cutoff,
+        cutoff = None if config.data.split == "none" else window.cutoff  # none: the whole merged log trained
+        config.data = dataclasses.replace(config.data, interactions=os.path.join(out, MERGED_LOG), cutoff=cutoff,
                                           items=os.path.abspath(items or meta["items"]))
         with staged_folder(out) as staging:
             write_interactions(window.merged, os.path.join(staging, MERGED_LOG), config.data.columns)
