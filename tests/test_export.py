@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -355,3 +357,166 @@ def test_hf_text_export_cut_to_a_prefix_and_quantised(minilm_checkpoint, tmp_pat
     for got, rows in ((one, want[:1]), (five, want)):
         cosine = (torch.from_numpy(got).double() * rows).sum(1) / torch.from_numpy(got).double().norm(dim=1)
         assert got.shape == (len(rows), 8) and cosine.min() >= required
+
+
+def refuse_loading(monkeypatch):
+    """Loading the model fails the test: what is refused must be refused before that work."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+    monkeypatch.setattr("align.export.command.load_model", load)
+
+
+def test_out_that_is_or_holds_the_checkpoint_is_refused_and_the_checkpoint_kept(clip_run, tmp_path, monkeypatch):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(clip_run, run)
+    step = os.path.join(run, "checkpoints", "step-00000001")
+    files = sorted(os.path.relpath(os.path.join(r, n), run) for r, _, names in os.walk(run) for n in names)
+    weights = hashlib.sha256(open(os.path.join(step, "model", "model.safetensors"), "rb").read()).hexdigest()
+    os.symlink(run, str(tmp_path / "link"))  # another name for the run folder: real paths are compared
+    refuse_loading(monkeypatch)
+    for checkpoint, out in ((run, run), (run, os.path.join(step, "model")), (run, step),
+                            (os.path.join(step, "model"), str(tmp_path / "link")), (run, str(tmp_path))):
+        with pytest.raises(ConfigError, match=r"--out .* is or contains the checkpoint being exported \(.*model\)"):
+            export(checkpoint, out, formats=["open_clip"], overwrite=True)
+    assert sorted(os.path.relpath(os.path.join(r, n), run) for r, _, names in os.walk(run) for n in names) == files
+    assert hashlib.sha256(open(os.path.join(step, "model", "model.safetensors"), "rb").read()).hexdigest() == weights
+    assert sorted(os.listdir(tmp_path)) == ["link", "run"]
+
+
+def test_out_that_is_a_file_or_lies_inside_one_is_refused_before_loading(clip_run, tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    refuse_loading(monkeypatch)
+    with pytest.raises(ConfigError, match=f"--out {afile}/sub/export: {afile} is a file"):
+        export(clip_run, str(afile / "sub" / "export"), overwrite=True)
+    for overwrite in (False, True):  # --overwrite replaces an export folder, never a file
+        with pytest.raises(ConfigError, match=f"--out {afile} is a file; give a folder path"):
+            export(clip_run, str(afile), overwrite=overwrite)
+    assert sorted(os.listdir(tmp_path)) == ["afile"] and afile.read_text() == "mine"  # no staging folder beside
+
+
+def test_int8_min_cosine_without_quantize_is_a_config_error(clip_run, tmp_path, monkeypatch):
+    refuse_loading(monkeypatch)
+    with pytest.raises(ConfigError, match=r"--int8-min-cosine 0.99 .*add --quantize int8"):
+        export_main(["--checkpoint", clip_run, "--out", str(tmp_path / "out"), "--int8-min-cosine", "0.99"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_optional_library_skips_its_format_with_the_reason(clip_run, minilm_checkpoint, tmp_path,
+                                                                      monkeypatch):
+    """sentence-transformers and onnx are optional (setup.cfg's extras): without them the default
+    export skips their formats, saying why, and asking for one by name is a ConfigError."""
+    from align.export.command import format_problems
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # `import sentence_transformers` fails
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    no_st = "sentence-transformers is not installed (pip install sentence-transformers)"
+    no_onnx = "onnx is not installed (pip install 'align[export]')"
+    problems = format_problems(load_model(minilm_checkpoint))
+    assert problems["sentence_transformers"] == no_st and problems["onnx"] == no_onnx
+    for formats, why in ((["sentence_transformers"], no_st), (["onnx"], no_onnx)):
+        with pytest.raises(ConfigError, match=re.escape(f"--formats: {formats[0]} cannot be exported: {why}")):
+            export(minilm_checkpoint, str(tmp_path / "minilm"), formats=formats)
+
+    out = str(tmp_path / "clip")
+    result = export(clip_run, out)
+    assert list(result["written"]) == ["open_clip"] and result["skipped"]["onnx"] == no_onnx
+    assert f"- onnx: not exported ({no_onnx})" in open(os.path.join(out, "README.md"), encoding="utf-8").read()
+
+
+def test_an_export_removes_the_staging_folder_an_export_killed_mid_write_left(clip_run, tmp_path):
+    out = tmp_path / "export"
+    (tmp_path / ".export.k1ll3d.tmp" / "open_clip").mkdir(parents=True)  # as staged_folder names it
+    (tmp_path / ".other.k1ll3d.tmp").mkdir()  # another --out's: not ours to remove
+    export(clip_run, str(out), formats=["open_clip"])
+    assert sorted(os.listdir(tmp_path)) == [".other.k1ll3d.tmp", "export"]
+
+
+# ------------------------------------------------------------------ the card's figures
+
+
+def fake_run(clip_run, run, step, processes):
+    """A run folder laid out as training leaves it (the trainer's own trainer_state.json and
+    summary.json, edited): the checkpoint of ``step`` trained on ``processes`` processes."""
+    source = os.path.join(clip_run, "checkpoints", "step-00000001")
+    state = json.load(open(os.path.join(source, "trainer_state.json")))
+    state.update(step=step, samples=step * 100)
+    state["reading"]["processes"] = processes
+    state["segments"] = [dict(state["segments"][0], start=0, end=step, processes=processes)]
+    model = os.path.join(run, "checkpoints", f"step-{step:08d}", "model")
+    os.makedirs(model)
+    json.dump(state, open(os.path.join(os.path.dirname(model), "trainer_state.json"), "w"))
+    summary = json.load(open(os.path.join(clip_run, "summary.json")))
+    summary.update(steps=step, samples=step * 100, segments=state["segments"])
+    json.dump(summary, open(os.path.join(run, "summary.json"), "w"))
+    return model
+
+
+def card_of(clip_run, model_dir, out, overrides=(), compression=None):
+    """The card ``write_card`` makes for ``model_dir`` with clip_run's config (``overrides`` applied)."""
+    from align.export.card import write_card
+    from align.loading import model_folder, read_saved_config
+
+    config = read_saved_config(model_folder(clip_run), list(overrides))
+    os.makedirs(out)
+    write_card(out, config, model_dir, {}, {}, {}, {}, compression)
+    return open(os.path.join(out, "README.md"), encoding="utf-8").read()
+
+
+def eval_results(r1):
+    return {"text->image": {"R@1": r1, "R@5": 0.5, "R@10": 0.75, "mAP": 0.5, "median_rank": 2.0, "n_queries": 40}}
+
+
+def test_model_card_gives_the_global_batch_the_negatives_come_from(clip_run, tmp_path):
+    """data.batch_size is per process and per accumulated batch; the negatives are all of them."""
+    model = fake_run(clip_run, str(tmp_path / "run"), 3, 2)
+    card = card_of(clip_run, model, str(tmp_path / "card"), ["data.batch_size=16", "train.accum_steps=4"])
+    assert ("- steps: 3, samples seen: 300, global batch size 128 (data.batch_size 16 x train.accum_steps 4 x "
+            "2 processes; the number of in-batch negatives)\n") in card
+    bare = str(tmp_path / "bare")  # a model folder outside any run: the process count is not known
+    os.makedirs(bare)
+    card = card_of(clip_run, bare, str(tmp_path / "bare_card"), ["data.batch_size=16", "train.accum_steps=4"])
+    assert ("- steps: unknown, samples seen: unknown, batch size 64 per process (data.batch_size 16 x "
+            "train.accum_steps 4); the number of processes was not recorded") in card
+    assert "global batch" not in card
+
+
+def test_model_card_of_a_dim_export_says_its_evaluation_is_at_full_width(clip_run, tmp_path):
+    model = fake_run(clip_run, str(tmp_path / "run"), 1, 1)
+    json.dump(eval_results(0.25), open(str(tmp_path / "run" / "eval.json"), "w"))
+    card = card_of(clip_run, model, str(tmp_path / "card"), compression={"dim": 8, "full_dim": 24})
+    assert (f"Zero-shot retrieval from `{tmp_path / 'run' / 'eval.json'}`, measured at the model's full width 24 "
+            "(not at the exported --dim 8):") in card
+    card = card_of(clip_run, model, str(tmp_path / "full"), compression={"dim": None, "full_dim": 24})
+    assert f"Zero-shot retrieval from `{tmp_path / 'run' / 'eval.json'}`:" in card
+
+
+def test_model_card_of_a_runs_best_folder_gives_the_best_steps_evaluation(clip_run, tmp_path):
+    """<run>/best/ holds step 2's model of a 3-step run whose step-2 checkpoint was pruned: the card
+    says step 2 and its evaluation, not the run's last (samples are known only with the checkpoint)."""
+    run = tmp_path / "run"
+    fake_run(clip_run, str(run), 3, 2)
+    for step, r1 in ((1, 0.125), (2, 0.625), (3, 0.375)):
+        json.dump(eval_results(r1), open(str(run / f"eval-step-{step:08d}.json"), "w"))
+    json.dump(eval_results(0.375), open(str(run / "eval.json"), "w"))
+    (run / "best").mkdir()
+    json.dump({"metric": "text->image/R@1", "value": 0.625, "step": 2}, open(str(run / "best" / "best.json"), "w"))
+    card = card_of(clip_run, str(run / "best"), str(tmp_path / "card"))
+    assert "- steps: 2, samples seen: unknown, global batch size 64 (data.batch_size 32 x train.accum_steps 1 x " \
+           "2 processes" in card
+    assert f"Zero-shot retrieval from `{run / 'eval-step-00000002.json'}`:" in card
+    assert "| text->image | 0.625 | 0.500 | 0.750 | 0.500 | 2.0 | 40 |" in card
+
+
+def test_model_card_loads_the_onnx_graphs_that_were_written(clip_export, minilm_export):
+    text_only = open(os.path.join(minilm_export[0], "README.md"), encoding="utf-8").read()
+    assert 'session = onnxruntime.InferenceSession("onnx/text.onnx")' in text_only
+    assert ('embedding = session.run(["embedding"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]'
+            in text_only)
+    assert "audio.onnx" not in text_only and "waveform" not in text_only and "image.onnx" not in text_only
+    three = open(os.path.join(clip_export[0], "README.md"), encoding="utf-8").read()
+    assert 'session = onnxruntime.InferenceSession("onnx/image.onnx")' in three
+    assert '{"pixel_values": pixel_values}' in three
+    assert "# text.onnx takes input_ids; audio.onnx takes waveform: see preprocess.json" in three

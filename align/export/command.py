@@ -16,14 +16,18 @@ Each int8 graph must give every probe a cosine with our float32 embedding of at 
 embeddings renormalised (Matryoshka, align/export/matryoshka.py), in every format; D must lie in
 1 .. embed_dim.
 
-Without ``--formats`` every format the towers allow is written, and the others are named with the
-reason; a format asked for by name that the towers do not allow is a ``ConfigError`` (exit 2), as
-are a missing checkpoint, an unknown format and an existing non-empty ``D`` (``--overwrite``
-replaces it), all before anything is written.
+Without ``--formats`` every format the towers allow (and whose optional library is installed:
+sentence-transformers, onnx + onnxscript + onnxruntime) is written, and the others are named with
+the reason; a format asked for by name that cannot be written is a ``ConfigError`` (exit 2), as are
+a missing checkpoint, an unknown format, ``--int8-min-cosine`` without ``--quantize``, an existing
+non-empty ``D`` (``--overwrite`` replaces it), a ``D`` that is a file or lies inside one, and a ``D``
+that is the checkpoint's folder or holds it (replacing it would delete the checkpoint), all before
+anything is written.
 
 Everything is written into a temporary folder beside ``D``, renamed to ``D`` at the end, so ``D``
-is either the old folder or a complete new export. Before the rename each format is loaded by its
-library (open_clip, SentenceTransformer, onnxruntime at batch 1 and 5 in one session) and its
+is either the old folder or a complete new export; the temporary folder of an export killed
+mid-write is removed when the next export to ``D`` starts. Before the rename each format is loaded
+by its library (open_clip, SentenceTransformer, onnxruntime at batch 1 and 5 in one session) and its
 embeddings of probe inputs compared with ours; a difference above ``--tolerance`` is a
 ``RunError`` (exit 1) and nothing is kept. The checkpoint is read through align/loading.py
 (safetensors, YAML, JSON): nothing is ever unpickled.
@@ -37,7 +41,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from align.errors import ConfigError, RunError, staged_folder
+from align.errors import ConfigError, RunError, remove_staged_leftovers, staged_folder
 from align.export.matryoshka import truncated_model
 from align.loading import load_model, model_folder, read_saved_config
 from align.model import AlignModel, check_prefix_dim, prefix
@@ -71,15 +75,34 @@ def checked_model_folder(checkpoint: str) -> str:
     return folder
 
 
+def check_out(out: str, model_dir: str, overwrite: bool) -> None:
+    """A ``ConfigError`` naming ``--out`` when the export cannot be put there, before any work:
+    a path inside a file, a file, a non-empty folder without ``overwrite``, or the model's own
+    folder or one holding it (replacing ``--out`` would delete the checkpoint being exported)."""
+    target, model = os.path.realpath(out), os.path.realpath(model_dir)
+    if os.path.commonpath([target, model]) == target:
+        raise ConfigError(f"--out {out} is or contains the checkpoint being exported ({model_dir}); the export "
+                          "replaces --out whole, which would delete the checkpoint: choose an --out outside it")
+    above = os.path.dirname(target)
+    while not os.path.exists(above):  # the first existing folder above --out, where it will be made
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ConfigError(f"--out {out}: {above} is a file, so no folder can be made inside it")
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ConfigError(f"--out {out} is a file; give a folder path (--overwrite replaces only an export folder)")
+    if os.path.isdir(target) and os.listdir(target) and not overwrite:
+        raise ConfigError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
 def format_problems(model: AlignModel) -> Dict[str, Optional[str]]:
-    """Each format -> why the model's towers do not allow it, or None."""
+    """Each format -> why the model's towers do not allow it or its library is missing, or None."""
     from align.export.onnx import onnx_problem
     from align.export.open_clip import open_clip_problem
     from align.export.sentence_transformers import sentence_transformers_problem
 
     tower_problems = [p for p in (onnx_problem(m, t) for m, t in model.towers.items()) if p]
     return {"open_clip": open_clip_problem(model), "sentence_transformers": sentence_transformers_problem(model),
-            "onnx": "; ".join(tower_problems) or None}
+            "onnx": "; ".join(dict.fromkeys(tower_problems)) or None}  # a missing library: said once, not per tower
 
 
 def choose_formats(problems: Dict[str, Optional[str]], asked: Optional[List[str]]) -> Tuple[List[str], Dict[str, str]]:
@@ -87,7 +110,7 @@ def choose_formats(problems: Dict[str, Optional[str]], asked: Optional[List[str]
     if asked is not None:
         refused = {name: problems[name] for name in asked if problems[name]}
         if refused:
-            raise ConfigError("--formats: " + "; ".join(f"{name} is not possible for this model: {why}"
+            raise ConfigError("--formats: " + "; ".join(f"{name} cannot be exported: {why}"
                                                          for name, why in refused.items()))
         return asked, {}
     return [n for n in FORMATS if not problems[n]], {n: why for n in FORMATS if (why := problems[n])}
@@ -221,10 +244,13 @@ def export(checkpoint: str, out: str, formats: Optional[List[str]] = None, overw
         raise ConfigError(f"--quantize {quantize}: choose from {', '.join(QUANTIZE)}")
     if quantize and formats is not None and "onnx" not in formats:
         raise ConfigError(f"--quantize {quantize} quantises the ONNX graphs: add onnx to --formats")
+    if int8_min_cosine is not None and not quantize:
+        raise ConfigError(f"--int8-min-cosine {int8_min_cosine} is the bound for the int8 graphs: add --quantize int8")
     if int8_min_cosine is not None and not 0 < int8_min_cosine <= 1:
         raise ConfigError(f"--int8-min-cosine {int8_min_cosine}: must be in (0, 1]")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-        raise ConfigError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    check_out(out, folder, overwrite)
+    # The staging folder of an export killed mid-write; one export writes one --out, so none is in use.
+    remove_staged_leftovers(out)
     config = read_saved_config(folder)
     model = load_model(folder)
     full_dim = output_width(model)
@@ -233,7 +259,7 @@ def export(checkpoint: str, out: str, formats: Optional[List[str]] = None, overw
     written_model = model if dim is None or dim == full_dim else truncated_model(model, dim, full_dim)
     chosen, skipped = choose_formats(format_problems(written_model), formats)
     if quantize and "onnx" not in chosen:
-        raise ConfigError(f"--quantize {quantize} quantises the ONNX graphs, which this model cannot have: "
+        raise ConfigError(f"--quantize {quantize} quantises the ONNX graphs, which cannot be exported: "
                           f"{skipped.get('onnx')}")
     if not chosen:
         raise ConfigError("no format is possible for this model: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))

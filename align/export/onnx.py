@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from align.errors import RunError, write_json_atomic
+from align.export.libraries import missing_library
 from align.towers.audio import AudioTransformerTower, HFAudioTower
 from align.towers.base import Tower
 from align.towers.open_clip import OpenClipImageTower, OpenClipTextTower, _encodes_prefixes
@@ -51,6 +52,9 @@ OUTPUT = "embedding"
 OPSET = 18  # LayerNormalization is a native op from opset 17 on
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GiB: bigger weights go to a .data file beside it
 MAX_BATCH = 65536
+# module name: pip package. torch.onnx's dynamo exporter needs onnxscript; checking and quantising need onnxruntime
+LIBRARIES = {"onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime"}
+INSTALL = "pip install 'align[export]'"
 Precision = Literal["float32", "int8"]
 
 
@@ -191,6 +195,9 @@ def graph_for(tower: Tower) -> Tuple[nn.Module, Tuple[torch.Tensor, ...], List[s
 
 def onnx_problem(modality: str, tower: Tower) -> Optional[str]:
     """Why this tower has no ONNX graph here, or None."""
+    missing = missing_library(LIBRARIES, INSTALL)
+    if missing:
+        return missing
     known = (OpenClipImageTower, OpenClipTextTower, HFTextTower, AudioTransformerTower, HFAudioTower)
     if not isinstance(tower, known):
         return (f"model.towers.{modality} is a {type(tower).__name__}; ONNX export knows "

@@ -23,10 +23,13 @@ import torch
 from torch import nn
 
 from align.errors import RunError
+from align.export.libraries import missing_library
 from align.model import AlignModel
 from align.towers.text import HFTextTower
 
 SUBDIR = "sentence_transformers"
+LIBRARIES = {"sentence_transformers": "sentence-transformers"}  # module name: pip package
+INSTALL = "pip install sentence-transformers"
 
 
 def sentence_transformers_problem(model: AlignModel) -> Optional[str]:
@@ -35,6 +38,9 @@ def sentence_transformers_problem(model: AlignModel) -> Optional[str]:
     if not isinstance(tower, HFTextTower):
         kind = type(tower).__name__ if tower is not None else "no text tower"
         return f"sentence-transformers needs an hf_text text tower (a transformers encoder); this model has {kind}"
+    missing = missing_library(LIBRARIES, INSTALL)
+    if missing:  # before _dense_layers, which imports it
+        return missing
     if _dense_layers(tower.projection) is None:
         return (f"model.towers.text.projection is {type(tower.projection).__name__}; only identity, linear and "
                 "mlp projections are written as sentence-transformers Dense modules")
