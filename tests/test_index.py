@@ -373,3 +373,28 @@ def test_faiss_and_torch_agree_and_masked_items_are_never_returned():
     np.testing.assert_allclose(results["faiss"][0], results["torch"][0], rtol=0, atol=2 * logit_error(16, 1.0))
     with pytest.raises(ValueError, match="already in the index"):
         ExactIndex.from_embeddings(emb).add(emb.vectors["fused"][:1], emb.ids[:1])
+
+
+@pytest.mark.parametrize("value, text", [
+    ("  red scarf ", "red scarf"), ("10.0", "10.0"), ("True", "True"),  # text stays as written, stripped
+    (True, "true"), (False, "false"), (np.bool_(True), "true"),  # JSON's words, not Python's
+    (10, "10"), (np.int64(-3), "-3"), (10.0, "10"), (-0.0, "0"), (np.float32(7.0), "7"),  # whole: as a JSON 10
+    (10.5, "10.5"), (np.float32(0.1), "0.1"), (1e-7, "1e-07"), (float("inf"), "inf"),
+    (None, None), ("", None), ("   ", None), (float("nan"), None), (np.float64("nan"), None),  # no value
+    ([1, True], "[1, true]"), ({"b": 1, "a": None}, '{"a": null, "b": 1}'),
+])
+def test_metadata_text_is_the_one_text_form_of_a_value(value, text):
+    assert index_module.metadata_text(value) == text
+
+
+def test_index_metadata_keeps_jsonl_values_as_json_writes_them_and_csv_cells_as_written(tmp_path):
+    from align.index.build import read_metadata
+
+    (tmp_path / "a.jsonl").write_text('{"id": "j1", "in_stock": true, "price": 10.0, "size": 2.5, "note": null}\n'
+                                      '{"id": "j2", "in_stock": false, "price": 3, "size": " M "}\n')
+    (tmp_path / "b.csv").write_text("id,in_stock,price,size,note\nc1,True,10.0, 2.50 ,\n")
+    metadata, fields = read_metadata([str(tmp_path / "a.jsonl"), str(tmp_path / "b.csv")], None)
+    assert fields == ["in_stock", "price", "size", "note"]
+    assert metadata == {"j1": {"in_stock": "true", "price": "10", "size": "2.5"},
+                        "j2": {"in_stock": "false", "price": "3", "size": "M"},
+                        "c1": {"in_stock": "True", "price": "10.0", "size": "2.50"}}

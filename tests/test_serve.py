@@ -3,10 +3,15 @@ text search, photo and sound uploads and recommendations answer what the encoder
 recommender give one by one; every bad request gets a 4xx naming its field and the next good request
 still works; queries that arrive together share forwards and each gets its own row."""
 import asyncio
+import contextlib
 import csv
+import io
+import json
 import os
+import struct
 import threading
 import time
+import zlib
 from types import SimpleNamespace
 
 import httpx
@@ -15,8 +20,8 @@ import pytest
 import torch
 import uvicorn
 
-from align.index.search import QueryEncoder, open_catalogue, search
-from align.serve.app import create_app, main as serve_main
+from align.index.search import MAX_QUERY_PIXELS, QueryEncoder, open_catalogue, search
+from align.serve.app import MAX_TEXT_CHARS, create_app, main as serve_main
 from align.serve.batching import MicroBatcher
 from tests.conftest import EPS32, free_port
 from tests.test_search import ROW_BOUND, assert_apart, checkpoint, embed, rows_of  # noqa: F401
@@ -60,6 +65,13 @@ def server(items, head):
     index, encoder = open_catalogue(items, device="cpu")
     recommender = Recommender.load(head)
     app = create_app(encoder, index, recommender, max_batch=32, max_wait_ms=20, max_upload_mb=UPLOAD_MB)
+    with serving(app) as (url, client):
+        yield SimpleNamespace(url=url, client=client, index=index, encoder=encoder, recommender=recommender)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """(url, an httpx client of it) while uvicorn serves ``app`` in a thread on a free port."""
     port = free_port()
     uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
@@ -75,10 +87,12 @@ def server(items, head):
             pass
         assert time.monotonic() < deadline, "no /healthz answer within 60 s"
         time.sleep(0.05)
-    with httpx.Client(base_url=url, timeout=60) as client:
-        yield SimpleNamespace(url=url, client=client, index=index, encoder=encoder, recommender=recommender)
-    uvicorn_server.should_exit = True
-    thread.join(30)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield url, client
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(30)
 
 
 def expected_results(server, modality, value, k):
@@ -152,15 +166,54 @@ def _corrupt(path, keep=0.5):
     return data[: int(len(data) * keep)]
 
 
+def flat_png(width, height):
+    """A valid PNG of ``width`` x ``height`` black 1-bit pixels, compressed row by row: zlib packs
+    the zero rows ~1000 to 1, so 8200 x 8200 px is a ~10 KB file, made without holding the image."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then 8 pixels a byte
+    compressor = zlib.compressobj(9)
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale, not interlaced
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def test_the_flat_png_is_small_and_declares_its_size():
+    from PIL import Image
+
+    side = 8200  # 67,240,000 pixels: over MAX_QUERY_PIXELS, under PIL's own warning (89M)
+    data = flat_png(side, side)
+    assert side * side > MAX_QUERY_PIXELS and len(data) < 64 * 1024
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size == (side, side) and image.mode == "1"
+    small = Image.open(io.BytesIO(flat_png(20, 3)))
+    assert small.size == (20, 3) and small.convert("L").getextrema() == (0, 0)  # it decodes, all black
+
+
 def bad_requests(small_demo):
     """(name, request kwargs for httpx, path, expected status, the field the answer must name)."""
     rows = rows_of(os.path.join(small_demo, "test.csv"))
     image = os.path.join(small_demo, next(r["image"] for r in rows if r["image"]))
     audio = os.path.join(small_demo, next(r["audio"] for r in rows if r["audio"]))
     big = b"\x89PNG" + bytes(UPLOAD_MB * 1024 * 1024 + 10)
+    long_text = "star " * (MAX_TEXT_CHARS // 5 + 1)  # just over the limit
     return [
         ("malformed JSON", {"content": b'{"text": "star", ', "headers": {"content-type": "application/json"}},
          "/search", 422, "body"),
+        ("JSON nested too deeply", {"content": b'{"text": "star", "where": ' + b"[" * 100_000 + b"}"}, "/search",
+         422, "body"),
+        ("a field name that is a lone surrogate", {"content": b'{"text": "star", "\\ud800": 1}'}, "/search", 422,
+         "\ud800"),
+        ("a where key that is a lone surrogate", {"content": b'{"text": "star", "where": {"\\ud800": null}}'},
+         "/search", 422, "where"),
+        ("text too long", {"json": {"text": long_text}}, "/search", 422, "text"),
+        ("text too long in a form", {"files": {"text": (None, long_text)}}, "/search", 422, "text"),
+        ("form text over 64 KiB", {"files": {"text": (None, "star " * 14_000)}}, "/search", 413, "text"),
+        ("image of too many pixels", {"files": {"image": ("flat.png", flat_png(8200, 8200))}}, "/search", 400,
+         "image"),
+        ("image PIL itself refuses to open", {"files": {"image": ("flat.png", flat_png(14_000, 14_000))}},
+         "/search", 400, "image"),
         ("JSON not an object", {"json": ["star"]}, "/search", 422, "body"),
         ("empty text", {"json": {"text": "  "}}, "/search", 422, "text"),
         ("text not a string", {"json": {"text": 3}}, "/search", 422, "text"),
@@ -199,7 +252,8 @@ def test_every_bad_request_gets_a_4xx_naming_its_field_and_the_server_keeps_serv
         assert answer["field"] == field, (name, answer)
         assert field in answer["detail"] or name in ("malformed JSON", "JSON not an object", "oversized upload",
                                                       "corrupt image", "not an image", "empty image",
-                                                      "corrupt audio"), (name, answer)
+                                                      "corrupt audio", "JSON nested too deeply",
+                                                      "a field name that is a lone surrogate"), (name, answer)
         good_request(server)
     # the messages say what was wrong
     named = {name: server.client.post(path, **request).json()["detail"]
@@ -207,7 +261,67 @@ def test_every_bad_request_gets_a_4xx_naming_its_field_and_the_server_keeps_serv
     assert "photo.png" in named["corrupt image"] and "cannot be read as image" in named["corrupt image"]
     assert "not valid JSON" in named["malformed JSON"] and "upload limit of 1 MiB" in named["oversized upload"]
     assert "no-such-item" in named["unknown history items"] and "nobody-42" in named["unknown user"]
+    assert "nested too deeply" in named["JSON nested too deeply"]
+    assert named["a where key that is a lone surrogate"].startswith("where.\ud800: ")
+    assert f"limit of {MAX_TEXT_CHARS:,}" in named["text too long"] == named["text too long in a form"]
+    assert "over 64 KiB" in named["form text over 64 KiB"]
+    assert f"8200 x 8200 = 67,240,000 pixels, over the {MAX_QUERY_PIXELS:,}" in named["image of too many pixels"]
+    assert f"at most {MAX_QUERY_PIXELS:,} pixels" in named["image PIL itself refuses to open"]
+    assert named["where on a field not kept"].count("where") == 1  # not "where {...}: where: no field"
     good_request(server)
+
+
+@pytest.fixture(scope="module")
+def stock(items, tmp_path_factory):
+    """An `align index` of the items with metadata from a JSONL catalogue of JSON booleans, floats
+    and text (each item's row, as the test reads it back), and uvicorn serving it."""
+    from align.index.build import main as index_main
+
+    folder = tmp_path_factory.mktemp("stock")
+    ids = json.load(open(os.path.join(items, "ids.json")))["ids"]
+    rows = {item: {"id": item, "in_stock": n % 2 == 0, "price": (10.0, 12.5, 7.0)[n % 3],
+                   "tag": ("blue", "red", "green", "blue")[n % 4]} for n, item in enumerate(ids)}
+    with open(folder / "stock.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows.values())
+    assert index_main(["--embeddings", items, "--out", str(folder / "index"), "--kind", "exact",
+                       "--metadata", str(folder / "stock.jsonl")]) == 0
+    index, encoder = open_catalogue(str(folder / "index"), device="cpu")
+    with serving(create_app(encoder, index)) as (url, client):
+        yield SimpleNamespace(client=client, index=str(folder / "index"), rows=rows)
+
+
+def test_json_booleans_and_numbers_of_a_jsonl_catalogue_can_be_filtered_on(stock, capsys):
+    from align.search.command import main as search_main
+
+    rows = stock.rows.values()
+
+    def having(**wanted):  # brute force: the ids whose catalogue row has these Python values
+        return {r["id"] for r in rows if all(r[key] == value for key, value in wanted.items())}
+
+    in_stock = having(in_stock=True)
+    assert 0 < len(in_stock) < len(rows) and 0 < len(having(price=10.0)) < len(rows)
+    for where, expected in (({"in_stock": True}, in_stock), ({"in_stock": "true"}, in_stock),
+                            ({"in_stock": False}, having(in_stock=False)), ({"price": 10}, having(price=10.0)),
+                            ({"price": "10"}, having(price=10.0)), ({"price": 10.0}, having(price=10.0)),
+                            ({"price": 12.5}, having(price=12.5)), ({"price": "12.5"}, having(price=12.5)),
+                            ({"in_stock": True, "price": 10}, having(in_stock=True, price=10.0)),
+                            ({" tag ": " blue "}, having(tag="blue")),  # keys and values stripped
+                            ({"in_stock": "True"}, set())):  # Python's spelling is not the catalogue's
+        response = stock.client.post("/search", json={"text": "star", "k": 1000, "where": where})
+        assert response.status_code == 200, (where, response.text)
+        results = response.json()["results"]
+        assert {r["id"] for r in results} == expected, where
+        assert all(r["metadata"]["in_stock"] == json.dumps(stock.rows[r["id"]]["in_stock"]) for r in results)
+    for value in ({"a": 1}, [True], None):  # not one value: 422 naming where.in_stock
+        response = stock.client.post("/search", json={"text": "star", "where": {"in_stock": value}})
+        assert response.status_code == 422 and response.json()["field"] == "where", value
+        assert response.json()["detail"].startswith("where.in_stock: "), value
+    # align search reads text: in_stock=true and price=10 are the JSON true and 10.0
+    for flags, expected in ((["--where", "in_stock=true", "--where", "price=10"], having(in_stock=True, price=10.0)),
+                            (["--where", "in_stock=false"], having(in_stock=False))):
+        assert search_main(["--index", stock.index, "--text", "star", "-k", "1000", "--json", "--device", "cpu",
+                            *flags]) == 0
+        assert {r["id"] for r in json.loads(capsys.readouterr().out)["results"]} == expected, flags
 
 
 def test_concurrent_requests_share_forwards_and_answer_as_one_by_one(server, small_demo):

@@ -175,6 +175,29 @@ def test_token_cache_is_bounded_and_hands_out_copies():
     assert cache("red star").tolist() == [8, 7] and calls.count("red star") == 2
 
 
+def test_token_cache_is_bounded_by_the_characters_of_its_texts():
+    from align.towers.base import TokenCache
+
+    calls = []
+
+    def tokenize(text):
+        calls.append(text)
+        return torch.tensor([len(text)])
+
+    cache = TokenCache(tokenize, size=100, max_chars=10)
+    cache("aaaa"), cache("bbbb")  # 8 characters: both kept
+    assert list(cache._store) == ["aaaa", "bbbb"]
+    cache("cccc")  # 12 > 10: the oldest goes, though far fewer than 100 texts are held
+    assert list(cache._store) == ["bbbb", "cccc"]
+    cache("dd")  # 10: nothing more goes
+    assert list(cache._store) == ["bbbb", "cccc", "dd"]
+    assert cache("x" * 11).tolist() == [11]  # longer than the bound: tokenised, never kept
+    assert list(cache._store) == ["bbbb", "cccc", "dd"] and calls.count("x" * 11) == 1
+    assert cache("x" * 11).tolist() == [11] and calls.count("x" * 11) == 2
+    cache("eeeeeeeeee")  # 10 characters alone: all the others go
+    assert list(cache._store) == ["eeeeeeeeee"] and cache._chars == 10
+
+
 def test_text_padding_after_the_longest_text_is_not_encoded_and_changes_nothing():
     tower = OpenClipTextTower(OpenClipConfig(model=TINY_CLIP), 32).eval().double()  # float64: see below
     load_clip_halves.cache_clear()

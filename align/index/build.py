@@ -12,7 +12,8 @@ Folder format ``align-index/1``::
                          its int64 ids are our labels (below)
     <out>/ids.json       {"labels": [int64 label of each item], "ids": [item id], "count": N}
                          in label order; only items that can be returned
-    <out>/metadata.json  {"fields": [...], "items": {item id: {field: value}}}  (empty values left out)
+    <out>/metadata.json  {"fields": [...], "items": {item id: {field: value}}}  (values as text, written
+                         by ``metadata_text``: JSON true -> "true", 10.0 -> "10"; empty ones left out)
     <out>/index.json     {"format": "align-index/1", "kind", "factory", "dim", "full_dim" (the model's
                           width; dim < full_dim for a Matryoshka prefix: --dim here or in `align
                           embed`, and queries must be cut to dim and renormalised too), "count", "modality",
@@ -86,7 +87,7 @@ import numpy as np
 import torch
 
 from align.errors import ConfigError, RunError, atomic_open
-from align.index.index import PAD_SCORE, Matrix, as_matrix
+from align.index.index import PAD_SCORE, Matrix, as_matrix, metadata_text
 from align.index.vectors import (FUSED, IDS_FILE as EMBED_IDS_FILE, TENSORS_FILE, ItemEmbeddings, load_item_embeddings,
                                  truncate_embeddings)
 from align.loading import read_json
@@ -259,6 +260,13 @@ def _write_json(data: Any, path: str, indent: Optional[int] = None) -> Dict[str,
     return {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
+def stored_metadata(values: Dict[str, Any]) -> Dict[str, str]:
+    """{field: value} as the index keeps it: each value in its one text form (``metadata_text``),
+    empty ones left out."""
+    texts = {field: metadata_text(value) for field, value in values.items()}
+    return {field: text for field, text in texts.items() if text is not None}
+
+
 class CatalogueIndex:
     """A FAISS index over a catalogue's item vectors, with item ids, metadata and its measured recall.
 
@@ -339,7 +347,8 @@ class CatalogueIndex:
         Args:
             queries: (Q, D) unit rows, numpy or torch (converted to float32, C-contiguous).
             k: results per query.
-            where: field -> value that every returned item's metadata must equal.
+            where: field -> value that every returned item's metadata must equal (compared as
+                ``metadata_text`` writes it: True matches a catalogue's true, 10 its 10.0).
         Returns:
             (scores (Q, k) float32, padded with -inf; ids: Q lists of at most k item ids). Every
             list has k ids whenever k items match ``where``.
@@ -363,7 +372,7 @@ class CatalogueIndex:
         allowed = self._live.copy()
         for field, value in where.items():
             if field not in self.fields:
-                raise ValueError(f"where: no field {field!r} in this index's metadata; it holds {self.fields} "
+                raise ValueError(f"no field {field!r} in this index's metadata; it holds {self.fields} "
                                  f"(align index --metadata ... --fields ...)")
             if field not in self._postings:
                 postings: Dict[str, List[int]] = {}
@@ -372,7 +381,8 @@ class CatalogueIndex:
                         postings.setdefault(values[field], []).append(self._label_of[item])
                 self._postings[field] = {v: np.asarray(rows, dtype=np.int64) for v, rows in postings.items()}
             has = np.zeros_like(allowed)
-            has[self._postings[field].get(str(value), np.zeros(0, dtype=np.int64))] = True
+            # the stored text form: where={"in_stock": True} matches a catalogue's JSON true
+            has[self._postings[field].get(metadata_text(value), np.zeros(0, dtype=np.int64))] = True
             allowed &= has
         return allowed
 
@@ -441,7 +451,8 @@ class CatalogueIndex:
         Args:
             vectors: (M, D) unit rows, numpy or torch.
             ids: (M,) item ids, unique.
-            metadata: item id -> {field: value} for (some of) the new items.
+            metadata: item id -> {field: value} for (some of) the new items; values are kept as
+                ``metadata_text`` writes them (True as "true", 10.0 as "10"), empty ones left out.
             present: (M,) bool, rows that hold a real vector (an ``align embed`` mask); the others
                 are not stored (and an id already present with such a row is removed).
         """
@@ -468,7 +479,7 @@ class CatalogueIndex:
         self._live = np.concatenate([self._live, np.ones(len(kept_ids), dtype=bool)])
         self._label_of.update(zip(kept_ids, labels.tolist()))
         for item in kept_ids:
-            values = {f: str(v) for f, v in (metadata or {}).get(item, {}).items() if v is not None and str(v) != ""}
+            values = stored_metadata((metadata or {}).get(item, {}))
             if values:
                 self._metadata[item] = values
                 self.fields += [f for f in values if f not in self.fields]
@@ -646,7 +657,8 @@ def build_index(emb: ItemEmbeddings, kind: str = "auto", modality: str = FUSED, 
         kind: "auto" | "exact" | "hnsw" | "ivf" | "ivfpq" | a FAISS factory string ("IVF1024,PQ32x8").
         modality: which vectors to index.
         memory_mb: FAISS memory budget for ``auto`` and ``ivfpq``; None: no limit.
-        metadata: item id -> {field: value} to filter on (``search(where=...)``).
+        metadata: item id -> {field: value} to filter on (``search(where=...)``), kept as
+            ``metadata_text`` writes each value.
         seed: training sample, k-means start and the recall samples.
         recall_target: recall@10 the search parameter is tuned to reach (module docstring).
         measure: tune and measure recall (False: none of it; for exact search over a folder).
@@ -680,6 +692,7 @@ def build_index(emb: ItemEmbeddings, kind: str = "auto", modality: str = FUSED, 
             "recall_sample": 0, "recall_target": recall_target, "search_params": {},
             "checkpoint": emb.metadata.get("checkpoint"), "embeddings": None,
             "seed": seed, "threads": threads, "next_label": len(kept), "tombstones": 0}
+    metadata = {item: stored_metadata(values) for item, values in (metadata or {}).items()}  # as add keeps them
     catalogue = CatalogueIndex(index, labels, [ids[r] for r in kept.tolist()], metadata, info)
     if len(held):
         info.update(_tune_and_measure(catalogue, vectors, held, tune_rows, measure_rows, recall_target),
@@ -763,8 +776,9 @@ def open_index(path: str) -> CatalogueIndex:
 
 def read_metadata(manifests: Sequence[str], fields: Optional[Sequence[str]],
                   id_column: str = "id") -> Tuple[Dict[str, Dict[str, str]], List[str]]:
-    """(item id -> {field: value}, fields) from catalogue manifests (CSV, JSONL, Parquet); empty
-    values are left out. ``fields`` None: every column but the id. A missing file, or a field or id
+    """(item id -> {field: value}, fields) from catalogue manifests (CSV, JSONL, Parquet); each
+    value in its one text form (``metadata_text``: a JSON true is "true", 10.0 is "10"), empty
+    ones left out. ``fields`` None: every column but the id. A missing file, or a field or id
     column a manifest lacks, is a ``ConfigError`` naming the file and column."""
     from pathlib import Path
 
@@ -791,7 +805,7 @@ def read_metadata(manifests: Sequence[str], fields: Optional[Sequence[str]],
             item = row.get(id_column)
             if item is None or str(item).strip() == "":
                 continue
-            values = {f: str(row[f]).strip() for f in wanted if row.get(f) is not None and str(row[f]).strip()}
+            values = stored_metadata({f: row.get(f) for f in wanted})
             metadata.setdefault(str(item).strip(), {}).update(values)
     return metadata, chosen
 

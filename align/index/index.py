@@ -8,10 +8,15 @@ indexes and sharding are to come behind this same API.
 
 Rows are numbered as given (``ids[row]``); rows that are not ``allowed`` (an item without that
 modality, an item out of stock) are never stored, so they are never returned and cost nothing.
+
+``metadata_text`` is the one text form of a catalogue metadata value, used where the indexes store
+metadata and where ``where`` filters are read (``align search --where``, ``align serve``).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Literal, Optional, Sequence, Tuple, Union
+import json
+import math
+from typing import TYPE_CHECKING, Any, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,6 +29,34 @@ Matrix = Union[np.ndarray, torch.Tensor]
 QUERY_CHUNK = 256  # torch search: queries and rows per matmul, (256, 65536) float32 scores = 64 MiB
 ROW_CHUNK = 65536
 PAD_SCORE = -np.inf  # the score beside a -1 row (fewer than k rows to return)
+
+
+def metadata_text(value: Any) -> Optional[str]:
+    """The one text form of a metadata value, or None for no value (None, NaN, empty text).
+
+    Metadata is kept and filtered on as text, and a JSONL or Parquet catalogue, a JSON ``where``
+    and ``align search --where in_stock=true`` must all write a value the same way to match:
+    text is stripped; booleans are "true"/"false" (JSON's words, not Python's "True"); a whole
+    finite float is its integer ("10" for 10.0, as a JSON 10 reads); other numbers their shortest
+    repr ("10.5"); lists and objects their JSON. A CSV cell is text, so "10.0" there stays "10.0".
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return None
+        if math.isfinite(value) and float(value).is_integer():
+            return str(int(value))
+        return str(value)  # shortest text of its own precision: "10.5", float32 0.1 -> "0.1", "inf"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    return str(value).strip() or None  # dates, decimals...: as Python writes them
 
 
 def _faiss():

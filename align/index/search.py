@@ -15,8 +15,10 @@ vectors of two models share a size, not a space).
 """
 from __future__ import annotations
 
+import io
 import os
 import re
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -29,6 +31,9 @@ from align.loading import load_model, model_folder
 from align.model import check_prefix_dim, prefix
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
+# A query photo's most pixels (8000 x 8000). Its header is read before decoding: a PNG of one colour
+# compresses a thousandfold, so a 160 KiB upload of 13000 x 13000 px decodes to ~800 MiB.
+MAX_QUERY_PIXELS = 64_000_000
 
 
 class QueryError(ConfigError):
@@ -95,7 +100,8 @@ class QueryEncoder:
             value: the text; for image and audio a file path or the file's bytes.
             name: how errors name the input (default: the path, or "the <modality> query").
         Raises:
-            QueryError naming the input for empty text, a missing file, bytes that do not decode.
+            QueryError naming the input for empty text, a missing file, bytes that do not decode,
+            a photo of more than ``MAX_QUERY_PIXELS`` pixels (checked before it is decoded).
         """
         self.check_modality(modality)
         name = name or (os.fspath(value) if isinstance(value, (str, os.PathLike)) and modality != "text"
@@ -106,6 +112,8 @@ class QueryEncoder:
             return self.preprocessors["text"](value)
         if isinstance(value, (bytes, bytearray, memoryview)) and len(value) == 0:
             raise QueryError(f"{name}: the {modality} file is empty (0 bytes)", modality)
+        if modality == "image":
+            check_image_pixels(value, name)
         try:
             raw = (open_image if modality == "image" else open_audio)(value, name, name)
             return self.preprocessors[modality](raw)
@@ -133,6 +141,28 @@ class QueryEncoder:
         """(Q, D) float32 unit rows for ``values`` of one modality (see ``prepare``), one forward."""
         names = list(names) if names is not None else [None] * len(values)
         return self.encode_prepared(modality, [self.prepare(modality, v, n) for v, n in zip(values, names)])
+
+
+def check_image_pixels(value: Source, name: str) -> None:
+    """A ``QueryError`` naming ``name`` when the image's header declares over ``MAX_QUERY_PIXELS``
+    pixels. Only the header is read (PIL opens lazily), so the refusal costs no decoding; a file
+    PIL cannot open at all is left for ``open_image`` to name."""
+    from PIL import Image
+
+    source = io.BytesIO(value) if isinstance(value, (bytes, bytearray, memoryview)) else value
+    try:
+        with warnings.catch_warnings():  # PIL warns past its own, larger limit; refused here anyway
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as error:  # over twice PIL's limit: refused before the size is read
+        raise QueryError(f"{name}: the image is too large ({error}); a query photo may have at most "
+                         f"{MAX_QUERY_PIXELS:,} pixels", "image") from None
+    except Exception:  # not an image, no such file: open_image says which
+        return
+    if width * height > MAX_QUERY_PIXELS:
+        raise QueryError(f"{name}: the image is {width} x {height} = {width * height:,} pixels, over the "
+                         f"{MAX_QUERY_PIXELS:,} a query photo may have; send a smaller photo", "image")
 
 
 def _reason(error: BaseException) -> str:

@@ -23,24 +23,30 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from align.errors import MODALITIES, ConfigError
 from align.explain.report import attach_explanation, format_explanation, search_explainer
+from align.index.index import metadata_text
 from align.index.search import open_catalogue, search
 
 
 def parse_where(pairs: Sequence[str], category: Optional[str]) -> Dict[str, str]:
     """``--where key=value`` pairs and ``--category X`` -> {key: value}; ``ConfigError`` for a pair
-    without "=" or a key given two values."""
+    without "=" or a value, or a key given two values. Values are compared as the index stores
+    metadata (``metadata_text``), so ``--where in_stock=true`` matches a JSONL catalogue's true."""
     where: Dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
+        key, text = key.strip(), metadata_text(value)
+        if not sep or not key or text is None:
             raise ConfigError(f"--where {pair!r}: expected key=value, e.g. --where colour=red")
-        if key.strip() in where and where[key.strip()] != value.strip():
-            raise ConfigError(f"--where {key.strip()}: given twice ({where[key.strip()]!r} and {value.strip()!r})")
-        where[key.strip()] = value.strip()
+        if key in where and where[key] != text:
+            raise ConfigError(f"--where {key}: given twice ({where[key]!r} and {text!r})")
+        where[key] = text
     if category is not None:
-        if "category" in where and where["category"] != category:
+        text = metadata_text(category)
+        if text is None:
+            raise ConfigError(f"--category {category!r}: give a category, e.g. --category scarf")
+        if "category" in where and where["category"] != text:
             raise ConfigError(f"--category {category!r} and --where category={where['category']!r} disagree")
-        where["category"] = category
+        where["category"] = text
     return where
 
 

@@ -14,8 +14,11 @@ request field>"}`` with a 4xx status, and the server goes on serving):
 ``POST /search``
     JSON ``{"text": "red striped scarf", "k": 10, "where": {"category": "scarf"}}``, or a
     multipart upload with ONE file field ``image`` or ``audio`` (and optional form fields ``k`` and
-    ``where``, the latter a JSON object). ``k`` is 1..1000 (default 10); ``where`` keeps the items
-    whose metadata equals every given value. Answer: ``{"results": [{"id": "...", "score": 0.83,
+    ``where``, the latter a JSON object). ``text`` is at most 8192 characters; ``k`` is 1..1000
+    (default 10); ``where`` keeps the items whose metadata equals every given value: text, a
+    number or a boolean, compared as the index keeps metadata (``metadata_text``: ``true`` or
+    ``"true"`` matches a catalogue's JSON true, ``10`` or ``"10"`` its 10.0; keys and values are
+    stripped). Answer: ``{"results": [{"id": "...", "score": 0.83,
     "metadata": {...}}, ...]}`` best first (``metadata`` when the index keeps some for the item).
 ``POST /recommend`` (with ``--recommender``)
     ``{"user": "u-17", "k": 10}`` (the user's history from the head's interaction log) or
@@ -40,10 +43,13 @@ request field>"}`` with a 4xx status, and the server goes on serving):
     ``{"status": "ok", "items", "dim", "modalities", "kind", "batching": {"forwards", "rows",
     "mean_batch", ...}, ...}``.
 
-Statuses: 400 an unreadable upload, an unknown file field, text and a file together, a modality
-the model lacks; 404 an unknown user, or /recommend or /events without a recommender; 413 a body
-over ``--max-upload-mb``; 422 malformed JSON, empty text, ``k`` outside 1..1000, an unknown or
+Statuses: 400 an unreadable upload, a photo of over 64M pixels, an unknown file field, text and a
+file together, a modality the model lacks; 404 an unknown user, or /recommend or /events without
+a recommender; 413 a body over ``--max-upload-mb``, a form field (not a file) over 64 KiB; 422
+malformed JSON, empty text or text over 8192 characters, ``k`` outside 1..1000, an unknown or
 mistyped field, unknown history items, an event's unknown item or event type or missing field.
+Every answer is ASCII JSON (other characters escaped), so one that echoes a request's lone
+surrogate still renders.
 """
 from __future__ import annotations
 
@@ -56,7 +62,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -64,6 +70,7 @@ from fastapi.responses import JSONResponse
 
 from align.errors import MODALITIES, ConfigError, RunError
 from align.explain.report import Explainers, attach_explanation
+from align.index.index import metadata_text
 from align.index.search import FilterError, QueryEncoder, QueryError, open_catalogue, search
 from align.rec.events import DEFAULT_EVENT_TYPES, EventError, LiveEvents, identity_map, names_list, parse_event
 from align.serve.batching import MicroBatcher
@@ -73,11 +80,24 @@ log = logging.getLogger(__name__)
 MAX_K = 1000
 MIB = 1024 * 1024
 FORM_SLACK = 64 * 1024  # multipart boundaries, part headers and the small fields around the file
+# (also the most a form field other than a file may hold)
+MAX_TEXT_CHARS = 8192  # a text query's most characters: it is tokenised on the event loop, and a
+# text tower reads only its first tokens (CLIP: 77) anyway
 DRAIN_FACTOR = 8  # an oversized body is read (and dropped) up to this many times the limit, so the
 # client gets its 413 instead of a broken pipe; past that the connection is simply closed
 FILE_FIELDS = tuple(m for m in MODALITIES if m != "text")
 SEARCH_FIELDS = ("text", "k", "where", "explain")
 RECOMMEND_FIELDS = ("user", "history", "k", "explain")
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped. A request may hold a lone surrogate
+    (``"\\ud800"`` is valid JSON) that an answer echoes (an error naming the field, an event's
+    user); UTF-8 cannot encode it, so starlette's JSONResponse would fail with a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, indent=None,
+                          separators=(",", ":")).encode("ascii")
 
 
 class RequestError(Exception):
@@ -120,22 +140,31 @@ def parse_k(value: Any, default: int = 10) -> int:
 
 
 def parse_where(value: Any) -> Dict[str, str]:
-    """``where``: a JSON object of metadata key -> value (strings, numbers read as text); 422 otherwise."""
+    """``where``: a JSON object of metadata key -> text, number or boolean, each value in the text
+    form the index keeps (``metadata_text``: ``true`` -> "true", ``10.0`` -> "10"), keys and values
+    stripped; 422 naming ``where.<key>`` for an object, a list, null or an empty value."""
     if value is None:
         return {}
     if isinstance(value, str):  # a form field carries it as JSON text
-        try:
-            value = json.loads(value)
-        except ValueError as error:
-            raise RequestError(422, "where", f"where must be a JSON object such as {{\"category\": \"scarf\"}} "
-                                             f"({error})") from None
+        value = json_value(value, "where", "{\"category\": \"scarf\"}")
     if not isinstance(value, dict):
         raise RequestError(422, "where", f"where must be an object of metadata key -> value, got "
                                          f"{type(value).__name__}")
-    bad = [key for key, v in value.items() if isinstance(v, (dict, list, bool)) or v is None]
-    if bad:
-        raise RequestError(422, "where", f"where.{bad[0]}: the value must be a string, got {value[bad[0]]!r}")
-    return {str(key): str(v) for key, v in value.items()}
+    where: Dict[str, str] = {}
+    for key, item in value.items():
+        key = key.strip()
+        if isinstance(item, (dict, list)) or item is None:
+            kind = "null" if item is None else "an object" if isinstance(item, dict) else "a list"
+            raise RequestError(422, "where", f"where.{key}: the value must be text, a number or true/false, "
+                                             f"got {kind}")
+        text = metadata_text(item)
+        if not key or text is None:
+            empty = "the key is empty" if not key else "the value is empty or NaN"
+            raise RequestError(422, "where", f"where.{key}: {empty}; give e.g. {{\"category\": \"scarf\"}}")
+        if where.get(key, text) != text:
+            raise RequestError(422, "where", f"where.{key}: given twice ({where[key]!r} and {text!r})")
+        where[key] = text
+    return where
 
 
 def parse_explain(value: Any) -> bool:
@@ -149,15 +178,35 @@ def parse_explain(value: Any) -> bool:
     return value
 
 
+def json_value(data: Union[str, bytes], field: str, example: str) -> Any:
+    """``data`` read as JSON; 422 naming ``field`` when it is not JSON, or nests so deeply that
+    Python's decoder runs out of stack (a RecursionError: 100 KB of "[" is enough)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        what = "the body" if field == "body" else f"the {field} field"
+        raise RequestError(422, field, f"{what} is not valid JSON ({reason}); send e.g. {example}") from None
+
+
 def parse_json_object(body: bytes) -> Dict[str, Any]:
     """The request body as a JSON object; 422 naming the problem otherwise."""
-    try:
-        value = json.loads(body)
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
-        raise RequestError(422, "body", f"the body is not valid JSON ({error}); send e.g. "
-                                        f"{{\"text\": \"red scarf\", \"k\": 10}}") from None
+    value = json_value(body, "body", "{\"text\": \"red scarf\", \"k\": 10}")
     if not isinstance(value, dict):
         raise RequestError(422, "body", f"the body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_text(value: Any) -> str:
+    """``text`` (JSON or a form field): a string with some words, of at most ``MAX_TEXT_CHARS``
+    characters; 422 naming ``text`` otherwise."""
+    if not isinstance(value, str):
+        raise RequestError(422, "text", f"text must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RequestError(422, "text", "text is empty; give some words to search for")
+    if len(value) > MAX_TEXT_CHARS:
+        raise RequestError(422, "text", f"text is {len(value):,} characters, over the limit of {MAX_TEXT_CHARS:,}; "
+                                        f"send a shorter query (the text tower reads only its first tokens)")
     return value
 
 
@@ -172,13 +221,8 @@ def search_query_from_json(body: Dict[str, Any]) -> SearchQuery:
                                          f"(or a multipart {' or '.join(FILE_FIELDS)} file)")
     if "text" not in body:
         raise RequestError(422, "text", "give the text to search for, or upload an image or audio file as multipart")
-    text = body["text"]
-    if not isinstance(text, str):
-        raise RequestError(422, "text", f"text must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise RequestError(422, "text", "text is empty; give some words to search for")
-    return SearchQuery("text", text, "text", parse_k(body.get("k")), parse_where(body.get("where")),
-                       parse_explain(body.get("explain")))
+    return SearchQuery("text", parse_text(body["text"]), "text", parse_k(body.get("k")),
+                       parse_where(body.get("where")), parse_explain(body.get("explain")))
 
 
 def _declared_length(request: Request) -> Optional[int]:
@@ -215,6 +259,24 @@ def too_big(field: str, size: int, max_upload: int) -> RequestError:
                                     f"{max_upload / MIB:g} MiB ({max_upload:,} bytes; align serve --max-upload-mb)")
 
 
+def form_field_too_big(body: bytes, content_type: str) -> RequestError:
+    """The 413 refusal of a multipart body with a field (not a file) over ``FORM_SLACK`` bytes.
+    starlette does not say which field it was, so the body's largest such part is named (``form``
+    when the body shows none)."""
+    boundary = re.search(r'boundary="?([^";]+)"?', content_type)
+    field, size = "form", 0
+    for part in body.split(b"--" + boundary.group(1).encode("latin-1")) if boundary else []:
+        headers, _, data = part.partition(b"\r\n\r\n")
+        name = re.search(rb'\bname="([^"]*)"', headers)
+        if name and b"filename=" not in headers and len(data) > max(size, FORM_SLACK):
+            field, size = name.group(1).decode("utf-8", "replace"), len(data)
+    what = "a form field" if field == "form" else f"the form field {field!r}"
+    hint = (f"; a text query is at most {MAX_TEXT_CHARS:,} characters" if field == "text"
+            else "; send large content as a file field")
+    return RequestError(413, field, f"{what} is over {FORM_SLACK // 1024} KiB ({FORM_SLACK:,} bytes), the most a "
+                                    f"form field other than a file may hold{hint}")
+
+
 async def search_query_from_form(request: Request, max_upload: int) -> SearchQuery:
     """A multipart /search request -> ``SearchQuery``: one file field ``image`` or ``audio`` (or a
     ``text`` field), optional ``k`` and ``where``."""
@@ -234,7 +296,10 @@ async def search_query_from_form(request: Request, max_upload: int) -> SearchQue
     try:
         form = await Request(request.scope, receive).form(max_files=4, max_fields=16, max_part_size=FORM_SLACK)
     except (HTTPException, MultiPartException) as error:
-        raise RequestError(400, "body", f"malformed multipart form: {getattr(error, 'detail', error)}") from None
+        message = str(getattr(error, "detail", None) or getattr(error, "message", None) or error)
+        if message.startswith("Part exceeded maximum size"):  # starlette's words for a field over max_part_size
+            raise form_field_too_big(body, request.headers.get("content-type", "")) from None
+        raise RequestError(400, "body", f"malformed multipart form: {message}") from None
     try:
         files: List[Tuple[str, Any]] = []
         fields: Dict[str, str] = {}
@@ -261,9 +326,7 @@ async def search_query_from_form(request: Request, max_upload: int) -> SearchQue
             if "text" not in fields:
                 raise RequestError(422, "body", f"no query: upload a file field {' or '.join(FILE_FIELDS)}, "
                                                 f"or send JSON {{\"text\": ...}}")
-            if not fields["text"].strip():
-                raise RequestError(422, "text", "text is empty; give some words to search for")
-            return SearchQuery("text", fields["text"], "text", k, where, explain)
+            return SearchQuery("text", parse_text(fields["text"]), "text", k, where, explain)
         key, upload = files[0]
         data = await upload.read()
         if len(data) > max_upload:
@@ -366,7 +429,7 @@ class Service:
         loop = asyncio.get_running_loop()
         try:
             self.encoder.check_modality(query.modality)
-            if query.modality == "text":  # tokenising is cheap (and cached): on the loop
+            if query.modality == "text":  # tokenising is cheap (cached, at most MAX_TEXT_CHARS): on the loop
                 prepared = self.encoder.prepare("text", query.value, query.name)
             else:  # decoding a photo or a sound is not: in a thread
                 prepared = await loop.run_in_executor(None, self.encoder.prepare, query.modality, query.value,
@@ -443,12 +506,12 @@ def create_app(encoder: QueryEncoder, index: Any, recommender: Any = None, max_b
             await service.stop()
 
     app = FastAPI(title="align", description="Catalogue search by text, photo or sound; recommendations.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, default_response_class=AsciiJSONResponse)
     app.state.service = service
 
     @app.exception_handler(RequestError)
     async def refused(_: Request, error: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": error.message, "field": error.field}, status_code=error.status)
+        return AsciiJSONResponse({"detail": error.message, "field": error.field}, status_code=error.status)
 
     @app.get("/healthz")
     async def healthz() -> Dict[str, Any]:

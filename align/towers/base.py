@@ -35,24 +35,35 @@ class TokenCache:
 
     Catalogue texts repeat: the variants of one product share a title, and mined negatives are
     other items' texts, tokenised again for every sample that lists them. Tokenising is the
-    dearest text step in a worker (open_clip's cleans and BPE-encodes in Python). The oldest
-    entry goes first when full; callers get a copy, so mutating it leaves the cache intact.
+    dearest text step in a worker (open_clip's cleans and BPE-encodes in Python). It holds at
+    most ``size`` texts of ``max_chars`` characters in all (the keys are what can grow: a served
+    query may be long, while its tokens are cut to the context); the oldest entries go first
+    when either is full, and a text longer than ``max_chars`` is tokenised but not kept. Callers
+    get a copy, so mutating it leaves the cache intact.
     """
 
-    def __init__(self, tokenize: Callable[[str], Any], size: int = 8192) -> None:
-        self.tokenize, self.size = tokenize, size
+    def __init__(self, tokenize: Callable[[str], Any], size: int = 8192, max_chars: int = 1 << 24) -> None:
+        self.tokenize, self.size, self.max_chars = tokenize, size, max_chars
         self._store: Dict[str, Any] = {}
+        self._chars = 0  # total length of the keys held
 
     def __call__(self, text: str) -> Any:
         tokens = self._store.get(text)
         if tokens is None:
             tokens = self.tokenize(text)
-            if len(self._store) >= self.size:
-                del self._store[next(iter(self._store))]
-            self._store[text] = tokens
+            if len(text) <= self.max_chars:
+                self._keep(text, tokens)
         if isinstance(tokens, dict):
             return {k: v.clone() for k, v in tokens.items()}
         return tokens.clone()
+
+    def _keep(self, text: str, tokens: Any) -> None:
+        self._store[text] = tokens
+        self._chars += len(text)
+        while len(self._store) > self.size or self._chars > self.max_chars:  # oldest first (dicts keep order)
+            oldest = next(iter(self._store))
+            del self._store[oldest]
+            self._chars -= len(oldest)
 
 
 class Tower(nn.Module):
