@@ -444,6 +444,10 @@ def _loss_config(data: Dict[str, Any], key: str) -> LossConfig:
 def _read_yaml(path: str, seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
+    if os.path.isdir(path):
+        hint = f"; give its config.yaml ({os.path.join(path, 'config.yaml')})" if os.path.isfile(
+            os.path.join(path, "config.yaml")) else ""
+        raise ConfigError(f"config file {path} is a folder{hint}")
     with open(path, encoding="utf-8") as handle:
         try:
             data = yaml.safe_load(handle) or {}

@@ -128,6 +128,9 @@ def test_bad_flags_are_refused_naming_them(evaluated, tmp_path, capsys):
         (["--log-dir", log_dir, "--dims", "8,4096"], "--dims"),
         (["--log-dir", log_dir, "--k", "0"], "--k"),
         (["--log-dir", str(tmp_path)], "stats.json"),
+        (["--log-dir", log_dir, "--max-grade", "2"], "--max-grade 2: "),  # the log has buys (3)
+        (["--log-dir", log_dir, "--output", str(tmp_path)], "is a folder"),
+        (["--log-dir", log_dir, "--fields-from", str(tmp_path)], "is a folder"),
     ]
     for extra, named in cases:
         assert cli_main(base + extra) == 2, extra

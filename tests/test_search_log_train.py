@@ -360,6 +360,23 @@ def _held_out(shop):
     return f"data.search_log.val={shop[2]}/val.csv"
 
 
+def test_a_held_out_log_graded_above_the_event_scale_is_scored_on_its_own_scale(shop, tmp_path):
+    """A held-out log may grade by a relevance column, above the events' top grade (buy = 3); the
+    run's validation takes the log's top as the scale's (it stopped the run with a ValueError at
+    its first evaluation)."""
+    from align.model import build_model
+    from align.searchlog.evaluate import validate_on_log
+
+    ids = [row["id"] for row in csv.DictReader(open(os.path.join(shop[0], "train.csv")))]
+    val = tmp_path / "val.csv"
+    val.write_text(f"query,item_id,relevance\nred star,{ids[0]},4\nred star,{ids[1]},1\nblue ring,{ids[2]},2\n")
+    config = load_config(None, search_overrides(shop, tmp_path / "run", f"data.search_log.val={val}"))
+    with torch.no_grad():
+        figures = validate_on_log(build_model(config.model).eval(), config, torch.device("cpu"))["search"]
+    assert figures["n_queries"] == 2
+    assert all(0 <= figures[name] <= 1 for name in ("ndcg@10", "err@10", "mrr"))
+
+
 @pytest.mark.once  # every figure it compares comes from the same kernels
 def test_held_out_log_keeps_the_best_model_and_stops_when_it_no_longer_improves(shop, tmp_path):
     """data.search_log.val is scored at every evaluation; train.best_metric keeps the model of the

@@ -145,6 +145,21 @@ def test_events_map_to_grades(tmp_path):
         read_search_log(str(no_grade), CATALOGUE_IDS)
 
 
+def test_a_typed_query_is_one_query_whatever_its_unicode_form_case_and_spacing(tmp_path):
+    """"café" typed as one code point or as e + a combining accent (NFC and NFD: two clients), in
+    capitals or with doubled spaces, is one query: its judgements merge instead of counting twice."""
+    log_path = tmp_path / "log.csv"
+    forms = ["caf\u00e9 star", "cafe\u0301 star", "CAF\u00c9  star", "caf\u00e9 star "]
+    with open(log_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["query", "item_id", "event"])
+        writer.writerows([[form, "a1", "view"] for form in forms] + [[forms[1], "b2", "buy"]])
+    log, report = read_search_log(str(log_path), CATALOGUE_IDS, max_bad_fraction=1.0)
+    assert len(log.queries) == 1 and report.counts["duplicate"] == 3
+    assert log.queries[0].text == "caf\u00e9 star"  # as first spelled, in its composed form
+    assert sorted(zip(log.items.tolist(), log.grades.tolist())) == [(0, 1.0), (1, 3.0)]
+
+
 # ------------------------------------------------------------------------------------------------
 # the simulator
 # ------------------------------------------------------------------------------------------------

@@ -275,6 +275,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--k {args.k} / --depth {args.depth}: need 1 <= k <= depth")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.output and os.path.isdir(args.output):
+        raise ConfigError(f"--output {args.output} is a folder; give the JSON file's path, e.g. "
+                          f"{os.path.join(args.output, 'search_eval.json')}")
 
 
 def judge(checkpoint: str, catalogue: Sequence[str], log_dir: str, splits: Sequence[str], dims: Sequence[int],
@@ -295,6 +298,11 @@ def judge(checkpoint: str, catalogue: Sequence[str], log_dir: str, splits: Seque
     judged = {how: [read_split(log_dir, split, stats, item_ids, how) for split in splits]
               for how in judged_by}  # all checked first
     data = judged[judged_by[0]]
+    for d in (d for splits_data in judged.values() for d in splits_data):  # before the model is loaded
+        top = float(d.log.grades.max()) if len(d.log.grades) else 0.0
+        if top > max_grade:
+            raise ConfigError(f"--max-grade {max_grade:g}: {d.path} grades up to {top:g}; give the top of its "
+                              f"grading scale (--max-grade {top:g})")
 
     encoder = QueryEncoder(checkpoint, device)
     full_dim = encoder.dim
@@ -352,7 +360,8 @@ def validate_on_log(model: Any, config: Any, device: torch.device, depth: int = 
     split = SplitData("val", search.val, log, np.arange(len(items.ids), dtype=np.int64))
     encoder = QueryEncoder(config.train.output_dir, device, model=model)  # named by the run in errors
     queries = encode_queries(encoder, split, config.eval.batch_size)
-    top = max(events.grades.values())
+    # the grading scale's top: the events' top grade, or higher where a relevance column says so
+    top = max([*events.grades.values(), *log.grades.tolist()])
     scored = score_split(queries, items.vectors["fused"], relevance_of(split), [q.modality for q in log.queries],
                          [None], top, SEARCH_VAL_K, min(depth, len(items.ids)))
     return {("search" if group == ALL else f"search-{group}"): by_dim[FULL] for group, by_dim in scored.items()}

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
@@ -199,8 +200,8 @@ def _query_columns(table: Dict[str, np.ndarray], columns: SearchLogColumns, n: i
     out = {}
     for modality, name in (("text", columns.query), ("image", columns.query_image), ("audio", columns.query_audio)):
         values = as_text(table[name]) if name and name in table else np.full(n, "", dtype=object)
-        if modality == "text":  # "red  star " and "red star" are one query
-            values = np.asarray([" ".join(v.split()) for v in values], dtype=object)
+        if modality == "text":  # "red  star " and "red star" are one query, as are "café" and "cafe\u0301"
+            values = np.asarray([" ".join(unicodedata.normalize("NFKC", v).split()) for v in values], dtype=object)
         out[modality] = values
     return out
 
