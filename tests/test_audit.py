@@ -1,7 +1,9 @@
 """`align audit` finds what is wrong with a catalogue's listings: a swapped photo (and says the photo
 is the wrong view), a re-encoded and cropped copy of a photo under a new id, an unreadable and a
 missing file; distinct renders of look-alike products are not duplicates; audit.csv is sorted by
-severity with a reason per row; report.html opens in headless Chromium and draws the findings."""
+severity with a reason per row; report.html opens in headless Chromium and draws the findings.
+Thresholds that cannot be used (NaN among them) and bad manifests are refused by name; `--items`
+is checked against when each manifest's rows were embedded, appends included."""
 import io
 import json
 import os
@@ -215,6 +217,32 @@ def test_thresholds_can_be_overridden_and_bad_ones_are_refused(trained, tmp_path
     assert "--max-crop" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--mismatch-z", "nan", "must be finite and > 0"), ("--outlier-z", "nan", "must be finite and > 0"),
+    ("--outlier-z", "inf", "must be finite and > 0"), ("--max-crop", "nan", "must be finite and > 0"),
+    ("--max-aspect-error", "nan", "must be finite and > 0"), ("--max-structure", "-1.5", "must be finite and > 0"),
+    ("--max-colour-shift", "nan", "must be finite and > 0"), ("--min-grain", "nan", "must be finite and > 0"),
+    ("--min-grain", "0.0", "must be finite and > 0"), ("--weak-grain", "nan", "must be finite and > 0"),
+    ("--weak-grain", "1.5", "a correlation, at most 1"), ("--max-hamming", "-1", "a count, must be >= 0"),
+    ("--layout-neighbours", "-2", "a count, must be >= 0")])
+def test_thresholds_that_cannot_be_used_are_refused_by_flag(trained, tmp_path, capsys, flag, value, message):
+    demo, checkpoint = trained
+    out = tmp_path / "audit"
+    assert audit(checkpoint, [os.path.join(demo, "test.csv")], out, flag, value) == 2
+    assert f"{flag} {value}: {message}" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was embedded or written
+
+
+def test_a_bad_manifest_is_an_error_naming_its_rows_not_a_traceback(trained, tmp_path, capsys):
+    demo, checkpoint = trained
+    rows = read_rows(os.path.join(demo, "test.csv"))[:6]
+    repeated = write_rows(rows + rows[2:3], os.path.join(demo, "repeated.csv"))
+    assert audit(checkpoint, [repeated], tmp_path / "audit") == 1
+    err = capsys.readouterr().err
+    assert f"align audit: duplicate id '{rows[2]['id']}' at {repeated}:4 and {repeated}:8" in err
+    assert "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------------------
 # --items: the vectors `align embed` wrote, read instead of embedded again
 # ------------------------------------------------------------------------------------------------
@@ -297,6 +325,33 @@ def test_items_of_other_inputs_are_refused_before_anything_is_embedded(embedded,
     photo = copy / next(row["image"] for row in read_rows(copy / "test.csv") if row["image"])
     os.utime(photo, (future, future))
     refused("photo", checkpoint, copied, items, "1 media files changed", str(photo))
+
+
+def test_items_appended_to_are_checked_against_when_each_manifest_was_embedded(trained, tmp_path, capsys):
+    demo, checkpoint = trained
+    catalogue = tmp_path / "catalogue"
+    shutil.copytree(demo, catalogue)
+    rows = read_rows(catalogue / "test.csv")
+    first = write_rows(rows[:20], catalogue / "first.csv")
+    items = tmp_path / "items"
+    assert align_main(["embed", "--checkpoint", checkpoint, "--manifest", first, "--out", str(items),
+                       "--device", "cpu", "--batch-size", "16"]) == 0
+    # Cold items arrive later, in a manifest written after the first embedding, at another batch size.
+    later = write_rows(rows[20:], catalogue / "later.csv")
+    assert align_main(["embed", "--checkpoint", checkpoint, "--manifest", later, "--out", str(items),
+                       "--device", "cpu", "--batch-size", "8", "--append"]) == 0
+    assert load_item_embeddings(str(items)).metadata["batch_size"] == "16,8"  # not all rows at 8
+    assert audit(checkpoint, [first, later], tmp_path / "audit", "--items", str(items)) == 0
+    assert f"item vectors read from {items}" in capsys.readouterr().out
+
+    # A photo of the first manifest changed after its rows were embedded, before the append: its vector
+    # is stale, however new the folder's files are.
+    embedded = json.loads(load_item_embeddings(str(items)).metadata["embedded_at"])[os.path.abspath(first)]
+    photo = catalogue / next(row["image"] for row in rows[:20] if row["image"])
+    os.utime(photo, ns=(embedded + 1, embedded + 1))
+    assert audit(checkpoint, [first, later], tmp_path / "stale", "--items", str(items)) == 2
+    err = capsys.readouterr().err
+    assert f"--items {items}: 1 media files changed after it was embedded ({photo})" in err, err
 
 
 def test_audit_reports_more_broken_files_than_align_embed_accepts(trained, tmp_path):

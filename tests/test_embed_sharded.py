@@ -1,7 +1,8 @@
 """`align embed` in shards: the merged parts are the one-pass vectors bit for bit (a sample meets the
 same batch-mates however the catalogue is cut), whether the shards run in one process, in two
 processes under `accelerate launch`, as separate `--part i/n` jobs, or across an interruption, after
-which the shards already written are not embedded again; parts of other inputs are refused."""
+which the shards already written are not embedded again; parts of other inputs (another device type
+or torch included) are refused; merged parts are fused as their plan says."""
 import os
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 
 from align.errors import ConfigError, RunError
 from align.index import embed as embed_module
-from align.index.embed import PARTS, PLAN_FILE, main
-from align.index.vectors import load_item_embeddings
+from align.index.embed import PARTS, PLAN_FILE, check_plan, embedding_plan, main, read_catalogue, start_plan
+from align.index.vectors import EMBEDDED_AT, load_item_embeddings
 from tests.conftest import REPO, launch_two_processes, one_step_checkpoint
 from tests.test_index import read_rows, write_rows
 
@@ -40,7 +41,11 @@ def embed(checkpoint, out, manifests, *extra):
 
 
 def assert_identical(a, b):
-    assert a.ids == b.ids and a.metadata == b.metadata and set(a.vectors) == set(b.vectors)
+    # When each run started (embedded_at) differs between runs; everything else must not.
+    def settings(emb):
+        return {key: value for key, value in emb.metadata.items() if key != EMBEDDED_AT}
+
+    assert a.ids == b.ids and settings(a) == settings(b) and set(a.vectors) == set(b.vectors)
     for name in a.vectors:
         assert torch.equal(a.masks[name], b.masks[name]), name
         assert torch.equal(a.vectors[name], b.vectors[name]), name  # bit for bit, not close
@@ -130,6 +135,44 @@ def test_parts_of_changed_inputs_are_refused_unless_restarted(checkpoint, catalo
               "--device", "cpu", "--batch-size", "8"])
     assert embed(checkpoint, tmp_path / "items", [changing], "--restart") == 0
     assert load_item_embeddings(str(tmp_path / "items")).ids == [r["id"] for r in rows[:25]]
+
+
+def test_merge_only_fuses_as_the_plan_says_and_refuses_other_weights(checkpoint, catalogue, tmp_path):
+    manifests, _ = catalogue
+    weighted = ("--fusion-weights", "text=1,image=2,audio=0")
+    assert embed(checkpoint, tmp_path / "whole", manifests, *weighted) == 0
+    out = tmp_path / "parts"
+    assert embed(checkpoint, out, manifests, *weighted, "--shards", 2, "--keep-parts") == 0
+    os.remove(out / "embeddings.safetensors")
+    # Without --fusion-weights the parts are fused with the plan's weights, which the folder records.
+    assert embed(checkpoint, out, manifests, "--merge-only", "--keep-parts") == 0
+    merged = load_item_embeddings(str(out))
+    assert merged.metadata["fusion_weights"] == "audio=0,image=2,text=1"
+    assert_identical(merged, load_item_embeddings(str(tmp_path / "whole")))
+    # Other weights would make a folder that says one fusion and holds another.
+    os.remove(out / "embeddings.safetensors")
+    with pytest.raises(ConfigError, match=r"--fusion-weights audio=0,image=5,text=1: .*planned with "
+                                          r"audio=0,image=2,text=1"):
+        embed(checkpoint, out, manifests, "--merge-only", "--fusion-weights", "text=1,image=5,audio=0")
+    assert not os.path.exists(out / "embeddings.safetensors")
+
+
+def test_parts_of_another_device_type_or_torch_are_refused(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("model.safetensors", "config.yaml"):
+        (model / name).write_text(name)
+    manifest = write_rows([{"id": "a", "text": "x"}], tmp_path / "m.csv")
+    catalogue = read_catalogue([manifest], ["text"], 2, lambda _: [{"id": "a", "_where": "m.csv:2", "text": "x"}])
+    metadata = {"dim": "4", "modalities": "text", "fusion": "mean", "batch_size": "2", "device": "cpu",
+                "torch": "2.4.0"}
+    parts = str(tmp_path / PARTS)
+    start_plan(parts, embedding_plan(catalogue, str(model), metadata, 1), restart=False)
+    check_plan(parts, embedding_plan(catalogue, str(model), metadata, 1), restart=False)  # the same: resumed
+    for key, value in (("device", "cuda"), ("torch", "2.5.0")):
+        changed = embedding_plan(catalogue, str(model), {**metadata, key: value}, 1)
+        with pytest.raises(ConfigError, match=f"{key} was '{metadata[key]}', now '{value}'"):
+            check_plan(parts, changed, restart=False)
 
 
 @pytest.mark.multiprocess

@@ -1,12 +1,15 @@
 """`align embed` writes one row per catalogue item (unit vectors, zero rows and False masks for what
 an item lacks or could not be read, a fused vector), reads back what it wrote, adds cold items with
 --append; `ExactIndex` returns the exact top k (as a float64 brute force does) with exclusions and
-masked rows, through FAISS and through torch alike."""
+masked rows, through FAISS and through torch alike. The folder records how and when its rows were
+embedded, and keeps saying so truthfully after appends (fields checkpoints included); a bad manifest
+is an error naming its rows, not a traceback."""
 import csv
 import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from align.cli import main as align_main
 from align.errors import ConfigError, RunError
 from align.index import index as index_module
 from align.index.embed import embed_manifests, main
 from align.index.index import ExactIndex
-from align.index.vectors import (FORMAT, ItemEmbeddings, append_item_embeddings, fuse, load_item_embeddings,
-                                 save_item_embeddings)
+from align.index.vectors import (EMBEDDED_AT, FORMAT, ItemEmbeddings, append_item_embeddings, embedded_times, fuse,
+                                 load_item_embeddings, save_item_embeddings)
 from tests.conftest import EPS32, logit_error, one_step_checkpoint
 
 DIM = 32  # model.embed_dim in tiny_overrides
@@ -91,7 +95,9 @@ def reference_vectors(checkpoint, manifest):
 
 def test_embed_writes_one_unit_row_per_item_masks_and_the_fused_mean(checkpoint, small_demo, tmp_path):
     manifest = os.path.join(small_demo, "test.csv")
+    before = time.time_ns()
     assert embed(checkpoint, tmp_path / "items", manifest) == 0
+    after = time.time_ns()
     rows = read_rows(manifest)
     tensors = load_file(tmp_path / "items" / "embeddings.safetensors")
     with safe_open(str(tmp_path / "items" / "embeddings.safetensors"), framework="pt") as handle:
@@ -99,6 +105,8 @@ def test_embed_writes_one_unit_row_per_item_masks_and_the_fused_mean(checkpoint,
     listing = json.load(open(tmp_path / "items" / "ids.json"))
     modalities = metadata["modalities"].split(",")
     assert sorted(modalities) == ["audio", "image", "text"]
+    started = json.loads(metadata.pop(EMBEDDED_AT))  # when the run started, before it read anything
+    assert list(started) == [os.path.abspath(manifest)] and before <= started[os.path.abspath(manifest)] <= after
     assert metadata == {"format": FORMAT, "checkpoint": os.path.abspath(os.path.join(checkpoint, "model")),
                         "dim": str(DIM), "modalities": ",".join(modalities), "fusion": "mean",
                         "batch_size": "16", "device": "cpu", "torch": torch.__version__}
@@ -189,7 +197,11 @@ def test_rows_follow_the_manifests_and_append_adds_and_replaces(checkpoint, smal
     old, new = load_item_embeddings(str(tmp_path / "whole")), load_item_embeddings(str(tmp_path / "later"))
     merged = load_item_embeddings(str(tmp_path / "items"))
     assert merged.ids == [r["id"] for r in rows]
-    assert merged.metadata == old.metadata
+    assert {k: v for k, v in merged.metadata.items() if k != EMBEDDED_AT} == {
+        k: v for k, v in old.metadata.items() if k != EMBEDDED_AT}
+    times = embedded_times(merged.metadata, "items")  # each manifest's rows, embedded by a run of its own
+    assert list(times) == sorted([os.path.abspath(first), os.path.abspath(later)])
+    assert times[os.path.abspath(first)] < times[os.path.abspath(later)]
     edited = merged.row_of()[changed["id"]]
     for name in merged.vectors:
         # re-embedded and new items from the later embedding, the others as first embedded
@@ -226,6 +238,76 @@ def test_weighted_fusion_matches_a_float64_reference(checkpoint, small_demo, tmp
                                    {m: emb.masks[m] for m in emb.modalities}, weights)
     assert emb.masks["fused"].tolist() == present.tolist()
     assert (emb.vectors["fused"].double() - fused).abs().max() < FUSED_BOUND
+
+def fields_checkpoint(checkpoint, folder, attributes_weight):
+    """The checkpoint's model folder with ``model.fields`` set (as search-log fine-tuning saves it):
+    the photo, the title, and colour + kind as one text field of weight ``attributes_weight``."""
+    model = shutil.copytree(os.path.join(checkpoint, "model"), folder, dirs_exist_ok=True)
+    config = Path(model) / "config.yaml"
+    text = config.read_text()
+    assert text.count("  fields: {}\n") == 1
+    config.write_text(text.replace("  fields: {}\n", (
+        "  fields:\n    image: {modality: image, weight: 1.0}\n"
+        "    title: {modality: text, columns: [title], weight: 1.0}\n"
+        f"    attributes: {{modality: text, columns: [colour, kind], weight: {attributes_weight}}}\n")))
+    return str(model)
+
+
+def test_append_with_a_fields_checkpoint_adds_its_items_and_refuses_other_fields(checkpoint, small_demo, tmp_path):
+    model = fields_checkpoint(checkpoint, tmp_path / "fields_model", 2.0)
+    rows = read_rows(os.path.join(small_demo, "test.csv"))
+    first = write_rows(rows[:20], os.path.join(small_demo, "fields-first.csv"))
+    rest = write_rows(rows[20:], os.path.join(small_demo, "fields-rest.csv"))
+    assert embed(model, tmp_path / "items", first) == 0
+    assert embed(model, tmp_path / "items", rest, extra=["--append"]) == 0
+    assert embed(model, tmp_path / "rest", rest) == 0
+    merged, alone = load_item_embeddings(str(tmp_path / "items")), load_item_embeddings(str(tmp_path / "rest"))
+    assert merged.ids == [r["id"] for r in rows]
+    assert merged.metadata["fusion"] == "fields"
+    assert merged.metadata["fields"] == "image:image=1,title:text[title]=1,attributes:text[colour+kind]=2"
+    for name in merged.vectors:  # the appended rows are those the fields give, bit for bit
+        assert torch.equal(merged.vectors[name][20:], alone.vectors[name])
+    # Another weight of a field makes other vectors: refused before anything is embedded.
+    fields_checkpoint(checkpoint, tmp_path / "fields_model", 3.0)
+    with pytest.raises(RunError, match=r"fields is '.*attributes:text\[colour\+kind\]=2' in the existing embeddings "
+                                       r"and '.*attributes:text\[colour\+kind\]=3' in the new ones"):
+        embed(model, tmp_path / "items", rest, extra=["--append"])
+    # A manifest that repeats an id is refused by name on this path too (field by field).
+    repeated = write_rows(rows[:5] + rows[2:3], tmp_path / "repeated.csv")
+    with pytest.raises(RunError, match=f"duplicate id '{rows[2]['id']}' at .*repeated.csv:4 and .*repeated.csv:7"):
+        embed(model, tmp_path / "repeated", repeated)
+
+
+def test_append_records_every_setting_its_rows_were_embedded_with_and_the_earliest_times():
+    existing, new = random_embeddings(10, seed=1), random_embeddings(4, seed=2)
+    existing.metadata.update(batch_size="16", device="cpu", torch="2.4.0",
+                             embedded_at=json.dumps({"/cat/a.csv": 100, "/cat/b.csv": 300}))
+    new.metadata.update(batch_size="8", device="cpu", torch="2.4.0",
+                        embedded_at=json.dumps({"/cat/b.csv": 500, "/cat/c.csv": 600}))
+    merged = append_item_embeddings(existing, new)
+    assert (merged.metadata["batch_size"], merged.metadata["device"], merged.metadata["torch"]) == (
+        "16,8", "cpu", "2.4.0")
+    assert json.loads(merged.metadata["embedded_at"]) == {"/cat/a.csv": 100, "/cat/b.csv": 300, "/cat/c.csv": 600}
+    # Appended to again: each value listed once, in the order first used.
+    again = random_embeddings(2, seed=3)
+    again.metadata.update(batch_size="16", device="cuda", torch="2.5.0")
+    twice = append_item_embeddings(merged, again).metadata
+    assert (twice["batch_size"], twice["device"], twice["torch"]) == ("16,8", "cpu,cuda", "2.4.0,2.5.0")
+
+
+def test_a_bad_manifest_is_an_error_naming_its_rows_not_a_traceback(checkpoint, small_demo, tmp_path, capsys):
+    rows = read_rows(os.path.join(small_demo, "test.csv"))[:6]
+    repeated = write_rows(rows + rows[2:3], os.path.join(small_demo, "repeated.csv"))
+    no_id = write_rows([{("sku" if k == "id" else k): v for k, v in row.items()} for row in rows],
+                       os.path.join(small_demo, "no-id.csv"))
+    for manifest, message in ((repeated, f"duplicate id '{rows[2]['id']}' at {repeated}:4 and {repeated}:8; "
+                                         f"ids must be unique"),
+                              (no_id, f"{no_id}: required id column 'id' is missing")):
+        code = align_main(["embed", "--checkpoint", checkpoint, "--manifest", manifest, "--out",
+                           str(tmp_path / "items"), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert code == 1 and f"align embed: {message}" in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "items" / "embeddings.safetensors")
 
 
 def random_embeddings(rows, dim=8, seed=0, ids=None):

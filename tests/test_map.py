@@ -2,7 +2,7 @@
 computes it) of every item's fused and modality vectors, with each item's modalities linked; the HTML
 needs no network and a real headless Chromium draws it (points in every category's colour, the
 audit's rings, an item's links when selected); the PNG is not blank; `--checkpoint` embeds first
-and gives the same map as `align embed` then `align map`."""
+and gives the same map as `align embed` then `align map`; a title is shown as written, whatever it spells."""
 import json
 import os
 import subprocess
@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from align.errors import ConfigError
+from align.errors import ConfigError, RunError
 from align.index.vectors import ItemEmbeddings, fuse, save_item_embeddings
 from align.map.command import main
 from align.map.project import pca_2d
 from tests.browser import assert_drawn, chromium, screenshot
 from tests.conftest import one_step_checkpoint
-from tests.test_index import write_rows
+from tests.test_index import read_rows, write_rows
 
 MODALITIES = ("text", "image", "audio")
 LAYERS = ("fused",) + MODALITIES
@@ -197,6 +197,17 @@ def test_past_max_items_the_flagged_items_stay_and_thumbnails_keep_to_their_budg
     assert thumbnails["count"] + thumbnails["left_out"] + thumbnails["unreadable"] == 10
 
 
+def test_a_title_is_shown_as_written_even_when_it_spells_a_placeholder(catalogue, tmp_path):
+    title = "Shoes & <hats>: __DATA__ __TITLE__"
+    run_map(catalogue, tmp_path, "--title", title)
+    page = (tmp_path / "map.html").read_text(encoding="utf-8")
+    head = page[page.index("<title>"):page.index("</title>") + len("</title>")]
+    assert head == "<title>Shoes &amp; &lt;hats>: __DATA__ __TITLE__</title>"
+    start = page.index('id="map-data">') + len('id="map-data">')
+    data = json.loads(page[start:page.index("</script>", start)])
+    assert data["title"] == title and len(data["ids"]) == ITEMS - 1  # the data whole: all but the bare item
+
+
 def test_inputs_that_cannot_be_used_are_refused_by_name(catalogue, tmp_path):
     base = ["--embeddings", catalogue["items"], "--manifest", catalogue["manifest"], "--out", str(tmp_path)]
     with pytest.raises(ConfigError, match="no column 'kind'.*--category-column"):
@@ -230,3 +241,8 @@ def test_checkpoint_embeds_first_and_gives_the_embed_folder_map(small_demo, tmp_
     assert direct["notes"]["thumbnails"]["count"] > 0 and {c["name"] for c in direct["categories"]} <= {
         "circle", "square", "triangle", "star", "ring", "cross"}
     assert_drawn(screenshot(tmp_path / "direct" / "map.html", tmp_path / "shot.png"))
+    # A manifest that repeats an id is refused naming its rows (align/cli.py reports a RunError).
+    rows = read_rows(manifest)[:4]
+    repeated = write_rows(rows + rows[1:2], os.path.join(small_demo, "repeated.csv"))
+    with pytest.raises(RunError, match=f"duplicate id '{rows[1]['id']}' at .*repeated.csv:3 and .*repeated.csv:6"):
+        main(["--checkpoint", checkpoint, "--out", str(tmp_path / "repeated"), *common[2:], "--manifest", repeated])

@@ -29,6 +29,7 @@ it is not (the duplicate check); each can be overridden.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from dataclasses import asdict, fields
@@ -242,11 +243,24 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--items {args.items}: no such folder; give the --out folder of `align embed`")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be positive")
-    for name in ("mismatch_z", "outlier_z", "max_crop", "max_aspect_error", "max_structure", "max_colour_shift"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
-    if not 0 < args.max_crop < 0.5:
-        raise ConfigError(f"--max-crop {args.max_crop}: a share of a side, in (0, 0.5)")
+    for item in fields(AgreementThresholds) + fields(DuplicateThresholds):
+        _check_threshold(item.name, getattr(args, item.name))
+
+
+def _check_threshold(name: str, value: float) -> None:
+    """A ``ConfigError`` naming the flag unless ``value`` is usable. NaN passes no comparison, so each
+    test says what a usable value satisfies."""
+    flag = f"--{name.replace('_', '-')} {value}"
+    if isinstance(value, int):  # pHash bits, neighbours: 0 turns that source of candidates off
+        if not value >= 0:
+            raise ConfigError(f"{flag}: a count, must be >= 0")
+        return
+    if not (math.isfinite(value) and value > 0):  # z-scores, shares, grey levels, correlations
+        raise ConfigError(f"{flag}: must be finite and > 0")
+    if name == "max_crop" and not value < 0.5:  # a crop of half a side leaves nothing to compare
+        raise ConfigError(f"{flag}: a share of a side, in (0, 0.5)")
+    if name in ("min_grain", "weak_grain") and not value <= 1:
+        raise ConfigError(f"{flag}: a correlation, at most 1 (above, no pair passes)")
 
 
 def _print_summary(summary: Dict[str, Any], out: str) -> None:

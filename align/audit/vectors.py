@@ -17,23 +17,26 @@ batches (``embed_batches``), or field by field for a checkpoint trained with ``m
 ``items``: a folder ``align embed`` wrote for the same checkpoint and manifests; its item vectors
 are read instead of embedded (``open_embedded``, ``check_embedded_rows``). What it does not hold,
 the views of single text columns (title, description) or of several fields of one modality, is
-still embedded. Its metadata records the checkpoint's model folder, not the batch size or device
-it was embedded with: another batch size or device gives vectors that differ in float32 rounding.
+still embedded. Its metadata records the batch size, device type and torch version its rows were
+embedded with (every value used, after appends with other ones); the audit does not require its own:
+another batch size or device gives vectors that differ only in float32 rounding. It also records when
+each manifest's rows were embedded (``embedded_at``, the earliest over appends), and a model file,
+manifest or media file changed after that time is refused: the vectors may not show it.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from align.config import Config, FieldConfig, product_fields
-from align.data.manifest import read_manifest
 from align.errors import ConfigError
-from align.index.embed import embed_batches, embed_fields, fields_metadata, load_for_embedding, merge_parts
-from align.index.vectors import FUSED, IDS_FILE, TENSORS_FILE, ItemEmbeddings, load_item_embeddings
+from align.index.embed import (embed_batches, embed_fields, fields_metadata, load_for_embedding, merge_parts,
+                                read_manifest_rows)
+from align.index.vectors import FUSED, IDS_FILE, TENSORS_FILE, ItemEmbeddings, embedded_times, load_item_embeddings
 from align.loading import model_folder, read_saved_config
 
 SHOWN = 5  # paths or ids named in a refusal
@@ -95,7 +98,8 @@ def embed_for_audit(checkpoint: str, manifests: Sequence[str], batch_size: int, 
     roots = [loader.dataset.root for loader, manifest_rows in zip(catalogue.loaders, catalogue.rows)
              for _ in manifest_rows]
     if stored is not None:
-        check_embedded_rows(items, stored, catalogue.ids, rows, roots)
+        sources = [manifest for manifest, manifest_rows in zip(manifests, catalogue.rows) for _ in manifest_rows]
+        check_embedded_rows(items, stored, catalogue.ids, rows, roots, sources)
     label = "" if progress else None
     if stored is None and config.model.fields:  # as embed_manifests embeds such a checkpoint
         ids, item_vectors, item_masks = embed_fields(model, config, manifests, batch_size, device, fields, label)
@@ -113,7 +117,7 @@ def embed_for_audit(checkpoint: str, manifests: Sequence[str], batch_size: int, 
             out.vectors[name], out.masks[name] = vectors[spec.modality], masks[spec.modality]
         if spec.modality == "text":
             columns = dataclasses.replace(config.data.columns, text=list(spec.columns))
-            out.texts[name] = [row["text"] for manifest in manifests for row in read_manifest(manifest, columns)]
+            out.texts[name] = [row["text"] for manifest in manifests for row in read_manifest_rows(manifest, columns)]
     return out
 
 
@@ -140,8 +144,10 @@ def open_embedded(folder: str, checkpoint: str, manifests: Sequence[str], config
     if metadata.get("checkpoint") != model:
         raise ConfigError(f"{where}: embedded with the model in {metadata.get('checkpoint')}, the audit reads "
                           f"{model}; {again}")
-    newer = _changed_after(os.path.join(folder, TENSORS_FILE), [os.path.join(model, "model.safetensors"),
-                                                                os.path.join(model, "config.yaml"), *manifests])
+    since, earliest = embedding_times(folder, stored, manifests)
+    newer = [path for path in (os.path.join(model, "model.safetensors"), os.path.join(model, "config.yaml"))
+             if _changed_after(path, earliest)]  # every row came from this model
+    newer += [manifest for manifest in manifests if _changed_after(manifest, since[manifest])]
     if newer:
         raise ConfigError(f"{where}: {', '.join(newer)} changed after it was embedded; {again}")
     if "full_dim" in metadata or stored.vectors[FUSED].shape[-1] != config.model.embed_dim:
@@ -158,25 +164,41 @@ def open_embedded(folder: str, checkpoint: str, manifests: Sequence[str], config
 
 
 def check_embedded_rows(folder: str, stored: ItemEmbeddings, ids: Sequence[str], rows: Sequence[Dict[str, Any]],
-                        roots: Sequence[str]) -> None:
+                        roots: Sequence[str], sources: Sequence[str]) -> None:
     """A ``ConfigError`` naming ``folder`` unless its rows are the catalogue's items in the same order
-    and no photo or sound of theirs changed after it was embedded (file modification times)."""
+    and no photo or sound of theirs changed after their manifest's rows were embedded (file
+    modification times against ``embedding_times``; ``sources``: each row's manifest)."""
     where = f"--items {folder}"
     if list(stored.ids) != list(ids):
         raise ConfigError(f"{where}: {_id_difference(stored.ids, ids)}; give the manifests in the order `align "
                           f"embed` was given them, embed them again, or leave out --items")
-    media = [os.path.join(roots[n], row[m]) for n, row in enumerate(rows) for m in ("image", "audio") if row.get(m)]
-    newer = _changed_after(os.path.join(folder, TENSORS_FILE), media)
+    since, _ = embedding_times(folder, stored, sorted(set(sources)))
+    media = [(os.path.join(roots[n], row[m]), since[sources[n]]) for n, row in enumerate(rows)
+             for m in ("image", "audio") if row.get(m)]
+    newer = [path for path, embedded in media if _changed_after(path, embedded)]
     if newer:
         raise ConfigError(f"{where}: {len(newer)} media files changed after it was embedded ("
                           f"{', '.join(newer[:SHOWN])}{' ...' if len(newer) > SHOWN else ''}); embed again or "
                           f"leave out --items")
 
 
-def _changed_after(reference: str, paths: Sequence[str]) -> List[str]:
-    """Those of ``paths`` modified after ``reference`` (missing ones are not: the audit reports them)."""
-    since = os.stat(reference).st_mtime_ns
-    return [path for path in paths if os.path.exists(path) and os.stat(path).st_mtime_ns > since]
+def embedding_times(folder: str, stored: ItemEmbeddings, manifests: Sequence[str]) -> Tuple[Dict[str, int], int]:
+    """(manifest -> when its rows in ``folder`` were embedded, the earliest of those), in ns: the
+    start of the run that embedded them (metadata ``embedded_at``; the earliest over appends, as a
+    file changed after it may not be in the rows embedded then). A manifest it does not name (the
+    same rows copied elsewhere) takes the earliest time; a folder written before the times were
+    recorded, its tensors file's modification time for all."""
+    recorded = embedded_times(stored.metadata, os.path.join(folder, TENSORS_FILE))
+    if not recorded:
+        written = os.stat(os.path.join(folder, TENSORS_FILE)).st_mtime_ns
+        return {manifest: written for manifest in manifests}, written
+    earliest = min(recorded.values())
+    return {manifest: recorded.get(os.path.abspath(manifest), earliest) for manifest in manifests}, earliest
+
+
+def _changed_after(path: str, since: int) -> bool:
+    """``path`` was modified after ``since`` (ns; a missing file was not: the audit reports it)."""
+    return os.path.exists(path) and os.stat(path).st_mtime_ns > since
 
 
 def _id_difference(stored: Sequence[str], wanted: Sequence[str]) -> str:

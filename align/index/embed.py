@@ -39,9 +39,9 @@ from align.encoding import Processes, embed_split, join_processes
 from align.config import FieldConfig
 from align.fields import field_weights
 from align.index.vectors import (FORMAT, FUSED, IDS_FILE, TENSORS_FILE, ItemEmbeddings, append_item_embeddings,
-                                 check_fusion_weights, check_same_space, fuse, fusion_metadata, id_list,
-                                 load_item_embeddings, parse_fusion_weights, save_item_embeddings,
-                                 truncate_embeddings)
+                                 check_fusion_weights, check_same_space, embedded_at_metadata, fuse,
+                                 fusion_metadata, fusion_weights_of, id_list, load_item_embeddings,
+                                 parse_fusion_weights, save_item_embeddings, truncate_embeddings)
 from align.loading import load_model, model_folder, read_json, read_saved_config, read_tensors, write_tensors
 from align.model import check_prefix_dim
 
@@ -220,12 +220,14 @@ def _check_inputs(checkpoint: str, manifests: Sequence[str], batch_size: int) ->
 
 
 def _space_metadata(folder: str, model: Any, fusion_weights: Optional[Dict[str, float]], batch_size: int,
-                    device: torch.device) -> Dict[str, str]:
-    """What the vectors are (model, space, fusion), and how they were computed: the same batch
-    size on the same device type and torch gives the same vectors bit for bit."""
+                    device: torch.device, manifests: Sequence[str], started_ns: int) -> Dict[str, str]:
+    """What the vectors are (model, space, fusion), how they were computed (the same batch size on
+    the same device type and torch gives the same vectors bit for bit) and when: ``started_ns``,
+    taken before the model and the manifests were read."""
     return {"format": FORMAT, "checkpoint": os.path.abspath(folder), "dim": str(model.embed_dim),
             "modalities": ",".join(model.modalities), **fusion_metadata(fusion_weights),
-            "batch_size": str(batch_size), "device": device.type, "torch": torch.__version__}
+            "batch_size": str(batch_size), "device": device.type, "torch": torch.__version__,
+            **embedded_at_metadata(manifests, started_ns)}
 
 
 def _load_checked(checkpoint: str, manifests: Sequence[str], batch_size: int, device: torch.device,
@@ -241,12 +243,22 @@ def _load_checked(checkpoint: str, manifests: Sequence[str], batch_size: int, de
     return folder, config, model
 
 
+def _manifest_loaders(config: Any, model: Any, manifests: Sequence[str], device: torch.device) -> List[Any]:
+    """An evaluation loader per manifest, with ``config``'s data settings. A manifest the reader
+    refuses (a repeated id, no id column) is a ``RunError`` with the reader's message, which names
+    the file and its rows: bad input, not a bug to show a traceback for."""
+    processor = SampleProcessor(model.preprocessors(train=False))
+    try:
+        return [loader_from_config(config, processor, train=False, spec=manifest, pin_memory=device.type == "cuda")
+                for manifest in manifests]
+    except ValueError as error:
+        raise RunError(str(error)) from None
+
+
 def _modality_catalogue(config: Any, model: Any, manifests: Sequence[str], batch_size: int,
                         device: torch.device) -> Catalogue:
     """The manifests as one ``Catalogue`` of all the model's modalities, a loader per manifest."""
-    processor = SampleProcessor(model.preprocessors(train=False))
-    loaders = [loader_from_config(config, processor, train=False, spec=manifest, pin_memory=device.type == "cuda")
-               for manifest in manifests]
+    loaders = _manifest_loaders(config, model, manifests, device)
     rows = iter([loader.dataset.rows for loader in loaders])
     return read_catalogue(manifests, model.modalities, batch_size, lambda _: next(rows), loaders)
 
@@ -255,9 +267,10 @@ def load_for_embedding(checkpoint: str, manifests: Sequence[str], batch_size: in
                        fusion_weights: Optional[Dict[str, float]] = None) -> Tuple[Any, Catalogue, Dict[str, str]]:
     """(model, catalogue with its loaders, embeddings metadata) for ``checkpoint`` and ``manifests``,
     every input checked first (see ``embed_manifests``)."""
+    started = time.time_ns()
     folder, config, model = _load_checked(checkpoint, manifests, batch_size, device, fusion_weights)
     catalogue = _modality_catalogue(config, model, manifests, batch_size, device)
-    return model, catalogue, _space_metadata(folder, model, fusion_weights, batch_size, device)
+    return model, catalogue, _space_metadata(folder, model, fusion_weights, batch_size, device, manifests, started)
 
 
 # ---------------------------------------------------------------- multi-field products
@@ -271,6 +284,8 @@ def load_for_embedding(checkpoint: str, manifests: Sequence[str], batch_size: in
 # says ``fusion: fields`` and the weights, so an append with other fields is refused.
 
 def fields_metadata(fields: Mapping[str, FieldConfig]) -> Dict[str, str]:
+    """The metadata entries that say how a catalogue embedded by ``fields`` is fused (compared
+    before an --append: other fields or weights make other vectors)."""
     described = ",".join(f"{name}:{spec.modality}{'[' + '+'.join(spec.columns) + ']' if spec.columns else ''}"
                          f"={spec.weight:g}" for name, spec in fields.items())
     return {"fusion": "fields", "fields": described}
@@ -280,7 +295,6 @@ def embed_fields(model: Any, config: Any, manifests: Sequence[str], batch_size: 
                  fields: Mapping[str, FieldConfig], progress: Optional[str] = None
                  ) -> Tuple[list, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """(ids, vectors, masks) of every item of ``manifests``: per modality and ``fused`` (module doc)."""
-    processor = SampleProcessor(model.preprocessors(train=False))
     passes: Dict[str, Tuple[str, Any]] = {}  # field -> (modality, config it is read with)
     for name, spec in fields.items():
         if spec.modality == "text":
@@ -292,8 +306,7 @@ def embed_fields(model: Any, config: Any, manifests: Sequence[str], batch_size: 
     vectors: Dict[str, torch.Tensor] = {}
     masks: Dict[str, torch.Tensor] = {}
     for name, (modality, read_config) in passes.items():
-        loaders = [loader_from_config(read_config, processor, train=False, spec=m, pin_memory=device.type == "cuda")
-                   for m in manifests]
+        loaders = _manifest_loaders(read_config, model, manifests, device)
         rows = iter([loader.dataset.rows for loader in loaders])
         catalogue = read_catalogue(manifests, [modality], batch_size, lambda _: next(rows), loaders)
         part = embed_batches(model, catalogue, catalogue.batches(), device,
@@ -344,9 +357,10 @@ def embed_manifests(checkpoint: str, manifests: Sequence[str], batch_size: int =
         ConfigError for a path or value that cannot be used (before the model is loaded),
         RunError for an id in two manifests or a catalogue with too many unreadable files.
     """
+    started = time.time_ns()
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder, config, model = _load_checked(checkpoint, manifests, batch_size, target, fusion_weights, model)
-    metadata = _space_metadata(folder, model, fusion_weights, batch_size, target)
+    metadata = _space_metadata(folder, model, fusion_weights, batch_size, target, manifests, started)
     return embed_catalogue(model, config, manifests, batch_size, target, metadata,
                            fusion_weights=fusion_weights, progress=progress, fields=fields)
 
@@ -405,15 +419,22 @@ def _stamp(path: str) -> Dict[str, Any]:
 def embedding_plan(catalogue: Catalogue, folder: str, metadata: Dict[str, str], shards: int) -> Dict[str, Any]:
     """What a folder of parts was made from, and its digest: a part is reused only under the same
     digest. The inputs are the manifests and the model's files (path, size and modification time),
-    the fusion, the batch size and the shard count: each changes which vectors a part holds."""
+    the fusion, the batch size, the device type, torch's version and the shard count: each changes
+    which vectors a part holds (the last three in float32 rounding: parts of two devices or two
+    torch versions would make a folder whose rows were not all computed alike)."""
     inputs = {"manifests": [_stamp(m) for m in catalogue.manifests],
               "model": [_stamp(os.path.join(folder, name)) for name in ("model.safetensors", "config.yaml")],
-              "fusion": {k: v for k, v in metadata.items() if k.startswith("fusion")},
-              "batch_size": catalogue.batch_size, "shards": shards}
+              "fusion": _fusion_entries(metadata), "batch_size": catalogue.batch_size,
+              "device": metadata["device"], "torch": metadata["torch"], "shards": shards}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     return {"format": PLAN_FORMAT, "digest": digest, "shards": shards, "items": len(catalogue.ids),
             "batches": len(catalogue.batches()), "dim": int(metadata["dim"]),
             "modalities": metadata["modalities"].split(","), "metadata": metadata, "inputs": inputs}
+
+
+def _fusion_entries(metadata: Dict[str, str]) -> Dict[str, str]:
+    """The entries of ``metadata`` that say how ``fused`` is made (``fusion_metadata``)."""
+    return {k: v for k, v in metadata.items() if k.startswith("fusion")}
 
 
 def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
@@ -587,13 +608,28 @@ def _summary(emb: ItemEmbeddings, seconds: float) -> List[str]:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    if args.dim is not None and os.path.isdir(args.checkpoint):  # before any work (no folder: refused later)
+    if not os.path.isdir(args.checkpoint):  # before its config is read (--dim, --append)
+        raise ConfigError(f"checkpoint {args.checkpoint}: no such folder")
+    if args.dim is not None:  # before any work
         check_prefix_dim(args.dim, read_saved_config(model_folder(args.checkpoint)).model.embed_dim)
     if args.shards is not None and args.shards < 1:
         raise ConfigError(f"--shards {args.shards}: must be positive")
     if args.restart and (args.part or args.merge_only):
         raise ConfigError("--restart with --part or --merge-only would discard other jobs' parts; remove "
                           "<out>/parts yourself before starting the jobs again")
+
+
+def _fusion_to_record(args: argparse.Namespace) -> Dict[str, str]:
+    """How the vectors this run writes will be fused, as their metadata will say: by the checkpoint's
+    ``model.fields``, by the plan of the parts that --merge-only merges (``_merge_weights``), or by
+    --fusion-weights."""
+    fields = read_saved_config(model_folder(args.checkpoint)).model.fields
+    if fields:
+        return fields_metadata(fields)
+    plan = read_plan(os.path.join(args.out, PARTS)) if args.merge_only else None
+    if plan is not None and args.fusion_weights is None:
+        return _fusion_entries(plan["metadata"])
+    return fusion_metadata(args.fusion_weights)
 
 
 def _existing(args: argparse.Namespace) -> Optional[ItemEmbeddings]:
@@ -603,8 +639,9 @@ def _existing(args: argparse.Namespace) -> Optional[ItemEmbeddings]:
     if not os.path.isfile(os.path.join(args.out, TENSORS_FILE)):
         raise ConfigError(f"--append: {args.out} holds no {TENSORS_FILE}; leave out --append to create it")
     existing = load_item_embeddings(args.out)
-    expected = {"checkpoint": os.path.abspath(model_folder(args.checkpoint)), **fusion_metadata(args.fusion_weights)}
-    check_same_space(existing.metadata, expected, ("checkpoint", "fusion", "fusion_weights"), f"--append {args.out}")
+    expected = {"checkpoint": os.path.abspath(model_folder(args.checkpoint)), **_fusion_to_record(args)}
+    check_same_space(existing.metadata, expected, ("checkpoint", "fusion", "fusion_weights", "fields"),
+                     f"--append {args.out}")
     width = int(existing.vectors[FUSED].shape[-1])
     if width != (args.dim or int(existing.metadata.get("full_dim", width))):
         raise ConfigError(f"--append {args.out}: its vectors have dim {width}; embed with --dim {width} to add to them")
@@ -647,9 +684,10 @@ def _merge(args: argparse.Namespace, existing: Optional[ItemEmbeddings], start: 
     plan = read_plan(parts)
     if plan is None:
         raise RunError(f"{parts}: no {PLAN_FILE}; nothing to merge (embed without --merge-only first)")
-    config = read_saved_config(model_folder(args.checkpoint))
+    weights = _merge_weights(plan, args.fusion_weights, parts)
+    columns = read_saved_config(model_folder(args.checkpoint)).data.columns
     catalogue = read_catalogue(args.manifest, plan["modalities"], args.batch_size,
-                               lambda manifest: _read_rows(manifest, config))
+                               lambda manifest: read_manifest_rows(manifest, columns))
     current = embedding_plan(catalogue, model_folder(args.checkpoint), plan["metadata"], plan["shards"])
     check_plan(parts, current, restart=False)
     missing = [j for j in range(plan["shards"]) if not part_done(parts, j, plan)]
@@ -657,7 +695,6 @@ def _merge(args: argparse.Namespace, existing: Optional[ItemEmbeddings], start: 
         raise RunError(f"{parts}: shards {missing} of {plan['shards']} are not embedded yet; run the jobs that embed "
                        f"them (--part), then merge")
     loaded = [read_part(parts, j, plan, catalogue) for j in range(plan["shards"])]
-    weights = args.fusion_weights
     emb = merge_parts(catalogue, loaded, plan["modalities"], plan["dim"], plan["metadata"], weights)
     if args.dim is not None:  # the parts stay full width, so another --dim reuses them
         emb = truncate_embeddings(emb, args.dim)
@@ -680,6 +717,21 @@ def _merge(args: argparse.Namespace, existing: Optional[ItemEmbeddings], start: 
     print("\n".join(lines + [f"  -> {os.path.join(args.out, TENSORS_FILE)}, {IDS_FILE}"]), flush=True)
 
 
+def _merge_weights(plan: Dict[str, Any], given: Optional[Dict[str, float]], parts: str) -> Optional[Dict[str, float]]:
+    """The fusion weights that merge ``plan``'s parts: the plan's own, which the folder's metadata
+    will record. --fusion-weights that say otherwise are a ``ConfigError``: the folder would say
+    one fusion and hold another."""
+    planned = _fusion_entries(plan["metadata"])
+    if given is None:
+        return fusion_weights_of(planned)
+    if fusion_metadata(given) != planned:
+        described = planned.get("fusion_weights") or f"equal weights (fusion {planned.get('fusion')})"
+        raise ConfigError(f"--fusion-weights {fusion_metadata(given)['fusion_weights']}: the parts in {parts} were "
+                          f"planned with {described}; leave out --fusion-weights to merge them so, or embed "
+                          f"again into another --out with these weights")
+    return given
+
+
 def _embed_by_fields(args: argparse.Namespace, existing: Optional[ItemEmbeddings], start: float) -> int:
     """``align embed`` of a checkpoint trained with ``model.fields``: field by field, in one process
     (``embed_manifests``), then cut (``--dim``), appended and saved as the sharded path does."""
@@ -699,12 +751,14 @@ def _embed_by_fields(args: argparse.Namespace, existing: Optional[ItemEmbeddings
     return 0
 
 
-def _read_rows(manifest: str, config: Any) -> List[Dict[str, Any]]:
-    """A manifest's rows as the loader reads them (the checkpoint's columns), without loading the model."""
+def read_manifest_rows(manifest: str, columns: Any) -> List[Dict[str, Any]]:
+    """A manifest's rows as the loader reads them with ``columns`` (``data.columns``), without
+    loading the model. A manifest the reader refuses (a repeated id, no id column) is a ``RunError``
+    with its message, naming the file and rows, as ``_manifest_loaders`` does."""
     from align.data.manifest import read_manifest
 
     try:
-        return read_manifest(manifest, config.data.columns)
+        return read_manifest(manifest, columns)
     except ValueError as error:
         raise RunError(str(error)) from None
 

@@ -14,9 +14,15 @@ Folder format ``align-item-embeddings/1``::
         metadata (strings)   format "align-item-embeddings/1", checkpoint (absolute path of the
                              model folder), dim "D", full_dim (only after --dim: the model's
                              embed_dim, D < full_dim), modalities "text,image,audio",
-                             fusion "mean" | "weighted_mean" (then also fusion_weights "image=2,text=1"),
+                             fusion "mean" | "weighted_mean" (then also fusion_weights "image=2,text=1")
+                             | "fields" (then also fields, the checkpoint's model.fields),
                              batch_size, device ("cpu", "cuda") and torch (its version) of the
-                             run that wrote them: the same three give the same vectors bit for bit
+                             run that wrote them: the same three give the same vectors bit for bit;
+                             after an --append with other values, each lists every value its runs
+                             used ("16,8"), and the rows were not all computed alike,
+                             embedded_at (JSON: absolute manifest path -> the time, ns since the
+                             epoch, when the run that embedded its rows started; over appends the
+                             earliest: what changed after it may not be in the vectors)
     <out>/ids.json           {"ids": [item ids in row order], "modalities": [...], "dim": D, "count": N}
 
 Rows follow the manifests' rows, manifest after manifest in the order given; an id may appear once.
@@ -31,6 +37,7 @@ Both files are written atomically (a temporary file renamed over the old one), t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -49,6 +56,8 @@ TENSORS_FILE = "embeddings.safetensors"
 IDS_FILE = "ids.json"
 FUSED = "fused"
 MASK = "mask."  # prefix of the mask tensors' names
+RUN_KEYS = ("batch_size", "device", "torch")  # how the vectors were computed (module docstring)
+EMBEDDED_AT = "embedded_at"
 SHOWN_IDS = 20  # ids listed per line of a report; the masks hold every one
 
 
@@ -102,6 +111,36 @@ def fusion_metadata(weights: Optional[Dict[str, float]]) -> Dict[str, str]:
     if weights is None:
         return {"fusion": "mean"}
     return {"fusion": "weighted_mean", "fusion_weights": ",".join(f"{m}={weights[m]:g}" for m in sorted(weights))}
+
+
+def fusion_weights_of(metadata: Dict[str, str]) -> Optional[Dict[str, float]]:
+    """The weights ``metadata``'s fusion entries name (``fusion_metadata`` read back; None: equal)."""
+    if metadata.get("fusion") != "weighted_mean":
+        return None
+    return parse_fusion_weights(metadata["fusion_weights"])
+
+
+def embedded_at_metadata(manifests: Sequence[str], started_ns: int) -> Dict[str, str]:
+    """The ``embedded_at`` entry of a run that started at ``started_ns`` (``time.time_ns()``) and
+    embedded ``manifests``: a file changed after that time may not be what the vectors show."""
+    return {EMBEDDED_AT: json.dumps({os.path.abspath(m): started_ns for m in manifests}, sort_keys=True)}
+
+
+def embedded_times(metadata: Dict[str, str], where: str) -> Dict[str, int]:
+    """Absolute manifest path -> when the run that embedded its rows started (ns), from ``metadata``'s
+    ``embedded_at``; {} for a folder written before it was recorded. A ``RunError`` naming ``where``
+    when the entry is not such a mapping."""
+    text = metadata.get(EMBEDDED_AT)
+    if text is None:
+        return {}
+    try:
+        times = json.loads(text)
+    except ValueError:
+        times = None
+    if not isinstance(times, dict) or not all(isinstance(t, int) for t in times.values()):
+        raise RunError(f"{where}: metadata {EMBEDDED_AT} is {text[:80]!r}, expected {{manifest path: ns}}; "
+                       f"write the folder again with `align embed`")
+    return times
 
 
 def truncate_embeddings(emb: ItemEmbeddings, dim: int, flag: str = "--dim") -> ItemEmbeddings:
@@ -193,7 +232,7 @@ def load_item_embeddings(folder: str) -> ItemEmbeddings:
     return emb
 
 
-APPEND_KEYS = ("checkpoint", "dim", "modalities", "fusion", "fusion_weights")
+APPEND_KEYS = ("checkpoint", "dim", "modalities", "fusion", "fusion_weights", "fields")
 
 
 def check_same_space(existing: Dict[str, str], new: Dict[str, str], keys: Sequence[str] = APPEND_KEYS,
@@ -232,7 +271,25 @@ def append_item_embeddings(existing: ItemEmbeddings, new: ItemEmbeddings) -> Ite
     return ItemEmbeddings(existing.ids + [new.ids[j] for j in added.tolist()],
                           {name: merged(existing.vectors[name], new.vectors[name]) for name in existing.vectors},
                           {name: merged(existing.masks[name], new.masks[name]) for name in existing.masks},
-                          {**existing.metadata, **new.metadata})
+                          appended_metadata(existing.metadata, new.metadata))
+
+
+def appended_metadata(old: Dict[str, str], new: Dict[str, str]) -> Dict[str, str]:
+    """The metadata of a folder holding ``old``'s rows and ``new``'s: ``new``'s, except that each of
+    ``RUN_KEYS`` lists every value either side's rows were computed with ("16,8": taking the latest
+    would claim that every row was computed alike), and ``embedded_at`` keeps each manifest's
+    earliest time (a file changed after it may not be in the rows embedded then)."""
+    merged = {**old, **new}
+    for key in RUN_KEYS:
+        values = [value for side in (old, new) for value in side.get(key, "").split(",") if value]
+        if values:
+            merged[key] = ",".join(dict.fromkeys(values))  # distinct, in order of first use
+    times = embedded_times(old, "append: the existing embeddings")
+    for manifest, started in embedded_times(new, "append: the new embeddings").items():
+        times[manifest] = min(started, times.get(manifest, started))
+    if times:
+        merged[EMBEDDED_AT] = json.dumps(times, sort_keys=True)
+    return merged
 
 
 def parse_fusion_weights(text: str) -> Dict[str, float]:

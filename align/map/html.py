@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Dict
 
 import numpy as np
@@ -65,7 +66,14 @@ def render_html(item_map: ItemMap, title: str = "Embedding map") -> str:
     # Inside <script>, "</script>" in a title would end the block: JSON may spell "<" as \u003c.
     data = data.replace("<", "\\u003c")
     escaped = title.replace("&", "&amp;").replace("<", "&lt;")
-    return PAGE.replace("__TITLE__", escaped).replace("__DATA__", data)
+    return fill_placeholders(PAGE, {"__TITLE__": escaped, "__DATA__": data})
+
+
+def fill_placeholders(page: str, values: Dict[str, str]) -> str:
+    """``page`` with each key of ``values`` replaced by its value, all in one pass: replacing them in
+    turn would fill a placeholder that a value spells (a title reading "__DATA__") as well."""
+    pattern = re.compile("|".join(map(re.escape, values)))
+    return pattern.sub(lambda match: values[match.group(0)], page)
 
 
 def write_html(item_map: ItemMap, folder: str, title: str = "Embedding map") -> str:
