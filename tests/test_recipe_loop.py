@@ -25,7 +25,8 @@ def schedule(monkeypatch, eval_every, save_every, total_steps=4):
     monkeypatch.setattr(recipe, "optimizer_step", lambda *args: {"loss": torch.tensor(1.0)})
     monkeypatch.setattr(recipe, "_evaluate", lambda accelerator, model, config, step: done.append(("eval", step)))
     monkeypatch.setattr(recipe.checkpoint, "save_checkpoint",
-                        lambda accelerator, objective, optimizer, scheduler, config, out, state, keep: done.append(("save", state.step)))
+                        lambda accelerator, objective, optimizer, scheduler, config, out, state, keep, bad=None:
+                        done.append(("save", state.step)))
     config = Config()
     config.train.accum_steps, config.train.log_every = 2, 1
     config.train.eval_every, config.train.save_every = eval_every, save_every

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Mapping
 
 from align.errors import RunError
 
@@ -80,6 +80,16 @@ class BadSampleTally:
         if skipped:
             self._warn(skipped)
         self.check()
+
+    def state(self) -> Dict[str, Any]:
+        """What a checkpoint keeps of the tally: {"seen", "total", "counts"} (examples are not kept)."""
+        return {"seen": self.seen, "total": self.total, "counts": dict(self.counts)}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Go on from a checkpoint's ``state()``: a resumed run counts, and checks the allowed
+        fraction, over every sample since the run began, not only those of this launch."""
+        self.seen, self.total = int(state["seen"]), int(state["total"])
+        self.counts = Counter({str(reason): int(n) for reason, n in state["counts"].items()})
 
     def _warn(self, skipped: List[Skipped]) -> None:
         # The first few get a line each; after that one summary line per ``warn_every_s``.

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from align.config import Config, save_config
+from align.data.bad_samples import BadSampleTally
 from align.errors import ConfigError, RunError, replace_folder, write_json_atomic
 from align.loading import read_json, read_tensors, write_tensors
 
@@ -49,6 +50,9 @@ log = logging.getLogger("align.train")
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MODEL_SUBDIR = "model"
+# In each rng-<rank>.safetensors' metadata: that process's skipped samples so far (BadSampleTally.state),
+# so a resumed run's count and its data.max_bad_fraction check go on from the checkpoint's
+BAD_SAMPLES_KEY = "bad_samples"
 
 
 def checkpoint_dir(output_dir: str, step: int) -> str:
@@ -73,6 +77,12 @@ def resolve_resume(output_dir: str, resume: str) -> Optional[str]:
     if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
         raise ConfigError(f"train.resume: {resume} is not a complete checkpoint (no trainer_state.json); "
                           "give a checkpoint folder, 'latest' or ''")
+    step = read_train_state(resume).step
+    later = [path for path in list_checkpoints(output_dir) if read_train_state(path).step > step]
+    if later:  # pruning by step would delete the new run's checkpoints, and 'latest' would pick the old ones
+        raise ConfigError(f"train.resume: {resume} is at step {step}, but train.output_dir {output_dir} holds later "
+                          f"checkpoints ({', '.join(os.path.basename(p) for p in later)}) that a run from it would "
+                          "be mixed with; give another train.output_dir, or move those checkpoints away")
     return resume
 
 
@@ -196,10 +206,11 @@ def restore_rng(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> N
 
 
 def save_checkpoint(accelerator, objective, optimizer, scheduler, config: Config, output_dir: str,
-                    state: TrainState, keep: int) -> str:
+                    state: TrainState, keep: int, bad: Optional[BadSampleTally] = None) -> str:
     """Write the checkpoint for ``state.step`` atomically; prune to ``keep`` newest.
 
-    Every process calls this (each writes its RNG file); the main process writes the rest.
+    Every process calls this (each writes its RNG file, with its count of skipped samples ``bad``);
+    the main process writes the rest.
     """
     final = checkpoint_dir(output_dir, state.step)
     tmp = final + ".tmp"
@@ -210,6 +221,8 @@ def save_checkpoint(accelerator, objective, optimizer, scheduler, config: Config
     try:
         os.makedirs(tmp, exist_ok=True)
         rng, rng_json = rng_files()
+        if bad is not None:
+            rng_json[BAD_SAMPLES_KEY] = json.dumps(bad.state())
         write_tensors(rng, os.path.join(tmp, f"rng-{accelerator.process_index}.safetensors"), metadata=rng_json)
         if accelerator.is_main_process:
             _write_main_state(accelerator, objective, optimizer, scheduler, config, tmp, state)
@@ -259,9 +272,10 @@ def _raise_if_any_failed(accelerator, failure: Optional[OSError], doing: str) ->
         raise RunError(f"{doing}: another process failed (see its error)")
 
 
-def load_checkpoint(path: str, accelerator, objective, optimizer, scheduler) -> TrainState:
-    """Restore a checkpoint written by ``save_checkpoint`` into the prepared training objects;
-    returns the trainer state. Only safetensors and JSON are read; ``*.pkl``/``*.bin`` files that
+def load_checkpoint(path: str, accelerator, objective, optimizer, scheduler,
+                    bad: Optional[BadSampleTally] = None) -> TrainState:
+    """Restore a checkpoint written by ``save_checkpoint`` into the prepared training objects (and
+    this process's count of skipped samples into ``bad``); returns the trainer state. Only safetensors and JSON are read; ``*.pkl``/``*.bin`` files that
     Accelerate would have written are never opened."""
     state = read_train_state(path)
     weights, _ = read_tensors(os.path.join(path, "model.safetensors"))
@@ -269,18 +283,42 @@ def load_checkpoint(path: str, accelerator, objective, optimizer, scheduler) -> 
         accelerator.unwrap_model(objective).load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise RunError(f"{path}: the checkpoint's weights do not fit this run's model: {error}") from None
+    configured = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     tensors, _ = read_tensors(os.path.join(path, "optimizer.safetensors"))
-    optimizer.load_state_dict(optimizer_state(tensors, read_json(os.path.join(path, "optimizer.json"))))
+    try:
+        optimizer.load_state_dict(optimizer_state(tensors, read_json(os.path.join(path, "optimizer.json"))))
+    except ValueError as error:  # other parameter groups: a tower frozen or thawed since
+        raise RunError(f"{path}: the checkpoint's optimizer state does not fit this run's parameter groups ({error}); "
+                       "resume with the model.towers.<m>.freeze settings it was saved with, or start a new run "
+                       "from its weights (model.init_from)") from None
     scheduler.load_state_dict(read_json(os.path.join(path, "scheduler.json")))
+    use_configured_hyperparameters(optimizer, scheduler, configured)
     scaler_file = os.path.join(path, "grad_scaler.json")
     if getattr(accelerator, "scaler", None) is not None and os.path.isfile(scaler_file):
         accelerator.scaler.load_state_dict(read_json(scaler_file))
     rng_file = os.path.join(path, f"rng-{accelerator.process_index}.safetensors")
     if os.path.isfile(rng_file):
-        restore_rng(*read_tensors(rng_file))
+        rng, metadata = read_tensors(rng_file)
+        restore_rng(rng, metadata)
+        if bad is not None and BAD_SAMPLES_KEY in metadata:
+            bad.restore(json.loads(metadata[BAD_SAMPLES_KEY]))
     else:  # a different number of processes than the run that saved it
-        log.warning("%s: no RNG state for process %d; its random streams start afresh", path, accelerator.process_index)
+        log.warning("%s: no RNG state or bad-sample count for process %d; its random streams and count start "
+                    "afresh", path, accelerator.process_index)
     return state
+
+
+def use_configured_hyperparameters(optimizer, scheduler, configured: List[Dict[str, Any]]) -> None:
+    """Each parameter group's settings from this run's config (``configured``: the groups as built
+    before the checkpoint was loaded) instead of the saved run's, which ``load_state_dict`` put
+    back: a resume with another ``optim.lr``, ``optim.weight_decay`` or tower ``lr_scale`` trains
+    with it (it silently kept the old ones). The moments and the schedule's position stay the
+    checkpoint's, and a resume with an unchanged config computes the very same values."""
+    for group, values in zip(optimizer.param_groups, configured):
+        group.update(values)
+    scheduler.base_lrs = [values["initial_lr"] for values in configured]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)  # what the scheduler's last step set, at the new base
 
 
 def save_model(model: torch.nn.Module, config: Config, folder: str) -> None:

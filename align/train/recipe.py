@@ -131,7 +131,7 @@ def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
 
     state = TrainState()
     if resume_from:  # safetensors + JSON only (align/train/checkpoint.py): resuming unpickles nothing
-        state = checkpoint.load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler)
+        state = checkpoint.load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler, loader.bad)
         state.batch_in_epoch = position
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     begin_segment(state, reading)
@@ -326,7 +326,7 @@ def periodic_work(run: Run, state: TrainState, epoch_ended: bool) -> None:
             state.segments[-1]["end"] = state.step
         run.clock.off_the_clock(checkpoint.save_checkpoint, run.accelerator, run.objective, run.optimizer,
                                 run.scheduler, run.config, train_config.output_dir, state,
-                                train_config.keep_checkpoints)
+                                train_config.keep_checkpoints, run.loader.bad)
 
 
 def _due(every: int, step: int, epoch_ended: bool) -> bool:
@@ -355,7 +355,7 @@ def finish(run: Run, state: TrainState, started: float) -> Dict[str, Any]:
         state.segments[-1].update(end=state.step, ended="finished")
     sync_field_weights(accelerator, run.objective, config)
     final = checkpoint.save_checkpoint(accelerator, run.objective, run.optimizer, run.scheduler, config, out_dir,
-                                       state, config.train.keep_checkpoints)
+                                       state, config.train.keep_checkpoints, loader.bad)
     model = accelerator.unwrap_model(run.objective).model
     results = _evaluate(accelerator, model, config, state.step, final=True)
     track_best(accelerator, model, config, state, results)  # the last evaluation counts too
