@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from typing import List, Optional
 
 from align.data.demo_catalogue import build_demo_catalogue
+from align.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,8 +32,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """A ``ConfigError`` naming the flag for a count or size the builder cannot use, before any work."""
+    for flag, value, least in (("--n-train", args.n_train, 1), ("--n-test", args.n_test, 0),
+                               ("--image-size", args.image_size, 16), ("--sample-rate", args.sample_rate, 1000)):
+        if value < least:
+            raise ConfigError(f"{flag} {value}: must be at least {least}")
+    if not (math.isfinite(args.clip_seconds) and args.clip_seconds > 0):
+        raise ConfigError(f"--clip-seconds {args.clip_seconds}: must be a positive number of seconds")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be at least 1")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    _check_arguments(args)
     start = time.perf_counter()
     summary = build_demo_catalogue(args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                                    image_size=args.image_size, sample_rate=args.sample_rate,

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from align.errors import ConfigError
 from align.index.index import ExactIndex
 
 
@@ -80,13 +81,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = _parser().parse_args(argv)
     if os.path.splitext(args.out)[1] != os.path.splitext(args.manifest)[1]:  # before the long embedding
-        raise SystemExit(f"--out {args.out}: the output is written in the manifest's format; "
-                         f"give it the suffix of {args.manifest}")
+        raise ConfigError(f"--out {args.out}: the output is written in the manifest's format; "
+                          f"give it the suffix of {args.manifest}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.checkpoint, device=device)  # reads safetensors, YAML and JSON only
     config = read_saved_config(args.checkpoint, [f"eval.batch_size={args.batch_size}"])
     if "text" not in model.modalities or args.anchor not in model.modalities:
-        raise SystemExit(f"the checkpoint needs text and {args.anchor} towers; it has {model.modalities}")
+        raise ConfigError(f"--anchor {args.anchor}: the checkpoint needs text and {args.anchor} towers; it has "
+                          f"{model.modalities}")
     loader = loader_from_config(config, SampleProcessor(model.preprocessors(train=False)), train=False,
                                 spec=args.manifest)
     embedded = embed_split(model, loader, device)

@@ -188,6 +188,9 @@ def evaluate_checkpoint(checkpoint: str, split: Optional[str] = None, overrides:
 
     if not os.path.isdir(checkpoint):
         raise ConfigError(f"--checkpoint {checkpoint}: no such folder")
+    if output and os.path.isdir(output):  # before the evaluation, not at its end
+        raise ConfigError(f"--output {output} is a folder; give the JSON file's path, e.g. "
+                          f"{os.path.join(output, 'eval.json')}")
     config = read_saved_config(checkpoint, overrides)
     key = "--split" if split else "eval.split" if config.eval.split else "data.val"
     split = split or config.eval.split or config.data.val

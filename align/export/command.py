@@ -35,6 +35,7 @@ embeddings of probe inputs compared with ours; a difference above ``--tolerance`
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -239,6 +240,8 @@ def export(checkpoint: str, out: str, formats: Optional[List[str]] = None, overw
     "int8_min_cosine": {modality: smallest cosine}, "int8_required": {modality: its bound} (with
     ``quantize``)}. ``int8_min_cosine``: the cosine every int8 graph must keep (default: its own
     ``quantize.min_cosine``)."""
+    if not (math.isfinite(tolerance) and tolerance >= 0):  # NaN would fail every export at its end
+        raise ConfigError(f"--tolerance {tolerance}: must be a finite number >= 0")
     folder = checked_model_folder(checkpoint)
     if quantize is not None and quantize not in QUANTIZE:
         raise ConfigError(f"--quantize {quantize}: choose from {', '.join(QUANTIZE)}")

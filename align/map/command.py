@@ -17,6 +17,7 @@ rest are drawn (the projection still fits all). Thumbnails are inlined into the 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from typing import Any, Dict, List, Optional
@@ -61,7 +62,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError("--checkpoint embeds the catalogue: give its --manifest too")
     if args.max_items < 1:
         raise ConfigError(f"--max-items {args.max_items}: must be positive")
-    if args.thumbnail_px < 0 or args.thumbnails_mb < 0:
+    if args.thumbnail_px < 0 or not (math.isfinite(args.thumbnails_mb) and args.thumbnails_mb >= 0):
         raise ConfigError("--thumbnail-px and --thumbnails-mb must be >= 0 (0: no thumbnails)")
     if args.embeddings:
         from align.index.vectors import IDS_FILE, TENSORS_FILE

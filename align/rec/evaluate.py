@@ -276,6 +276,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers is not None else None
+    if args.output and os.path.isdir(args.output):
+        raise ConfigError(f"--output {args.output} is a folder; give the JSON file's path, e.g. "
+                          f"{os.path.join(args.output, 'rec_eval.json')}")
     unknown = [p for p in peers or () if p not in PEERS]
     if unknown:  # before the head and the log are read
         raise ConfigError(f"--peers: unknown recommender {unknown[0]!r}; known: {', '.join(PEERS)}")

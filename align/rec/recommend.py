@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from align.config import load_dataclass
-from align.errors import RunError
+from align.errors import ConfigError, RunError
 from align.explain.history import LOO_MAX, METHODS
 from align.explain.report import (RecommendationExplainer, attach_explanation, checkpoint_of, format_explanation,
                                   recommender_probe)
@@ -288,9 +288,9 @@ def explain(recommender: Recommender, history: List[str], picked: List[Tuple[str
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.k < 1:
-        raise RunError(f"-k {args.k}: ask for at least one item")
+        raise ConfigError(f"-k {args.k}: ask for at least one item")
     if args.loo_max < 0:
-        raise RunError(f"--loo-max {args.loo_max}: must be >= 0")
+        raise ConfigError(f"--loo-max {args.loo_max}: must be >= 0")
     recommender = Recommender.load(args.checkpoint, args.items)
     if args.user is not None:
         history = user_history(recommender, args.user)

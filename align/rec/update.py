@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -311,8 +312,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for flag, value in (("--epochs", args.epochs), ("--steps", args.steps)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value}: must be at least 1")
-    if args.lr is not None and not args.lr > 0:
-        raise ConfigError(f"--lr {args.lr}: must be positive")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr {args.lr}: must be a positive finite number")
     summary = update_head(args.checkpoint, args.events, args.out, args.epochs, args.steps, args.lr, args.overrides,
                           args.items)
     print(f"{summary['new_events']} new events, {summary['steps']} steps in {summary['seconds']:.1f} s; loss on them "
