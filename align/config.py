@@ -566,8 +566,8 @@ def validate(config: Config) -> None:
     _check_best_metric(config)
     if not 0 <= config.data.max_bad_fraction <= 1:
         raise ConfigError("data.max_bad_fraction must lie in [0, 1]")
-    if config.optim.lr <= 0:
-        raise ConfigError("optim.lr must be positive")
+    for key, value, rule in _numeric_settings(config):
+        _check_range(key, value, rule)
     if config.train.accum_steps < 1:
         raise ConfigError("train.accum_steps must be >= 1")
     if config.train.epochs < 1 and config.train.max_steps < 1:
@@ -577,6 +577,56 @@ def validate(config: Config) -> None:
     if config.eval.index_min_candidates < 0:
         raise ConfigError("eval.index_min_candidates must be >= 0")
     _check_classify(config.eval.classify, config.model.towers)
+
+
+# A rule's text is also what the error says the value must be.
+_RANGES = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
+def _numeric_settings(config: Config) -> List[Tuple[str, float, str]]:
+    """(key, value, rule in ``_RANGES``) for the numbers the types alone let through. Each fails
+    late or silently otherwise: a NaN rate, decay or lr_scale trains and saves NaN weights, betas
+    outside [0, 1) stop torch after the model is built, log_every 0 divides by zero after the first
+    step, max_steps -1 writes a checkpoint of no training, a negative eval/save period acts every
+    step and a negative warm-up or grad_clip quietly changes the schedule or switches clipping off."""
+    optim, train, model = config.optim, config.train, config.model
+    settings = [
+        ("optim.lr", optim.lr, "> 0"),
+        ("optim.weight_decay", optim.weight_decay, ">= 0"),
+        ("optim.eps", optim.eps, "> 0"),
+        ("optim.betas[0]", optim.betas[0], "in [0, 1)"),
+        ("optim.betas[1]", optim.betas[1], "in [0, 1)"),
+        ("optim.warmup_steps", optim.warmup_steps, ">= 0"),
+        ("optim.min_lr_ratio", optim.min_lr_ratio, "in [0, 1]"),  # of optim.lr, where the cosine ends
+        ("optim.grad_clip", optim.grad_clip, ">= 0"),  # 0: off
+        ("model.max_logit_scale", model.max_logit_scale, ">= 1"),  # the parameter clamp is [0, log(max)]
+        ("train.epochs", train.epochs, ">= 0"),  # 0 only with max_steps > 0 (checked in validate)
+        ("train.max_steps", train.max_steps, ">= 0"),  # 0: epochs x steps per epoch
+        ("train.log_every", train.log_every, ">= 1"),
+        ("train.eval_every", train.eval_every, ">= 0"),  # 0: at each epoch's end
+        ("train.save_every", train.save_every, ">= 0"),  # 0: at each epoch's end
+        ("train.keep_checkpoints", train.keep_checkpoints, ">= 0"),  # 0: keep all
+        ("data.shuffle_buffer", config.data.shuffle_buffer, ">= 0"),  # 0 or 1: no shuffle buffer
+        ("eval.batch_size", config.eval.batch_size, ">= 1"),
+    ]
+    settings += [(f"model.towers.{m}.lr_scale", tower.lr_scale, ">= 0") for m, tower in model.towers.items()]
+    settings += [(f"data.weights[{n}]", weight, ">= 0") for n, weight in enumerate(config.data.weights)]
+    settings += [(f"loss.pairs.{pair}.weight", spec.weight, ">= 0") for pair, spec in config.loss.pairs.items()]
+    settings += [(f"loss.matryoshka.weights[{n}]", weight, ">= 0")
+                 for n, weight in enumerate(config.loss.matryoshka.weights)]
+    return settings
+
+
+def _check_range(key: str, value: float, rule: str) -> None:
+    if not (math.isfinite(value) and _RANGES[rule](value)):
+        kind = "a whole number" if isinstance(value, int) else "a finite number"
+        raise ConfigError(f"{key} = {value} must be {kind} {rule}")
 
 
 def _check_matryoshka(matryoshka: MatryoshkaConfig, embed_dim: int) -> None:

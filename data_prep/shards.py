@@ -39,6 +39,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from align.errors import ConfigError, RunError
+
 SHARD_PATTERN = "shards-{:06d}.tar"
 RECORDS = ".prep"  # per-shard records (stats of one shard) and the job's settings
 
@@ -211,26 +213,14 @@ def write_shards(manifest: str, out: str, *, columns: Any = None, root: Optional
     """
     from align.data.manifest import read_manifest
 
-    if samples_per_shard < 1:
-        raise ValueError(f"--samples-per-shard must be positive, got {samples_per_shard}")
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"--image-size must be positive (the model's input side, e.g. 224), got {image_size}")
-    started = time.time()
     options = EncodeOptions(image_max_side, image_format, quality, sample_rate, clip_seconds, image_size)
+    _check_options(manifest, samples_per_shard, options)
+    started = time.time()
     rows = read_manifest(manifest, columns)
     root = root if root is not None else os.path.dirname(os.path.abspath(manifest))
     os.makedirs(os.path.join(out, RECORDS), exist_ok=True)
     fingerprint = _fingerprint(manifest, rows, options, samples_per_shard, seed, root)
-    settings = os.path.join(out, RECORDS, "settings.json")
-    if os.path.isfile(settings):
-        with open(settings, encoding="utf-8") as file:
-            previous = json.load(file)
-        if previous != fingerprint:
-            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-            raise ValueError(f"{out} holds shards of a different job (changed: {changed}); use a new --out "
-                             f"or delete it")
-    else:
-        _write_json(settings, fingerprint)
+    _check_same_job(out, fingerprint)
 
     # Deterministic row -> shard assignment: a seeded permutation mixes the catalogue across shards.
     order = np.random.default_rng(seed).permutation(len(rows))
@@ -257,6 +247,40 @@ def write_shards(manifest: str, out: str, *, columns: Any = None, root: Optional
     if not complete:
         return {"complete": False, "shards_done": len(done) + len(tasks), "shards": count}
     return _summarise(out, manifest, count, len(rows), len(tasks), time.time() - started)
+
+
+def _check_options(manifest: str, samples_per_shard: int, options: EncodeOptions) -> None:
+    """Refuse arguments no job can use, before anything is read or written (``ConfigError``, a
+    ValueError, naming the flag: exit 2 from the cli)."""
+    if not os.path.isfile(manifest):
+        what = "is a folder, not a manifest file" if os.path.isdir(manifest) else "does not exist"
+        raise ConfigError(f"manifest {manifest} {what}")
+    positive = {"--samples-per-shard": samples_per_shard, "--image-max-side": options.image_max_side,
+                "--sample-rate": options.sample_rate, "--clip-seconds": options.clip_seconds}
+    if options.image_size is not None:
+        positive["--image-size (the model's input side, e.g. 224)"] = options.image_size
+    for flag, value in positive.items():
+        if not value > 0:  # also refuses NaN (--clip-seconds nan)
+            raise ConfigError(f"{flag} must be positive, got {value}")
+
+
+def _check_same_job(out: str, fingerprint: dict) -> None:
+    """Record the job's settings in a new ``out``; refuse an ``out`` whose shards another job
+    (other manifest rows or options) wrote: resuming would mix the two."""
+    settings = os.path.join(out, RECORDS, "settings.json")
+    if not os.path.isfile(settings):
+        _write_json(settings, fingerprint)
+        return
+    try:
+        with open(settings, encoding="utf-8") as file:
+            previous = json.load(file)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{settings}: not valid JSON ({error}); its shards cannot be checked against this job, "
+                       f"so use a new --out or delete {out}") from None
+    if previous != fingerprint:
+        changed = sorted(k for k in fingerprint if not isinstance(previous, dict) or previous.get(k) != fingerprint[k])
+        raise ConfigError(f"--out {out} holds shards of a different job (changed: {changed}); use a new --out "
+                          f"or delete it")
 
 
 def _summarise(out: str, manifest: str, count: int, rows: int, new: int, seconds: float) -> Dict[str, Any]:
@@ -308,17 +332,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``align prep shards``. A flag no job can use, a column the manifest lacks or an --out of
+    another job is a ``ConfigError`` (exit 2); a manifest the reader refuses (a repeated or empty
+    id, a broken line) a ``RunError`` (exit 1); both name the flag or the file and row."""
     from align.config import ColumnsConfig
 
     args = _parser().parse_args(argv)
     columns = ColumnsConfig(id=args.col_id, text=list(c for c in args.col_text.split(",") if c), image=args.col_image,
                         audio=args.col_audio, group=args.col_group, category=args.col_category,
                         negatives=args.col_negatives)
-    stats = write_shards(args.manifest, args.out, columns=columns, root=args.root,
-                         samples_per_shard=args.samples_per_shard, image_max_side=args.image_max_side,
-                         image_format=args.image_format, quality=args.quality, sample_rate=args.sample_rate,
-                         clip_seconds=args.clip_seconds, workers=args.workers, seed=args.seed,
-                         image_size=args.image_size)
+    try:
+        stats = write_shards(args.manifest, args.out, columns=columns, root=args.root,
+                             samples_per_shard=args.samples_per_shard, image_max_side=args.image_max_side,
+                             image_format=args.image_format, quality=args.quality, sample_rate=args.sample_rate,
+                             clip_seconds=args.clip_seconds, workers=args.workers, seed=args.seed,
+                             image_size=args.image_size)
+    except ConfigError:
+        raise
+    except ValueError as error:  # the manifest reader's: its message names the file and row
+        raise RunError(str(error)) from None
     print(f"{stats['written']} samples in {stats['shards']} shards -> {args.out} "
           f"({stats['shards_written_this_run']} written now, {stats['seconds_this_run']} s); "
           f"skipped {stats['skipped']}: {stats['skipped_by_reason']}")

@@ -1,4 +1,6 @@
 """Config loading is strict: every mistake is refused with the dotted key, before anything is built."""
+import re
+
 import pytest
 
 from align.config import ConfigError, load_config, save_config
@@ -39,6 +41,56 @@ def test_yaml_and_overrides_set_typed_values(tmp_path):
 def test_mistakes_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, TOWERS + override)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["train.log_every=0"], "train.log_every"),  # was a ZeroDivisionError after the first step
+    (["train.max_steps=-1"], "train.max_steps"),  # was a run of no steps that still saved a checkpoint
+    (["train.epochs=-1"], "train.epochs"),
+    (["train.eval_every=-1"], "train.eval_every"),
+    (["train.save_every=-2"], "train.save_every"),
+    (["train.keep_checkpoints=-1"], "train.keep_checkpoints"),
+    (["optim.lr=.nan"], "optim.lr"),
+    (["optim.lr=.inf"], "optim.lr"),
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.weight_decay=.nan"], "optim.weight_decay"),  # trained and saved NaN weights
+    (["optim.weight_decay=-0.1"], "optim.weight_decay"),
+    (["optim.eps=.nan"], "optim.eps"),
+    (["optim.eps=0"], "optim.eps"),
+    (["optim.betas=[0.9, 1.5]"], "optim.betas[1]"),
+    (["optim.betas=[-0.1, 0.98]"], "optim.betas[0]"),
+    (["optim.betas=[0.9, 1.0]"], "optim.betas[1]"),
+    (["optim.warmup_steps=-5"], "optim.warmup_steps"),
+    (["optim.min_lr_ratio=5"], "optim.min_lr_ratio"),
+    (["optim.grad_clip=-1"], "optim.grad_clip"),
+    (["optim.grad_clip=.nan"], "optim.grad_clip"),
+    (["model.towers.image.lr_scale=.nan"], "model.towers.image.lr_scale"),  # trained and saved NaN weights
+    (["model.towers.image.lr_scale=-1"], "model.towers.image.lr_scale"),
+    (["model.max_logit_scale=.nan"], "model.max_logit_scale"),
+    (["model.max_logit_scale=0.5"], "model.max_logit_scale"),
+    (["data.shuffle_buffer=-1"], "data.shuffle_buffer"),
+    (["data.weights=[1, .nan]"], "data.weights[1]"),
+    (["eval.batch_size=0"], "eval.batch_size"),
+    (["loss.matryoshka.dims=[8, 16]", "loss.matryoshka.weights=[.nan, 1]"], "loss.matryoshka.weights[0]"),
+    (["model.towers.text.type=open_clip_text", f"model.towers.text.model={TINY_CLIP}",
+      "loss.pairs.text-image.weight=.nan"], "loss.pairs.text-image.weight"),
+])
+def test_numbers_out_of_range_are_refused_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key) + " = .* must be a (finite|whole) number"):
+        load_config(None, TOWERS + override)
+
+
+def test_the_edges_of_each_range_still_load():
+    """0 keeps its documented meanings (max_steps: from epochs, eval/save_every: each epoch's end,
+    keep_checkpoints: keep all, grad_clip: off), and each inclusive bound is accepted."""
+    config = load_config(None, TOWERS + [
+        "train.max_steps=0", "train.log_every=1", "train.eval_every=0", "train.save_every=0",
+        "train.keep_checkpoints=0", "optim.weight_decay=0", "optim.betas=[0, 0.999]", "optim.warmup_steps=0",
+        "optim.min_lr_ratio=1", "optim.grad_clip=0", "model.towers.image.lr_scale=0", "model.max_logit_scale=1",
+        "data.shuffle_buffer=0", "data.weights=[0, 1]", "eval.batch_size=1"])
+    assert (config.train.max_steps, config.train.keep_checkpoints, config.optim.grad_clip) == (0, 0, 0.0)
+    assert config.optim.betas == (0.0, 0.999) and config.model.towers["image"].lr_scale == 0.0
+    load_config(None, TOWERS + ["train.epochs=0", "train.max_steps=5"])  # steps alone set the length
 
 
 def test_yaml_booleans_spelled_as_choices_are_read_as_the_choice(tmp_path):

@@ -300,13 +300,13 @@ def test_a_bad_manifest_is_an_error_naming_its_rows_not_a_traceback(checkpoint, 
     repeated = write_rows(rows + rows[2:3], os.path.join(small_demo, "repeated.csv"))
     no_id = write_rows([{("sku" if k == "id" else k): v for k, v in row.items()} for row in rows],
                        os.path.join(small_demo, "no-id.csv"))
-    for manifest, message in ((repeated, f"duplicate id '{rows[2]['id']}' at {repeated}:4 and {repeated}:8; "
-                                         f"ids must be unique"),
-                              (no_id, f"{no_id}: required id column 'id' is missing")):
+    for manifest, message, exit_code in (
+            (repeated, f"duplicate id '{rows[2]['id']}' at {repeated}:4 and {repeated}:8; ids must be unique", 1),
+            (no_id, f"config error: {no_id}: required id column 'id' is missing", 2)):  # data.columns.id names it
         code = align_main(["embed", "--checkpoint", checkpoint, "--manifest", manifest, "--out",
                            str(tmp_path / "items"), "--device", "cpu"])
         err = capsys.readouterr().err
-        assert code == 1 and f"align embed: {message}" in err and "Traceback" not in err, err
+        assert code == exit_code and f"align embed: {message}" in err and "Traceback" not in err, err
     assert not os.path.exists(tmp_path / "items" / "embeddings.safetensors")
 
 

@@ -150,6 +150,28 @@ def test_read_jsonl_and_parquet_agree_with_csv(tmp_path):
         assert rows[1]["_where"] == f"{path}:2"
 
 
+@pytest.mark.parametrize("suffix, text, first_line", [
+    (".csv", "id,title,image\r\nsku-1,Red shoe,1.png\r\nsku-2,Café lamp,\r\n", 2),
+    (".jsonl", '{"id": "sku-1", "title": "Red shoe", "image": "1.png"}\n{"id": "sku-2", "title": "Café lamp"}\n', 1),
+], ids=["csv", "jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path, suffix, text, first_line):
+    """Excel's "CSV UTF-8" (and some JSONL writers) start the file with U+FEFF; the first column
+    is still 'id' and the first line still JSON."""
+    path = tmp_path / f"excel{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    rows = read_manifest(path)
+    assert [(r["id"], r["text"], r["image"], r["_where"]) for r in rows] == [
+        ("sku-1", "Red shoe", "1.png", f"{path}:{first_line}"),
+        ("sku-2", "Café lamp", None, f"{path}:{first_line + 1}")]
+
+
+def test_a_manifest_not_in_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("id,title\n1,Caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv: not UTF-8 text .*save it as UTF-8"):
+        read_manifest(path)
+
+
 def test_custom_columns_and_missing_negatives_column(tmp_path):
     path = write_csv(tmp_path / "m.csv", [{"sku": "1", "name": "Lamp", "picture": "1.jpg"}])
     rows = read_manifest(path, ColumnsConfig(id="sku", text=["name"], image="picture"))

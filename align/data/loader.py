@@ -40,6 +40,7 @@ from align.data.bad_samples import BadSampleTally
 from align.data.manifest import ManifestDataset, is_manifest
 from align.data.sample import collate_with_report
 from align.data.transforms import with_image_decode, with_image_pipeline, with_jpeg_draft
+from align.errors import ConfigError, RunError
 
 if TYPE_CHECKING:
     from align.config import Config, DataConfig
@@ -168,7 +169,7 @@ def build_loader(spec: str, processor: Any, *, batch_size: int, num_workers: int
     spec = os.fspath(spec)
     if is_manifest(spec):
         if resampled:
-            raise ValueError(f"data.resampled is for shard specs, not for the manifest {spec}")
+            raise ConfigError(f"data.resampled is for shard specs, not for the manifest {spec}")
         dataset = ManifestDataset(spec, processor, columns or ColumnsConfig(), root, seed=seed)
         return ManifestLoader(dataset, batch_size=batch_size, num_workers=num_workers, train=train, seed=seed,
                               rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction,
@@ -193,12 +194,25 @@ def worker_processor(processor: Any, data: "DataConfig") -> Any:
 def loader_from_config(config: "Config", processor: Any, *, rank: int = 0, world_size: int = 1, train: bool = True,
                        spec: Optional[str] = None, pin_memory: bool = False) -> Loader:
     """``build_loader`` with the ``data`` section of a run config: the training split (``train``)
-    or, with ``train=False``, an evaluation pass over ``spec`` in file order at ``eval.batch_size``."""
+    or, with ``train=False``, an evaluation pass over ``spec`` in file order at ``eval.batch_size``.
+
+    This is where a run first opens its data, so what the readers refuse ends here as one of the
+    errors the cli reports without a traceback: a setting that does not fit the data (an id
+    column the manifest lacks, ``data.weights`` for other sources) stays a ``ConfigError`` (exit
+    2); bad data (a repeated or empty id, a broken line, shards without a ``sizes.json``) becomes a
+    ``RunError`` (exit 1) with the reader's message, which names the file and row.
+    """
     data = config.data
-    return build_loader(
-        spec or data.train, worker_processor(processor, data), batch_size=data.batch_size if train else config.eval.batch_size,
-        num_workers=data.num_workers, train=train, seed=config.train.seed, rank=rank, world_size=world_size,
-        columns=data.columns, root=data.root, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled and train,
-        epoch_samples=data.epoch_samples or None, weights=data.weights or None,
-        max_bad_fraction=data.max_bad_fraction, drop_last=train, pin_memory=pin_memory,
-    )
+    try:
+        return build_loader(
+            spec or data.train, worker_processor(processor, data),
+            batch_size=data.batch_size if train else config.eval.batch_size,
+            num_workers=data.num_workers, train=train, seed=config.train.seed, rank=rank, world_size=world_size,
+            columns=data.columns, root=data.root, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled and train,
+            epoch_samples=data.epoch_samples or None, weights=data.weights or None,
+            max_bad_fraction=data.max_bad_fraction, drop_last=train, pin_memory=pin_memory,
+        )
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise RunError(str(error)) from None

@@ -30,10 +30,14 @@ from torch.utils.data import Dataset
 from align.config import ColumnsConfig
 from align.data.bad_samples import Skipped
 from align.data.sample import BadSample, CheckedJpeg
+from align.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+# UTF-8 that drops a leading byte-order mark: Excel's "CSV UTF-8" starts with one, which plain
+# utf-8 would keep in the first column's name ('\ufeffid') or read as invalid JSON.
+MANIFEST_ENCODING = "utf-8-sig"
 TEXT_SEPARATOR = ". "
 
 
@@ -89,7 +93,7 @@ def _present(value: Any) -> bool:
 def jsonl_objects(path: Any) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """(line number, object) for every non-blank line of a JSONL file; a line that is not a JSON
     object is a ValueError naming the file and line."""
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding=MANIFEST_ENCODING) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -107,7 +111,7 @@ def read_table_rows(path: Path) -> Tuple[List[str], List[Tuple[int, Dict[str, An
     """(columns, [(line_or_row_number, row dict)]) for CSV / JSONL / Parquet."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding=MANIFEST_ENCODING) as handle:
             reader = csv.DictReader(handle)
             columns = list(reader.fieldnames or [])
             # line numbers as a user sees them in an editor: header is line 1
@@ -141,19 +145,25 @@ def read_manifest(path: Union[str, os.PathLike], columns: Optional[ColumnsConfig
     replaced by that row's text.
 
     Raises:
-        ValueError naming the file and column when a required column is missing, and the file
-        and row (CSV/JSONL: line number, header = line 1; Parquet: 1-based row) when a row has
-        no id or its id repeats an earlier row's.
+        ConfigError (a ValueError) naming the file and the setting when a column ``columns``
+        names is missing: the id column, or every modality column. ValueError naming the file
+        when it is not UTF-8, and the file and row (CSV/JSONL: line number, header = line 1;
+        Parquet: 1-based row) when a row has no id or its id repeats an earlier row's.
     """
     path = Path(path)
     columns = columns or ColumnsConfig()
     if not path.exists():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    header, rows = read_table_rows(path)
+    try:
+        header, rows = read_table_rows(path)
+    except UnicodeDecodeError as error:  # its own message names neither the file nor a remedy
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8 "
+                         f"(Excel: CSV UTF-8)") from None
     present = set(header)
     unit = "line" if path.suffix.lower() in (".csv", ".jsonl") else "row"
+    # A missing column is a setting that does not fit the file (exit 2 in the cli), not a bad row.
     if columns.id not in present:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: required id column {columns.id!r} is missing; columns are {header}. "
             f"Rename it or set data.columns.id (align prep shards: --col-id)."
         )
@@ -163,7 +173,7 @@ def read_manifest(path: Union[str, os.PathLike], columns: Optional[ColumnsConfig
     missing = [c for c in columns.text if c not in present]
     missing += [c for c in (columns.image, columns.audio) if c is not None and c not in present]
     if not text_cols and image_col is None and audio_col is None:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: none of the modality columns {list(columns.text) + [columns.image, columns.audio]} "
             f"is present; columns are {header}. Set data.columns to name your columns."
         )

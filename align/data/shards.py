@@ -63,6 +63,7 @@ from align.data.bad_samples import BadSampleTally, Skipped
 from align.data.manifest import open_image, seeded_sample
 from align.data.sample import MODALITIES, BadSample, collate_with_report
 from align.data.tar import TruncatedMember, tar_members
+from align.errors import ConfigError, RunError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg")
@@ -92,7 +93,10 @@ def local_path(url: str) -> Optional[str]:
 
 
 def read_sizes(urls: Sequence[str]) -> Dict[str, Optional[int]]:
-    """Sample count of each shard from the ``sizes.json`` beside it (None when unknown)."""
+    """Sample count of each shard from the ``sizes.json`` beside it (None when unknown).
+
+    Raises ``RunError`` naming the file when a ``sizes.json`` is there but unusable (see
+    ``sizes_file``)."""
     cache: Dict[str, Dict[str, int]] = {}
     sizes: Dict[str, Optional[int]] = {}
     for url in urls:
@@ -103,11 +107,26 @@ def read_sizes(urls: Sequence[str]) -> Dict[str, Optional[int]]:
         folder = os.path.dirname(os.path.abspath(path))
         if folder not in cache:
             file = os.path.join(folder, SIZES_FILE)
-            cache[folder] = {}
-            if os.path.isfile(file):
-                with open(file, encoding="utf-8") as handle:
-                    cache[folder] = json.load(handle)
+            cache[folder] = sizes_file(file) if os.path.isfile(file) else {}
         sizes[url] = cache[folder].get(os.path.basename(path))
+    return sizes
+
+
+def sizes_file(file: str) -> Dict[str, int]:
+    """A ``sizes.json``: shard file name -> sample count. A file cut short, edited by hand or of
+    another format is a ``RunError`` naming it: the epoch plan rests on these counts, and a
+    traceback from the JSON parser would not say which file or how to mend it."""
+    remedy = "delete it and rerun `align prep shards` with the same --out to rewrite it"
+    try:
+        with open(file, encoding="utf-8") as handle:
+            sizes = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{file}: not valid JSON ({error}); {remedy}") from None
+    counts_ok = isinstance(sizes, dict) and all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes.values())
+    if not counts_ok:
+        raise RunError(f"{file}: expected an object of shard name -> sample count (a whole number >= 0), "
+                       f"got {json.dumps(sizes)[:120]}; {remedy}")
     return sizes
 
 
@@ -463,7 +482,7 @@ class ShardLoader:
         self.bad = BadSampleTally(max_bad_fraction, source=spec)
         if weights:
             if len(weights) != len(self.sources) or min(weights) < 0 or sum(weights) <= 0:
-                raise ValueError(f"data.weights {list(weights)} must be one non-negative weight per '::' source "
+                raise ConfigError(f"data.weights {list(weights)} must be one non-negative weight per '::' source "
                                  f"({len(self.sources)} in {spec!r})")
             self.weights = [float(w) for w in weights]
         else:
@@ -472,7 +491,7 @@ class ShardLoader:
         if resampled:
             if epoch_samples is None:
                 if unknown:
-                    raise ValueError(f"resampled shards need data.epoch_samples: no {SIZES_FILE} count for "
+                    raise ConfigError(f"resampled shards need data.epoch_samples: no {SIZES_FILE} count for "
                                      f"{unknown[:3]}")
                 epoch_samples = sum(self.sizes.values())
             self.epoch_samples = int(epoch_samples)

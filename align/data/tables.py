@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from align.data.manifest import MANIFEST_SUFFIXES, jsonl_objects
+from align.data.manifest import MANIFEST_ENCODING, MANIFEST_SUFFIXES, jsonl_objects
 from align.errors import RunError
 
 SUFFIXES = MANIFEST_SUFFIXES
@@ -76,7 +76,7 @@ def _read_table(path: str, suffix: str, wanted: Sequence[str]) -> Dict:
     import pyarrow.parquet as pq
 
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with open(path, newline="", encoding=MANIFEST_ENCODING) as handle:
             header = next(csv.reader(handle), [])
         present = [c for c in dict.fromkeys(wanted) if c in header]
         parse = pcsv.ParseOptions(newlines_in_values=True)  # a quoted description may span lines

@@ -245,14 +245,12 @@ def _load_checked(checkpoint: str, manifests: Sequence[str], batch_size: int, de
 
 def _manifest_loaders(config: Any, model: Any, manifests: Sequence[str], device: torch.device) -> List[Any]:
     """An evaluation loader per manifest, with ``config``'s data settings. A manifest the reader
-    refuses (a repeated id, no id column) is a ``RunError`` with the reader's message, which names
-    the file and its rows: bad input, not a bug to show a traceback for."""
+    refuses is an error with the reader's message, naming the file and its rows (``loader_from_config``:
+    a ``RunError`` for bad rows such as a repeated id, a ``ConfigError`` for a column the config
+    names and the file lacks): bad input, not a bug to show a traceback for."""
     processor = SampleProcessor(model.preprocessors(train=False))
-    try:
-        return [loader_from_config(config, processor, train=False, spec=manifest, pin_memory=device.type == "cuda")
-                for manifest in manifests]
-    except ValueError as error:
-        raise RunError(str(error)) from None
+    return [loader_from_config(config, processor, train=False, spec=manifest, pin_memory=device.type == "cuda")
+            for manifest in manifests]
 
 
 def _modality_catalogue(config: Any, model: Any, manifests: Sequence[str], batch_size: int,
@@ -754,11 +752,13 @@ def _embed_by_fields(args: argparse.Namespace, existing: Optional[ItemEmbeddings
 def read_manifest_rows(manifest: str, columns: Any) -> List[Dict[str, Any]]:
     """A manifest's rows as the loader reads them with ``columns`` (``data.columns``), without
     loading the model. A manifest the reader refuses (a repeated id, no id column) is a ``RunError``
-    with its message, naming the file and rows, as ``_manifest_loaders`` does."""
+    (or a ``ConfigError``) with its message, naming the file and rows, as ``_manifest_loaders`` does."""
     from align.data.manifest import read_manifest
 
     try:
         return read_manifest(manifest, columns)
+    except ConfigError:  # a column the config names and the file lacks: exit 2, as training says it
+        raise
     except ValueError as error:
         raise RunError(str(error)) from None
 
