@@ -28,11 +28,12 @@ popularity (``head.popularity_feature``) counts the old and the new interactions
 checkpoint's scale (the head learnt what that scale means).
 
 The new folder holds what ``align rec-train`` writes, plus ``interactions.csv``: the checkpoint's
-log and the new events merged (exact repeats once), which its ``rec_config.yaml`` names
-(``data.interactions``, with ``data.cutoff`` just after the newest new event, or none with
-``data.split: none``), so ``align serve`` and the next update read every event the head has seen. ``summary.json`` adds ``loss_before``
-(the checkpoint's loss on the new events, as it serves them) and ``loss_after`` (the updated
-head's): a full softmax over the catalogue, no dropout, at ``train.temperature``. Everything is
+log and the new events merged (exact repeats once, in the shop's column names), which its
+``rec_config.yaml`` names (``data.interactions``, with ``data.cutoff`` just after the newest new
+event, or none with ``data.split: none``), so ``align serve`` and the next update read every
+event the head has seen. ``summary.json`` adds ``loss_before`` (the checkpoint's loss on the new
+events, as it serves them) and ``loss_after`` (the updated head's): a full softmax over the
+catalogue, no dropout, at ``train.temperature``. Everything is
 written to a temporary folder beside ``--out`` and then swapped in at once (an atomic exchange on
 Linux), so a reader sees the old folder or the whole new one; ``--out`` defaults to
 ``--checkpoint`` (updated in place).
