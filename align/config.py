@@ -567,7 +567,7 @@ def validate(config: Config) -> None:
     if not 0 <= config.data.max_bad_fraction <= 1:
         raise ConfigError("data.max_bad_fraction must lie in [0, 1]")
     for key, value, rule in _numeric_settings(config):
-        _check_range(key, value, rule)
+        check_range(key, value, rule)
     if config.train.accum_steps < 1:
         raise ConfigError("train.accum_steps must be >= 1")
     if config.train.epochs < 1 and config.train.max_steps < 1:
@@ -623,7 +623,9 @@ def _numeric_settings(config: Config) -> List[Tuple[str, float, str]]:
     return settings
 
 
-def _check_range(key: str, value: float, rule: str) -> None:
+def check_range(key: str, value: float, rule: str) -> None:
+    """A ``ConfigError`` naming ``key`` unless ``value`` is finite and meets ``rule`` (a key of
+    ``_RANGES``); NaN meets no comparison, so each rule says what a usable value satisfies."""
     if not (math.isfinite(value) and _RANGES[rule](value)):
         kind = "a whole number" if isinstance(value, int) else "a finite number"
         raise ConfigError(f"{key} = {value} must be {kind} {rule}")

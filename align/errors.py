@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, List, TextIO
+from typing import Any, Iterator, List, Optional, TextIO
 
 MODALITIES = ("text", "image", "audio")
 _UMASK = os.umask(0o022)
@@ -61,6 +61,15 @@ def write_json_atomic(data: Any, path: str) -> None:
     with atomic_open(path) as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")
+
+
+def check_json_output(path: Optional[str], file_name: str, flag: str = "--output") -> None:
+    """A ``ConfigError`` naming ``flag`` when ``path`` is an existing folder. A command writes its
+    JSON there at the end of its work, where the rename would fail after everything was computed;
+    ``file_name`` is the file the message suggests inside it."""
+    if path and os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a folder; give the JSON file's path, e.g. "
+                          f"{os.path.join(path, file_name)}")
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from align.config import Config, EvalConfig
 from align.data.loader import loader_from_config
 from align.data.manifest import is_manifest
 from align.data.transforms import SampleProcessor
-from align.errors import RunError, write_json_atomic
+from align.errors import RunError, check_json_output, write_json_atomic
 from align.encoding import Processes, embed_split, join_processes
 from align.eval.retrieval import RetrievalEvaluator, format_table, recall_from_top
 
@@ -188,9 +188,7 @@ def evaluate_checkpoint(checkpoint: str, split: Optional[str] = None, overrides:
 
     if not os.path.isdir(checkpoint):
         raise ConfigError(f"--checkpoint {checkpoint}: no such folder")
-    if output and os.path.isdir(output):  # before the evaluation, not at its end
-        raise ConfigError(f"--output {output} is a folder; give the JSON file's path, e.g. "
-                          f"{os.path.join(output, 'eval.json')}")
+    check_json_output(output, "eval.json")  # before the evaluation, not at its end
     config = read_saved_config(checkpoint, overrides)
     key = "--split" if split else "eval.split" if config.eval.split else "data.val"
     split = split or config.eval.split or config.data.val

@@ -3,11 +3,10 @@
 before any data is read, and saved beside the trained head."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
-from align.config import load_dataclass
+from align.config import check_range, load_dataclass
 from align.errors import ConfigError
 from align.rec.interactions import InteractionColumns
 
@@ -133,11 +132,10 @@ def validate_rec(config: RecConfig) -> RecConfig:
                           "drop it, or set data.split=temporal")
     if config.train.epochs < 1 or config.train.batch_size < 2:
         raise ConfigError("train.epochs must be >= 1 and train.batch_size >= 2 (the batch is the negatives)")
-    for key, value in (("train.lr", config.train.lr), ("train.temperature", config.train.temperature)):
-        if not (math.isfinite(value) and value > 0):  # an infinite rate trains a head of NaNs
-            raise ConfigError(f"{key} must be a positive finite number, got {value}")
-    if not (math.isfinite(config.train.weight_decay) and config.train.weight_decay >= 0):
-        raise ConfigError(f"train.weight_decay must be a finite number >= 0, got {config.train.weight_decay}")
+    # an infinite or NaN rate trains a head of NaNs
+    check_range("train.lr", config.train.lr, "> 0")
+    check_range("train.temperature", config.train.temperature, "> 0")
+    check_range("train.weight_decay", config.train.weight_decay, ">= 0")
     if not 0 <= config.rerank.mmr_lambda <= 1 or any(not 0 <= x <= 1 for x in config.eval.mmr_sweep):
         raise ConfigError("rerank.mmr_lambda and eval.mmr_sweep values must lie in [0, 1]")
     if config.rerank.popularity_penalty < 0:

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from align.errors import ConfigError, RunError, write_json_atomic
+from align.errors import ConfigError, RunError, check_json_output, write_json_atomic
 from align.eval.plots import save_figure
 from align.rec.baselines import PEERS, UNSCORABLE, FitData, build_peer
 from align.rec.config import RecConfig
@@ -276,9 +276,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers is not None else None
-    if args.output and os.path.isdir(args.output):
-        raise ConfigError(f"--output {args.output} is a folder; give the JSON file's path, e.g. "
-                          f"{os.path.join(args.output, 'rec_eval.json')}")
+    check_json_output(args.output, "rec_eval.json")
     unknown = [p for p in peers or () if p not in PEERS]
     if unknown:  # before the head and the log are read
         raise ConfigError(f"--peers: unknown recommender {unknown[0]!r}; known: {', '.join(PEERS)}")

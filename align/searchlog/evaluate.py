@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from align.errors import MODALITIES, ConfigError, RunError, write_json_atomic
+from align.errors import MODALITIES, ConfigError, RunError, check_json_output, write_json_atomic
 from align.loading import read_json
 from align.model import prefix
 from align.searchlog.log import EventGrades, SearchLog, read_search_log
@@ -275,9 +275,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--k {args.k} / --depth {args.depth}: need 1 <= k <= depth")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.output and os.path.isdir(args.output):
-        raise ConfigError(f"--output {args.output} is a folder; give the JSON file's path, e.g. "
-                          f"{os.path.join(args.output, 'search_eval.json')}")
+    check_json_output(args.output, "search_eval.json")
 
 
 def judge(checkpoint: str, catalogue: Sequence[str], log_dir: str, splits: Sequence[str], dims: Sequence[int],

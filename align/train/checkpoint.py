@@ -275,8 +275,9 @@ def _raise_if_any_failed(accelerator, failure: Optional[OSError], doing: str) ->
 def load_checkpoint(path: str, accelerator, objective, optimizer, scheduler,
                     bad: Optional[BadSampleTally] = None) -> TrainState:
     """Restore a checkpoint written by ``save_checkpoint`` into the prepared training objects (and
-    this process's count of skipped samples into ``bad``); returns the trainer state. Only safetensors and JSON are read; ``*.pkl``/``*.bin`` files that
-    Accelerate would have written are never opened."""
+    this process's count of skipped samples into ``bad``); returns the trainer state. Only
+    safetensors and JSON are read; ``*.pkl``/``*.bin`` files that Accelerate would have written are
+    never opened."""
     state = read_train_state(path)
     weights, _ = read_tensors(os.path.join(path, "model.safetensors"))
     try:
