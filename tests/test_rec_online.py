@@ -343,6 +343,60 @@ def test_a_head_trained_on_every_row_is_updated_and_not_evaluated(windows, shop,
         load_rec_config(None, rec_overrides(shop, tmp_path / "x", "data.split=none", "data.cutoff=5"))
 
 
+def test_rec_eval_with_events_reads_the_head_s_own_cut_off(windows, shop, tmp_path, capsys):  # noqa: F811
+    """``rec-eval --events``: the head's log and a newer one merged and cut at the head's cut-off.
+    Given the head's own held-out rows, it reproduces the plain evaluation exactly; a served head
+    (data.split=none) and its update, which hold nothing out, are evaluated on the next window."""
+    from align.cli import main as cli
+    from align.rec.config import load_rec_config
+    from align.rec.train import train_head
+
+    log, w0, w1 = windows["log"], windows["w0"], windows["w1"]
+    parts = {"w0": log.times < w0, "w1": (log.times >= w0) & (log.times < w1), "w2": log.times >= w1,
+             "held_out": log.times >= w0}
+    for name, rows in parts.items():
+        write_interactions(log.subset(rows), str(tmp_path / f"{name}.csv"))
+
+    def rec_eval(folder, *extra):
+        output = tmp_path / f"eval-{len(os.listdir(tmp_path))}.json"
+        code = cli(["rec-eval", "--checkpoint", str(folder), "--peers", "most_pop", "--no-plots",
+                    "--output", str(output), *extra])
+        return code, (json.loads(output.read_text()) if code == 0 else capsys.readouterr().err)
+
+    # the temporal head of W0 given its own held-out rows again: the same log, the same figures
+    code, plain = rec_eval(windows["head"])
+    assert code == 0
+    code, again = rec_eval(windows["head"], "--events", str(tmp_path / "held_out.csv"))
+    assert code == 0 and again["counts"] == plain["counts"] and again["cutoff"] == plain["cutoff"] == w0
+    assert again["events"] == str(tmp_path / "held_out.csv")
+    for segment, figures in plain["segments"].items():
+        for method, values in figures.items():
+            assert again["segments"][segment][method] == pytest.approx(values, rel=1e-12, nan_ok=True), (segment, method)
+
+    # a served head trained on every row of W0, then updated with W1: each evaluated on what came next
+    train_head(load_rec_config(None, rec_overrides(shop, tmp_path / "served", f"data.interactions={tmp_path / 'w0.csv'}",
+                                                   "data.split=none", "train.epochs=1")))
+    code, served = rec_eval(tmp_path / "served", "--events", str(tmp_path / "w1.csv"))
+    assert code == 0
+    assert served["counts"]["train"] == parts["w0"].sum() and served["counts"]["test"] == parts["w1"].sum()
+    assert served["segments"]["all"]["ours"]["recall@10"] > 0
+    assert cli(["rec-update", "--checkpoint", str(tmp_path / "served"), "--events", str(tmp_path / "w1.csv"),
+                "--out", str(tmp_path / "served-1"), "--steps", "1"]) == 0
+    code, updated = rec_eval(tmp_path / "served-1", "--events", str(tmp_path / "w2.csv"))
+    assert code == 0
+    assert updated["counts"]["train"] == (log.times < w1).sum() and updated["counts"]["test"] == parts["w2"].sum()
+
+    # nothing after the cut-off, no cut-off at all, no file: refused, naming what to change
+    code, err = rec_eval(tmp_path / "served-1", "--events", str(tmp_path / "w1.csv"))
+    assert code == 1 and "w1.csv: no event at or after the head's cut-off" in err
+    train_head(load_rec_config(None, rec_overrides(shop, tmp_path / "loo", "data.split=leave_last_out",
+                                                   "train.epochs=1")))
+    code, err = rec_eval(tmp_path / "loo", "--events", str(tmp_path / "w2.csv"))
+    assert code == 2 and "data.split=leave_last_out" in err
+    code, err = rec_eval(tmp_path / "served", "--events", str(tmp_path / "nowhere.csv"))
+    assert code == 2 and "--events" in err
+
+
 def test_realign_rows_keeps_known_ids_and_starts_new_ones_at_zero():
     from align.rec.update import realign_rows
 

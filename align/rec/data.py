@@ -22,7 +22,7 @@ import torch
 from align.errors import ConfigError, RunError
 from align.index.vectors import ItemEmbeddings, load_item_embeddings
 from align.rec.config import RecConfig
-from align.rec.interactions import BadRows, Interactions, read_catalogue_ids, read_interactions
+from align.rec.interactions import BadRows, Interactions, merge_logs, read_catalogue_ids, read_interactions
 from align.rec.split import Split, leave_last_out, temporal_split, time_order, user_histories
 
 log = logging.getLogger("align.rec")
@@ -118,9 +118,13 @@ def item_content(folder: str, item_ids: List[str], modality: str,
     return embeddings.vectors[modality][rows].float(), embeddings.masks[modality][rows].bool()
 
 
-def load_rec_data(config: RecConfig) -> RecData:
+def load_rec_data(config: RecConfig, events: Optional[str] = None, cutoff: Optional[float] = None) -> RecData:
     """Catalogue ids, the validated log (bad rows counted, over the threshold refused), its split
-    and the item vectors, as ``config.data`` names them."""
+    and the item vectors, as ``config.data`` names them.
+
+    With ``events`` (a newer log in the same columns), the two logs are merged and split at
+    ``cutoff``, the time the head's training stopped: what a head saw trains, the rest tests.
+    ``bad`` then counts the rows dropped from ``events``."""
     data = config.data
     embeddings = load_item_embeddings(data.items)  # first: a learned fusion needs >= 2 modalities
     learned = config.head.fusion == "learned"
@@ -131,6 +135,8 @@ def load_rec_data(config: RecConfig) -> RecData:
         log.warning("%s", bad.report())
     if len(interactions) == 0:
         raise RunError(f"{data.interactions}: no usable interactions")
+    if events is not None:
+        return _with_events(config, embeddings, modalities, item_ids, interactions, events, cutoff)
     if data.split == "temporal":
         split = temporal_split(interactions, data.cutoff, data.test_quantile, data.cold_user_max)
     elif data.split == "none":  # cut just after the newest event: every row trains
@@ -141,10 +147,38 @@ def load_rec_data(config: RecConfig) -> RecData:
     if len(split.train) == 0 or (len(split.test) == 0 and data.split != "none"):
         raise RunError(f"{data.interactions}: the {data.split} split left {len(split.train)} training and "
                        f"{len(split.test)} test interactions; both must be non-empty (data.cutoff, data.test_quantile; "
-                       "data.split=none trains on every row and holds nothing out)")
+                       "data.split=none trains on every row and holds nothing out; `align rec-eval --events NEWER_LOG` "
+                       "evaluates a head on the events after its cut-off)")
+    return _rec_data(config, embeddings, modalities, item_ids, split, bad)
+
+
+def _with_events(config: RecConfig, embeddings: ItemEmbeddings, modalities: Tuple[str, ...], item_ids: List[str],
+                 old: Interactions, events: str, cutoff: Optional[float]) -> RecData:
+    """``load_rec_data`` for a head evaluated on a newer log: both logs merged (a row in both
+    counts once), train before ``cutoff`` and test from it."""
+    data = config.data
+    if cutoff is None:
+        raise ConfigError(f"--events: the head was trained with data.split={data.split}, which has no cut-off "
+                          "time to tell the events it saw from new ones; evaluate it without --events")
+    new, bad = read_interactions(events, item_ids, data.columns, data.max_bad_fraction)
+    if bad.n_bad:
+        log.warning("%s", bad.report())
+    merged, _ = merge_logs(old, new)
+    split = temporal_split(merged, cutoff, cold_user_max=data.cold_user_max)
+    if len(split.test) == 0:
+        newest = float(new.times.max()) if len(new) else float("nan")
+        raise RunError(f"{events}: no event at or after the head's cut-off (time {cutoff!r}; the newest here is "
+                       f"{newest!r}): nothing the head has not seen to evaluate on")
+    return _rec_data(config, embeddings, modalities, item_ids, split, bad)
+
+
+def _rec_data(config: RecConfig, embeddings: ItemEmbeddings, modalities: Tuple[str, ...], item_ids: List[str],
+              split: Split, bad: BadRows) -> RecData:
+    """``RecData`` of a split: the item vectors as ``config.head`` reads them."""
+    data = config.data
     content, present = item_content(data.items, item_ids, config.head.modality, embeddings)
     vectors = masks = None
-    if learned:
+    if modalities:
         vectors, masks = stack_modalities(embeddings, item_rows(embeddings, data.items, item_ids), modalities)
     return RecData(item_ids=item_ids, content=content, has_content=present, split=split, bad=bad,
                    modalities=modalities, modality_vectors=vectors, modality_masks=masks)

@@ -2,7 +2,9 @@
 
 Protocol (say it beside any figure):
   * split: global temporal (train before the cut-off, test after) or leave-last-out, from the
-    head's config;
+    head's config; with ``--events NEWER_LOG``, the head's log and the newer one merged and cut
+    at the head's own cut-off (rows before it train; from it on, the head's held-out rows if any
+    and the new events test);
   * a user's relevant items are the distinct items of their test interactions that they did not
     already touch in training; their training items are never recommended;
   * segments:
@@ -27,6 +29,7 @@ import torch
 
 from align.errors import ConfigError, RunError, check_json_output, write_json_atomic
 from align.eval.plots import save_figure
+from align.loading import read_json
 from align.rec.baselines import PEERS, UNSCORABLE, FitData, build_peer
 from align.rec.config import RecConfig
 from align.rec.data import RecData, last_items, load_rec_data, seen_items
@@ -226,15 +229,24 @@ def plot_report(report: Dict[str, Any], folder: str, k: Optional[int] = None) ->
 
 
 def evaluate_head(checkpoint: str, peers: Optional[List[str]] = None, output: Optional[str] = None,
-                  plots: bool = True) -> Dict[str, Any]:
+                  plots: bool = True, events: Optional[str] = None) -> Dict[str, Any]:
     """Load the head in ``checkpoint``, rebuild its split, evaluate it and the peers; write JSON
-    (and the PNGs) next to it."""
+    (and the PNGs) next to it.
+
+    With ``events`` (a log newer than the head, in its columns), the test rows are the events at
+    or after the head's cut-off, and the head's log with the earlier ones is what the head and
+    the peers know: how a served head (``data.split: none``) or an updated one does on what
+    came next."""
     recommender = Recommender.load(checkpoint)
     config = recommender.config
-    if config.data.split == "none":
+    if events is None and config.data.split == "none":
         raise RunError(f"{checkpoint}: trained with data.split=none, on every row of its log: nothing is held out to "
-                       "evaluate on; evaluate a head trained with data.split=temporal or leave_last_out")
-    data = load_rec_data(config)
+                       "evaluate on; evaluate it on newer events (--events FILE) or evaluate a head trained with "
+                       "data.split=temporal or leave_last_out")
+    if events is None:
+        data = load_rec_data(config)
+    else:
+        data = load_rec_data(config, events, read_json(os.path.join(checkpoint, "items.json")).get("cutoff"))
     head = HeadMethod(recommender, data)
     fit = FitData(train=data.split.train, content=torch.nn.functional.normalize(data.content, dim=1).numpy(),
                   seen=seen_items(data.split.train))
@@ -249,7 +261,8 @@ def evaluate_head(checkpoint: str, peers: Optional[List[str]] = None, output: Op
                            "pip install 'align[peers]'") from None
         fit_seconds[name] = time.perf_counter() - started
     report = evaluate_methods(methods, data, config, head)
-    report.update(split=config.data.split, cutoff=data.split.cutoff, checkpoint=os.path.abspath(checkpoint),
+    report.update(split=config.data.split, cutoff=data.split.cutoff,
+                  events=os.path.abspath(events) if events else None, checkpoint=os.path.abspath(checkpoint),
                   fit_seconds=fit_seconds, mmr_lambda=config.rerank.mmr_lambda,
                   popularity_penalty=config.rerank.popularity_penalty, hub_penalty=config.rerank.hub_penalty,
                   counts={"train": len(data.split.train), "test": len(data.split.test),
@@ -268,6 +281,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="folder written by `align rec-train`")
     parser.add_argument("--peers", help="comma-separated baselines (default: the config's eval.peers); "
                                         "e.g. most_pop,content_knn,cornac_bpr,implicit_als")
+    parser.add_argument("--events", help="a log newer than the head, in its columns: evaluate on its events at or "
+                                         "after the head's cut-off (a head trained with data.split=none, or updated)")
     parser.add_argument("--output", help="JSON path (default: <checkpoint>/rec_eval.json)")
     parser.add_argument("--no-plots", action="store_true")
     return parser
@@ -280,7 +295,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = [p for p in peers or () if p not in PEERS]
     if unknown:  # before the head and the log are read
         raise ConfigError(f"--peers: unknown recommender {unknown[0]!r}; known: {', '.join(PEERS)}")
-    report = evaluate_head(args.checkpoint, peers, args.output, plots=not args.no_plots)
+    if args.events is not None and not os.path.isfile(args.events):
+        raise ConfigError(f"--events: {args.events} is not a file")
+    report = evaluate_head(args.checkpoint, peers, args.output, plots=not args.no_plots, events=args.events)
     print(format_report(report))
     print(f"-> {args.output or os.path.join(args.checkpoint, 'rec_eval.json')}")
     return 0

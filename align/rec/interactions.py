@@ -312,3 +312,27 @@ def write_interactions(inter: Interactions, path: str, columns: InteractionColum
         with atomic_open(path) as handle:
             for values in zip(*columns):
                 handle.write(json.dumps(dict(zip(names, values))) + "\n")
+
+
+def merge_logs(old: Interactions, new: Interactions) -> Tuple[Interactions, np.ndarray]:
+    """(old and new rows in one log sorted by time, (M,) bool: the row came from ``new``).
+
+    Both logs must speak the same catalogue. Users are matched by id. A new row that repeats an
+    old one exactly (user, item, time, weight, event) is kept once, as a new row (a target)."""
+    if old.item_ids != new.item_ids:
+        raise ValueError("merge_logs: the two logs were read against different catalogues")
+    parts = (new, old)  # new first: of a repeated row, the new copy is kept
+    users = np.concatenate([np.asarray(p.user_ids, dtype=object)[p.users] for p in parts])
+    has_events = any(p.events is not None for p in parts)
+    events = np.concatenate([p.events if p.events is not None else np.full(len(p), "") for p in parts])
+    frame = pd.DataFrame({"user": users, "item": np.concatenate([p.items for p in parts]),
+                          "time": np.concatenate([p.times for p in parts]),
+                          "weight": np.concatenate([p.weights for p in parts]), "event": events})
+    keep = np.flatnonzero(~frame.duplicated().to_numpy())
+    keep = keep[np.argsort(frame["time"].to_numpy()[keep], kind="stable")]  # time order, new first on ties
+    codes, user_ids = pd.factorize(pd.Series(users[keep], dtype=object), sort=False)
+    merged = Interactions(users=codes.astype(np.int64), items=frame["item"].to_numpy()[keep],
+                          times=frame["time"].to_numpy()[keep], weights=frame["weight"].to_numpy()[keep],
+                          events=np.asarray(events[keep].tolist(), dtype=str) if has_events else None,
+                          user_ids=[str(u) for u in user_ids], item_ids=new.item_ids)
+    return merged, keep < len(new)
