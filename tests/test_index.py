@@ -176,6 +176,18 @@ def test_an_unreadable_file_costs_its_item_that_modality_only(checkpoint, small_
     assert "items without any modality: 2" in report and "'no-modality'" in report
 
 
+def test_max_bad_fraction_holds_over_many_small_manifests(checkpoint, small_demo, tmp_path, capsys):
+    """data.max_bad_fraction is counted over every manifest of one run: five manifests with fewer
+    samples each than the threshold needs (50), every photo missing, are refused together."""
+    rows = [{**row, "image": "gone.png", "audio": ""} for row in read_rows(os.path.join(small_demo, "test.csv"))[:40]]
+    manifests = [write_rows(rows[n:n + 8], tmp_path / f"part{n // 8}.csv") for n in range(0, 40, 8)]
+    with pytest.raises(RunError, match=r"32 of 64 samples in 5 manifests \(.*part0.csv, \.\.\.\) could not be used"
+                                       r" \(50.0% > max_bad_fraction=5.0%\)"):
+        embed(checkpoint, tmp_path / "broken", *manifests)  # stops at the fourth: 32 of 64 samples, 50% > 5%
+    assert os.listdir(tmp_path / "broken") == ["parts"]  # the plan a rerun goes on from; no vectors
+    assert embed(checkpoint, tmp_path / "one", manifests[0]) == 0  # 8 of 16: too few to judge alone
+
+
 def test_rows_follow_the_manifests_and_append_adds_and_replaces(checkpoint, small_demo, tmp_path):
     rows = read_rows(os.path.join(small_demo, "test.csv"))
     first = write_rows(rows[:25], os.path.join(small_demo, "first.csv"))  # beside the media

@@ -81,6 +81,15 @@ class BadSampleTally:
             self._warn(skipped)
         self.check()
 
+    def add(self, other: "BadSampleTally") -> None:
+        """Add another tally's figures and examples (a part of the same run), then check the
+        threshold over both."""
+        self.seen += other.seen
+        self.total += other.total
+        self.counts.update(other.counts)
+        self.examples.extend(other.examples[:max(self.max_examples - len(self.examples), 0)])
+        self.check()
+
     def state(self) -> Dict[str, Any]:
         """What a checkpoint keeps of the tally: {"seen", "total", "counts"} (examples are not kept)."""
         return {"seen": self.seen, "total": self.total, "counts": dict(self.counts)}

@@ -7,7 +7,8 @@ The folder's format, and reading, writing, appending and cutting it: ``align/ind
 Every manifest row gets a row here. Each (item, modality) is embedded as a sample of its own, so a
 missing or corrupt media file costs its item that modality only (zero row, mask False): the loader
 skips and counts the file as in training (align/data/bad_samples.py; the checkpoint's
-``data.max_bad_fraction`` still stops a broken catalogue, counted over (item, modality) samples),
+``data.max_bad_fraction`` still stops a broken catalogue, counted over the (item, modality)
+samples of every manifest and shard one process embeds),
 and the command prints which ids lost which modality and why. An item left with no modality at all
 (empty cells, or every file unreadable) keeps zero rows and ``mask.fused`` False, and is reported.
 
@@ -125,9 +126,10 @@ class Part:
 
 
 def _embed_portion(model: Any, catalogue: Catalogue, k: int, start: int, stop: int, device: torch.device,
-                   progress: Optional[str], position: int) -> Part:
-    """Encode samples ``start:stop`` of manifest ``k`` (whole batches) into a ``Part``, and report the
-    files that could not be read."""
+                   progress: Optional[str], position: int, run: Any) -> Part:
+    """Encode samples ``start:stop`` of manifest ``k`` (whole batches) into a ``Part``, report the
+    files that could not be read, and add them to ``run``, the process's ``BadSampleTally``: its
+    ``data.max_bad_fraction`` holds over every portion, however small each is."""
     from align.data.bad_samples import BadSampleTally
 
     loader, items, offset = catalogue.loaders[k], catalogue.rows[k], catalogue.offsets[k]
@@ -155,14 +157,27 @@ def _embed_portion(model: Any, catalogue: Catalogue, k: int, start: int, stop: i
     if any(part.lost.values()):
         lost = {m: [items[n]["id"] for n in rows] for m, rows in part.lost.items()}
         print(_unreadable_report(dataset.path, lost, loader.bad), flush=True)
+    run.add(loader.bad)
     part.lost = {m: [n + offset for n in rows] for m, rows in part.lost.items()}
     return part
 
 
+def run_tally(catalogue: Catalogue) -> Any:
+    """A ``BadSampleTally`` for every portion one process embeds of ``catalogue`` (its loaders'
+    ``data.max_bad_fraction``; ``embed_batches(..., run=)``)."""
+    from align.data.bad_samples import BadSampleTally
+
+    return BadSampleTally(catalogue.loaders[0].bad.max_bad_fraction,
+                          source=" and ".join(catalogue.manifests) if len(catalogue.manifests) < 4
+                          else f"{len(catalogue.manifests)} manifests ({catalogue.manifests[0]}, ...)")
+
+
 def embed_batches(model: Any, catalogue: Catalogue, batches: Sequence[Tuple[int, int, int]], device: torch.device,
-                  progress: Optional[str] = None, position: int = 0) -> Part:
+                  progress: Optional[str] = None, position: int = 0, run: Any = None) -> Part:
     """Encode the catalogue's ``batches`` (consecutive ones, from ``Catalogue.batches``) into one ``Part``.
-    ``progress``: a label for a tqdm bar per manifest (None: no bar); ``position``: the bar's line."""
+    ``progress``: a label for a tqdm bar per manifest (None: no bar); ``position``: the bar's line;
+    ``run``: the tally the unreadable files count in (default: ``run_tally`` of these batches)."""
+    run = run_tally(catalogue) if run is None else run
     portions: Dict[int, List[int]] = {}  # manifest -> [first sample, end sample]
     for k, start, stop in batches:
         span = portions.setdefault(k, [start, stop])
@@ -170,7 +185,7 @@ def embed_batches(model: Any, catalogue: Catalogue, batches: Sequence[Tuple[int,
     def label(k: int) -> Optional[str]:
         return None if progress is None else f"{progress} {os.path.basename(catalogue.manifests[k])}".strip()
 
-    pieces = [_embed_portion(model, catalogue, k, start, stop, device, label(k), position)
+    pieces = [_embed_portion(model, catalogue, k, start, stop, device, label(k), position, run)
               for k, (start, stop) in portions.items()]
     dim = model.embed_dim
     return Part({m: torch.cat([p.rows[m] for p in pieces] + [torch.zeros(0, dtype=torch.long)])
@@ -663,12 +678,13 @@ def _embed_shards(args: argparse.Namespace, processes: Processes, worker: int, w
     done = [j for j in mine if part_done(parts, j, plan)]
     if done:
         print(f"{len(done)} of this job's {len(mine)} shards were already embedded; they are kept", flush=True)
+    run = run_tally(catalogue)  # one over this process's shards
     for j in mine:
         if j in done:
             continue
         start = time.perf_counter()
         label = f"[rank {processes.rank}] shard {j + 1}/{shards}" if processes.world > 1 else f"shard {j + 1}/{shards}"
-        part = embed_batches(model, catalogue, cut[j], processes.device, label, position=processes.rank)
+        part = embed_batches(model, catalogue, cut[j], processes.device, label, position=processes.rank, run=run)
         write_part(parts, j, plan, part, catalogue.ids)
         samples = sum(len(v) for v in part.rows.values())
         print(f"{label}: {samples} samples in {time.perf_counter() - start:.1f} s -> "
