@@ -188,6 +188,24 @@ def test_max_bad_fraction_holds_over_many_small_manifests(checkpoint, small_demo
     assert embed(checkpoint, tmp_path / "one", manifests[0]) == 0  # 8 of 16: too few to judge alone
 
 
+def test_an_index_and_its_item_vectors_never_share_a_folder(checkpoint, small_demo, tmp_path, capsys):
+    """Both keep their ids in ids.json: an index written into the vectors' folder (or vectors into an
+    index's) overwrote it, and neither could be read again. Refused up front, both files kept."""
+    manifest = os.path.join(small_demo, "test.csv")
+    assert embed(checkpoint, tmp_path / "items", manifest) == 0
+    assert align_main(["index", "--embeddings", str(tmp_path / "items"), "--out", str(tmp_path / "index")]) == 0
+    before = {folder: {name: (tmp_path / folder / name).read_bytes() for name in os.listdir(tmp_path / folder)}
+              for folder in ("items", "index")}
+    capsys.readouterr()
+    assert align_main(["index", "--embeddings", str(tmp_path / "items"), "--out", str(tmp_path / "items")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert align_main(["embed", "--checkpoint", checkpoint, "--manifest", manifest, "--out", str(tmp_path / "index"),
+                       "--device", "cpu"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert {folder: {name: (tmp_path / folder / name).read_bytes() for name in os.listdir(tmp_path / folder)}
+            for folder in ("items", "index")} == before
+
+
 def test_rows_follow_the_manifests_and_append_adds_and_replaces(checkpoint, small_demo, tmp_path):
     rows = read_rows(os.path.join(small_demo, "test.csv"))
     first = write_rows(rows[:25], os.path.join(small_demo, "first.csv"))  # beside the media

@@ -316,6 +316,7 @@ def test_command_builds_prints_and_filters(tmp_path, capsys):
     (["--memory-mb", "0"], "--memory-mb"),
     (["--metadata", "{tmp}/catalogue.csv", "--fields", "colour,weight"], "catalogue.csv has no column 'weight'"),
     (["--metadata", "{tmp}/absent.csv"], "absent.csv: no such file"),
+    (["--out", "{tmp}/items"], "holds item vectors"),  # its ids.json is the vectors'
 ])
 def test_bad_arguments_are_config_errors_before_work(tmp_path, args, message, monkeypatch):
     folder = embed_folder(tmp_path, 100)

@@ -854,6 +854,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise ConfigError(f"--recall-target {args.recall_target}: must be in (0, 1]")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out}: a file, not a folder")
+    if os.path.isfile(os.path.join(args.out, TENSORS_FILE)):  # both folders keep their ids in ids.json
+        raise ConfigError(f"--out {args.out}: holds item vectors ({TENSORS_FILE}, written by `align embed`), "
+                          f"which the index's {IDS_FILE} would overwrite; give the index a folder of its own")
     fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
     if fields is not None and not args.metadata:
         raise ConfigError("--fields names manifest columns: give the manifests with --metadata")

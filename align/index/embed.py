@@ -621,8 +621,13 @@ def _summary(emb: ItemEmbeddings, seconds: float) -> List[str]:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
+    from align.index.build import INFO_FILE
+
     if not os.path.isdir(args.checkpoint):  # before its config is read (--dim, --append)
         raise ConfigError(f"checkpoint {args.checkpoint}: no such folder")
+    if os.path.isfile(os.path.join(args.out, INFO_FILE)):  # both folders keep their ids in ids.json
+        raise ConfigError(f"--out {args.out}: holds an index ({INFO_FILE}, written by `align index`), whose "
+                          f"{IDS_FILE} the item vectors' would overwrite; give the vectors a folder of their own")
     if args.dim is not None:  # before any work
         check_prefix_dim(args.dim, read_saved_config(model_folder(args.checkpoint)).model.embed_dim)
     if args.shards is not None and args.shards < 1:
