@@ -572,8 +572,8 @@ def validate(config: Config) -> None:
         raise ConfigError("train.accum_steps must be >= 1")
     if config.train.epochs < 1 and config.train.max_steps < 1:
         raise ConfigError("train.epochs or train.max_steps must be positive")
-    if any(k < 1 for k in config.eval.ks):
-        raise ConfigError("eval.ks must be positive integers")
+    if not config.eval.ks or any(k < 1 for k in config.eval.ks):
+        raise ConfigError("eval.ks must be a list of positive integers (the K of Recall@K), e.g. [1, 5, 10]")
     if config.eval.index_min_candidates < 0:
         raise ConfigError("eval.index_min_candidates must be >= 0")
     _check_classify(config.eval.classify, config.model.towers)

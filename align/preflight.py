@@ -44,6 +44,18 @@ def check_towers(config: Config) -> None:
         TOWERS.get(tower.type).check_sources(tower.params, f"model.towers.{modality}")
 
 
+def check_eval_index(config: Config) -> None:
+    """``eval.index``: none, a kind align index knows, or a FAISS factory string for the model's
+    width. Checked before training, not at its first evaluation (faiss is imported only then)."""
+    index = config.eval.index
+    if index == "none":
+        return
+    from align.index.build import KINDS, check_factory
+
+    if index not in KINDS:
+        check_factory(index, config.model.embed_dim, key="eval.index")
+
+
 def check_run_inputs(config: Config) -> None:
     """Everything a training run reads: its data, its media root and its towers' sources."""
     search = config.data.search_log
@@ -68,6 +80,7 @@ def check_run_inputs(config: Config) -> None:
         raise ConfigError(f"train.resume: {resume} is not a complete checkpoint (no trainer_state.json); "
                           "give a checkpoint folder, 'latest' or ''")
     check_towers(config)
+    check_eval_index(config)
 
 
 def check_train_split_fills_a_step(config: Config, loader, processes: int) -> None:

@@ -37,6 +37,10 @@ def run_overrides(manifest, out, *extra):
     ("data.root=/nowhere", "data.root: no such folder /nowhere"),
     ("data.train=''", "data.train is required"),
     ("train.resume=/nowhere/step-00000100", "train.resume: /nowhere/step-00000100 is not a complete checkpoint"),
+    # found at the first evaluation, after an epoch of training, and named --kind
+    ("eval.index=hnws", "eval.index 'hnws': not a FAISS factory string for dim 32"),
+    ("eval.index=IDMap,Flat", "eval.index 'IDMap,Flat': leave out IDMap"),
+    ("eval.ks=[]", "eval.ks must be a list of positive integers"),
 ])
 def test_train_refuses_what_does_not_exist_before_writing_anything(manifest, tmp_path, capsys, override, message):
     out = tmp_path / "run"
@@ -66,4 +70,8 @@ def test_eval_names_the_missing_checkpoint_or_split(tmp_path, capsys):
     (folder / "config.yaml").write_text(f"model: {{towers: {{text: {{type: open_clip_text, model: {TINY_CLIP}}}}}}}\n")
     assert align_main(["eval", "--checkpoint", str(folder), "--split", str(tmp_path / "test.csv")]) == 2
     assert f"--split: manifest {tmp_path / 'test.csv'} does not exist" in capsys.readouterr().err
+    (tmp_path / "test.csv").write_text("id,title\nsku-1,red mug\n")
+    assert align_main(["eval", "--checkpoint", str(folder), "--split", str(tmp_path / "test.csv"),
+                       "eval.index=hnws"]) == 2  # before the model is built and the split embedded
+    assert "eval.index 'hnws': not a FAISS factory string" in capsys.readouterr().err
     assert not os.path.exists(folder / "eval.json")

@@ -184,7 +184,7 @@ def evaluate_checkpoint(checkpoint: str, split: Optional[str] = None, overrides:
     from align.config import ConfigError
     from align.eval.classify import classify_split, format_classify, read_labels
     from align.loading import load_model, read_saved_config
-    from align.preflight import check_data_spec
+    from align.preflight import check_data_spec, check_eval_index
 
     if not os.path.isdir(checkpoint):
         raise ConfigError(f"--checkpoint {checkpoint}: no such folder")
@@ -195,6 +195,7 @@ def evaluate_checkpoint(checkpoint: str, split: Optional[str] = None, overrides:
     if not split:
         raise ConfigError("no split to evaluate: pass --split or set eval.split / data.val")
     check_data_spec(key, split)
+    check_eval_index(config)
     classify = config.eval.classify
     labels = read_labels(split, classify.column, config.data.columns) if classify.column else None
     processes = join_processes(device)

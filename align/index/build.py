@@ -226,17 +226,18 @@ def kind_of(factory: str) -> str:
     return "custom"
 
 
-def check_factory(factory: str, dim: int) -> None:
-    """A ``ConfigError`` unless FAISS can make ``factory`` for vectors of ``dim`` (nothing is trained)."""
+def check_factory(factory: str, dim: int, key: str = "--kind") -> None:
+    """A ``ConfigError`` naming ``key`` unless FAISS can make ``factory`` for vectors of ``dim``
+    (nothing is trained)."""
     import faiss
 
     if factory.split(",")[0].startswith("IDMap"):
-        raise ConfigError(f"--kind {factory!r}: leave out IDMap; the index keeps its own id map")
+        raise ConfigError(f"{key} {factory!r}: leave out IDMap; the index keeps its own id map")
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         first = str(error).strip().split("Error: ")[-1][:200]  # FAISS's own words, without its source location
-        raise ConfigError(f"--kind {factory!r}: not a FAISS factory string for dim {dim} ({first}); use one of "
+        raise ConfigError(f"{key} {factory!r}: not a FAISS factory string for dim {dim} ({first}); use one of "
                           f"{', '.join(KINDS)} or e.g. 'HNSW32,Flat', 'IVF1024,PQ32x8'") from None
 
 
