@@ -7,17 +7,19 @@ from types import SimpleNamespace
 import torch
 
 from align.config import Config
+from align.data.bad_samples import BadSampleTally, take_bad_report
 from align.train import recipe
 from align.train.checkpoint import TrainState
 from align.train.recipe import Run, end_epoch, train_epoch
 
 
 class FakeLoader:
-    bad = SimpleNamespace(total=0)
+    bad = BadSampleTally()
 
-    def iterate(self, epoch, skip_batches=0):
+    def iterate(self, epoch, skip_batches=0, count_bad=True):
         for index in range(skip_batches, 5):  # 5 batches: 2 steps of 2, one batch left over
-            yield {"ids": [f"{epoch}-{index}"]}
+            batch = {"ids": [f"{epoch}-{index}"], "bad": {"seen": 1, "skipped": []}}
+            yield take_bad_report(batch, self.bad) if count_bad else batch
 
 
 def schedule(monkeypatch, eval_every, save_every, total_steps=4):

@@ -56,9 +56,8 @@ def test_a_resume_from_a_checkpoint_older_than_others_in_the_folder_is_refused(s
     assert summary["steps"] == 3 and summary["resumes"] == 1
 
 
-def test_skipped_samples_are_counted_over_the_whole_run_across_a_resume(small_demo, tmp_path):
-    from align.loading import read_tensors
-
+def odd_manifest(small_demo):
+    """The demo's training rows with ten bad images (missing or broken), spread over the epoch."""
     rows = list(csv.DictReader(open(os.path.join(small_demo, "train.csv"), encoding="utf-8")))
     with open(os.path.join(small_demo, "images", "broken.png"), "wb") as handle:
         handle.write(b"\x89PNG\r\n\x1a\nnot an image")
@@ -69,16 +68,64 @@ def test_skipped_samples_are_counted_over_the_whole_run_across_a_resume(small_de
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return manifest
+
+
+def bad_samples_at(checkpoint):
+    from align.loading import read_tensors
+
+    _, metadata = read_tensors(str(checkpoint / "rng-0.safetensors"))
+    return json.loads(metadata["bad_samples"])
+
+
+def test_skipped_samples_are_counted_over_the_whole_run_across_a_resume(small_demo, tmp_path):
+    manifest = odd_manifest(small_demo)
     extra = ("train.max_steps=10", "train.save_every=5", "train.keep_checkpoints=5", f"data.train={manifest}",
              "data.max_bad_fraction=0.2")
     whole = train(load_config(None, overrides(small_demo, tmp_path / "whole", *extra)))
     assert sum(whole["bad_samples"].values()) == 10  # one epoch: every row read once
     checkpoint = tmp_path / "whole" / "checkpoints" / "step-00000005"
-    _, metadata = read_tensors(str(checkpoint / "rng-0.safetensors"))
-    at_checkpoint = json.loads(metadata["bad_samples"])
+    at_checkpoint = bad_samples_at(checkpoint)
     assert 0 < at_checkpoint["total"] < 10 and at_checkpoint["seen"] == 5 * 16
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(checkpoint, resumed_dir / "checkpoints" / checkpoint.name)
     resumed = train(load_config(None, overrides(small_demo, resumed_dir, *extra, "train.resume=latest")))
     assert resumed["resumes"] == 1 and resumed["samples"] == whole["samples"]
     assert resumed["bad_samples"] == whole["bad_samples"]  # it counted only the second half's
+
+
+def test_a_stopped_run_and_a_read_ahead_count_only_the_batches_trained_on(small_demo, tmp_path, monkeypatch):
+    """The checkpoint a stop signal writes keeps the count of skipped samples (it was left out, so
+    every preempted run counted from zero again), and a loader read ahead of training (CUDA copies
+    the next batch while a step computes) counts only the batches used: a resume reads the next
+    one again, which was counted twice."""
+    import signal
+
+    from align.train import recipe
+    from align.train.preempt import Stopped
+
+    real_prefetch, polls = recipe.prefetch_to_device, {"n": 0}
+
+    def read_ahead(batches, device):  # as the CUDA branch: batch k + 1 is taken before k is handed over
+        source = iter(batches)
+        upcoming = next(source, None)
+        while upcoming is not None:
+            batch, upcoming = upcoming, next(source, None)
+            yield from real_prefetch([batch], device)
+
+    def poll(self):  # the stop signal arrives during step 5
+        polls["n"] += 1
+        return signal.SIGUSR1 if polls["n"] == 5 else 0
+
+    monkeypatch.setattr(recipe, "prefetch_to_device", read_ahead)
+    monkeypatch.setattr(recipe.StopAgreement, "poll", poll)
+    manifest = odd_manifest(small_demo)
+    out = tmp_path / "stopped"
+    with pytest.raises(Stopped):
+        train(load_config(None, overrides(small_demo, out, "train.max_steps=10", f"data.train={manifest}",
+                                          "data.max_bad_fraction=0.2", "train.requeue=false")))
+    at_stop = bad_samples_at(out / "checkpoints" / "step-00000005")
+    assert at_stop["seen"] == 5 * 16  # the five batches trained on, not the sixth read ahead
+    with open(manifest, encoding="utf-8") as handle:  # the first 80 rows of the epoch's order are not known
+        bad_rows = sum("missing.png" in line or "broken.png" in line for line in handle)
+    assert 0 < at_stop["total"] < bad_rows

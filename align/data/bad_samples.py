@@ -137,3 +137,10 @@ def split_bad(items: List[object]) -> "tuple[list, list]":
     for item in items:
         (bad if isinstance(item, Skipped) else good).append(item)
     return good, bad
+
+
+def take_bad_report(batch: Dict[str, Any], tally: BadSampleTally) -> Dict[str, Any]:
+    """Move ``batch["bad"]`` (see ``align.data.sample.collate_with_report``) into ``tally``; return the batch."""
+    report = batch.pop("bad")
+    tally.update(report["seen"], report["skipped"])
+    return batch

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from align.config import ColumnsConfig
-from align.data.bad_samples import BadSampleTally
+from align.data.bad_samples import BadSampleTally, take_bad_report
 from align.data.manifest import ManifestDataset, is_manifest
 from align.data.sample import collate_with_report
 from align.data.transforms import with_image_decode, with_image_pipeline, with_jpeg_draft
@@ -55,14 +55,7 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def iterate(self, epoch: int, skip_batches: int = 0) -> Iterator[Dict[str, Any]]: ...
-
-
-def take_bad_report(batch: Dict[str, Any], tally: BadSampleTally) -> Dict[str, Any]:
-    """Move ``batch["bad"]`` (see ``collate_with_report``) into ``tally``; return the batch."""
-    report = batch.pop("bad")
-    tally.update(report["seen"], report["skipped"])
-    return batch
+    def iterate(self, epoch: int, skip_batches: int = 0, count_bad: bool = True) -> Iterator[Dict[str, Any]]: ...
 
 
 def step_slices(order: np.ndarray, batch_size: int, rank: int, world_size: int, drop_last: bool) -> List[np.ndarray]:
@@ -130,7 +123,11 @@ class ManifestLoader:
         n = len(self.dataset)
         return n // per_step if self.drop_last else -(-n // per_step)
 
-    def iterate(self, epoch: int, skip_batches: int = 0) -> Iterator[Dict[str, Any]]:
+    def iterate(self, epoch: int, skip_batches: int = 0, count_bad: bool = True) -> Iterator[Dict[str, Any]]:
+        """This rank's batches of ``epoch`` after its first ``skip_batches``; each one's bad samples
+        are counted in ``bad`` as it is yielded, or, with ``count_bad=False``, left in
+        ``batch["bad"]`` for the consumer to count when it uses the batch (``take_bad_report``):
+        a consumer that reads ahead then counts only what it used."""
         batches = self.batches(epoch)[skip_batches:]
         if not batches:
             return
@@ -142,7 +139,7 @@ class ManifestLoader:
             # shifting the trainer's random stream (dropout, ...) on every epoch
             generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
-            yield take_bad_report(batch, self.bad)
+            yield take_bad_report(batch, self.bad) if count_bad else batch
 
 
 def build_loader(spec: str, processor: Any, *, batch_size: int, num_workers: int, train: bool, seed: int,

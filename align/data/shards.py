@@ -59,7 +59,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from align.data.bad_samples import BadSampleTally, Skipped
+from align.data.bad_samples import BadSampleTally, Skipped, take_bad_report
 from align.data.manifest import open_image, seeded_sample
 from align.data.sample import MODALITIES, BadSample, collate_with_report
 from align.data.tar import TruncatedMember, tar_members
@@ -520,8 +520,9 @@ class ShardLoader:
                           rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
                           batch_size=self.batch_size, drop_last=self.drop_last)
 
-    def iterate(self, epoch: int, skip_batches: int = 0) -> Iterator[Dict[str, Any]]:
-        """This rank's batches of ``epoch``, after its first ``skip_batches`` (resume)."""
+    def iterate(self, epoch: int, skip_batches: int = 0, count_bad: bool = True) -> Iterator[Dict[str, Any]]:
+        """This rank's batches of ``epoch``, after its first ``skip_batches`` (resume); ``count_bad``
+        as in ``ManifestLoader.iterate``."""
         if skip_batches >= len(self):
             return
         stream = _ShardStream(self, epoch, skip_batches)
@@ -532,6 +533,4 @@ class ShardLoader:
                                              # global one otherwise, shifting the trainer's random stream
                                              generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
-            report = batch.pop("bad")
-            self.bad.update(report["seen"], report["skipped"])
-            yield batch
+            yield take_bad_report(batch, self.bad) if count_bad else batch

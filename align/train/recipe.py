@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from align.config import Config, product_fields, save_config, to_dict
+from align.data.bad_samples import take_bad_report
 from align.data.loader import loader_from_config
 from align.data.transforms import SampleProcessor
 from align.errors import remove_staged_leftovers, write_json_atomic
@@ -250,8 +251,11 @@ def train_epoch(run: Run, state: TrainState) -> bool:
     """Steps through the rest of ``state.epoch``; True when the epoch ran out, False when the
     run reached its last step (the loop leaves there: the end evaluates and saves once)."""
     accum, micro = run.config.train.accum_steps, []
-    batches = run.loader.iterate(state.epoch, skip_batches=state.batch_in_epoch)
+    # bad samples are counted as each batch is used: on CUDA the next one is read ahead, and a
+    # checkpoint's count (and a resume, which reads that batch again) must not include it
+    batches = run.loader.iterate(state.epoch, skip_batches=state.batch_in_epoch, count_bad=False)
     for batch in prefetch_to_device(batches, run.accelerator.device):  # CUDA: the next one copies meanwhile
+        take_bad_report(batch, run.loader.bad)
         state.batch_in_epoch += 1
         micro.append(batch)
         if len(micro) < accum:
@@ -293,7 +297,7 @@ def stop(run: Run, state: TrainState) -> None:
     sync_field_weights(accelerator, run.objective, config)
     path = run.clock.off_the_clock(checkpoint.save_checkpoint, accelerator, run.objective, run.optimizer,
                                    run.scheduler, config, config.train.output_dir, state,
-                                   config.train.keep_checkpoints)
+                                   config.train.keep_checkpoints, run.loader.bad)
     run.stop.close()  # the seen log is flushed line by line and closed by train()'s finally
     job = slurm_job() if config.train.requeue else None
     requeued = job if job and accelerator.is_main_process and requeue(job) else None
