@@ -54,7 +54,9 @@ EOF
 # call's own limit (600 s) room for the installs above.
 started=$(date +%s)
 status=0
-timeout 500 "$PYTHON" benchmarks/gpu_throughput.py --work /tmp/gpu-throughput "$@" || status=$?
+# a folder of its own each call: a warm machine keeps /tmp, and shards prepared at another --size
+# are refused (after the step and loss parts had run)
+timeout 500 "$PYTHON" benchmarks/gpu_throughput.py --work "$(mktemp -d /tmp/gpu-throughput.XXXXXX)" "$@" || status=$?
 echo "benchmark wall time: $(( $(date +%s) - started )) s, exit $status"
 return $status
 }

@@ -213,6 +213,7 @@ def pil_like_resize(image: torch.Tensor, size: Size, filter_: int) -> torch.Tens
     return image
 
 
+@torch.compiler.disable  # traced, the native decoder runs on tensors without data (a segfault)
 def decode_jpegs(files: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
     """(n_i,) uint8 JPEG files on the host -> (3, h_i, w_i) uint8 RGB on ``device``, in one
     batched ``decode_jpeg`` call (nvJPEG on CUDA; libjpeg, one by one, on the CPU).
@@ -227,6 +228,11 @@ def decode_jpegs(files: List[torch.Tensor], device: torch.device) -> List[torch.
 
     # torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (a
     # DeprecationWarning); decode_jpeg is still the one that batches nvJPEG on CUDA.
+    if device.type == "cuda":
+        # nvJPEG writes its outputs from a stream of its own that does not wait for ours, into
+        # memory the caching allocator may just have taken back from kernels still queued on ours
+        # (pytorch/vision#9606: corrupted batches on H100). Let those kernels finish first.
+        torch.cuda.current_stream(device).synchronize()
     try:
         return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
