@@ -1,6 +1,7 @@
 """Explanations (align/explain): history contributions equal hand-computed leave-one-out and
 gradient x input values and a float64 reference; modality shares sum to the score they split
-(fused cosine, or the head's score with its base); the explanation's top history item matters
+(fused cosine with its rest, or the head's score with its base; tests/test_explain_widths.py for
+catalogues cut with --dim or embedded by fields); the explanation's top history item matters
 more than a random other one for >= 80% of simulated users and the top attribute word finds the
 simulated taste well above chance; `align recommend --explain` and `align search --explain` print
 text; a real uvicorn server answers `"explain": true` with structured JSON and refuses a bad
@@ -18,7 +19,7 @@ from align.rec.faithfulness import faithfulness, simulated_tastes, taste_match
 from align.explain.history import history_contributions
 from align.explain.modalities import linear_shares, shapley_shares
 from align.explain.words import Terms, WordProbe, catalogue_terms
-from align.index.vectors import ItemEmbeddings, fuse
+from align.index.vectors import ItemEmbeddings
 from align.rec.config import HeadConfig, RecConfig
 from align.rec.head import RecHead
 from align.rec.recommend import Recommender
@@ -150,25 +151,37 @@ def test_leave_one_out_rescores_each_history_as_align_recommend_does(encoder):
         assert grad.values.shape == got.values.shape and np.isfinite(grad.values).all()
 
 
-def test_linear_modality_shares_sum_to_the_fused_cosine():
+def test_linear_modality_shares_split_the_fused_cosine_and_what_lies_outside_is_the_rest():
     g = torch.Generator().manual_seed(0)
-    vectors = {m: torch.randn(5, 6, generator=g) * 3 for m in ("text", "image", "audio")}
-    masks = {"text": torch.tensor([1, 1, 1, 0, 1]).bool(), "image": torch.tensor([1, 0, 1, 1, 1]).bool(),
-             "audio": torch.tensor([1, 1, 0, 1, 0]).bool()}
+    vectors = {m: torch.randn(6, 6, generator=g) * 3 for m in ("text", "image", "audio")}  # any length: split alike
+    masks = {"text": torch.tensor([1, 1, 1, 0, 1, 0]).bool(), "image": torch.tensor([1, 0, 1, 1, 1, 0]).bool(),
+             "audio": torch.tensor([1, 1, 0, 1, 0, 0]).bool()}  # the last item has none
     weights = {"text": 1.0, "image": 2.0, "audio": 0.5}
     query = F.normalize(torch.randn(6, generator=g, dtype=torch.float64), dim=0)
-    shares, fused_scores = linear_shares(query, vectors, masks, weights)
-    fused, _ = fuse({m: v.double() for m, v in vectors.items()}, masks, weights)  # what align embed stores
-    for n in range(5):  # the definition, item by item, in float64
-        unit = {m: vectors[m][n].double() / vectors[m][n].double().norm() for m in vectors}
-        total = sum(weights[m] * unit[m] for m in vectors if masks[m][n])
-        norm = float((total / sum(weights[m] for m in vectors if masks[m][n])).norm())
+    unit = {m: F.normalize(v.double(), dim=1) for m, v in vectors.items()}
+    total = sum(weights[m] * masks[m].double() for m in vectors)  # (6,)
+    mean = sum(weights[m] * masks[m].double()[:, None] * unit[m] for m in vectors) / total.clamp_min(1)[:, None]
+    fused = F.normalize(mean, dim=1)  # the weighted fusion, in float64; zero for the last item
+    shares, rest, scores = linear_shares(query, fused, vectors, masks)
+    for n in range(6):  # the definition, item by item: w_k <q, v_k> / (sum_j w_j * |m|)
         for k, m in enumerate(vectors):
-            expected = weights[m] * float(query @ unit[m]) / (sum(weights[x] for x in vectors if masks[x][n]) * norm)
-            assert shares[n, k] == pytest.approx(expected if masks[m][n] else 0.0, abs=1e-12)
-        # the shares sum to the cosine with the fused vector (fuse works in float32: its rounding)
-        assert shares[n].sum() == pytest.approx(fused_scores[n], abs=1e-12)
-        assert fused_scores[n] == pytest.approx(float(query @ fused[n].double()), abs=64 * EPS32)
+            expected = weights[m] * float(query @ unit[m][n]) / (float(total[n]) * float(mean[n].norm())) \
+                if masks[m][n] else 0.0
+            assert shares[n, k] == pytest.approx(expected, abs=1e-12)
+        assert rest[n] == pytest.approx(0.0, abs=1e-12)
+        assert scores[n] == pytest.approx(float(query @ fused[n]), abs=1e-12)
+    # a fused vector with a part outside the item's modality vectors (no fusion align embed makes):
+    # that part's cosine is the rest, and the shares are those of the part inside
+    row, outside = 1, torch.randn(6, generator=g, dtype=torch.float64)
+    inside = torch.stack([unit["text"][row], unit["audio"][row]], 1)  # the item has text and audio
+    outside -= inside @ torch.linalg.lstsq(inside, outside[:, None]).solution[:, 0]
+    skewed = fused.clone()
+    skewed[row] += 0.5 * outside
+    shares, rest, scores = linear_shares(query, skewed, vectors, masks)
+    assert shares[row] == pytest.approx(linear_shares(query, fused, vectors, masks)[0][row], abs=1e-12)
+    assert rest[row] == pytest.approx(0.5 * float(query @ outside), abs=1e-12) and abs(rest[row]) > 0.01
+    assert scores[row] == pytest.approx(float(query @ skewed[row]), abs=1e-12)
+    assert shares[row].sum() + rest[row] == pytest.approx(scores[row], abs=1e-12)
 
 
 def test_shapley_shares_of_a_learned_fusion_head_follow_the_definition():
@@ -354,7 +367,7 @@ def test_the_service_answers_explain_with_structured_json(server):  # noqa: F811
     for result in answer["results"]:
         modalities = result["explanation"]["modalities"]
         assert modalities["method"] == "linear" and "base" not in modalities
-        assert sum(modalities["shares"].values()) == pytest.approx(modalities["score"], abs=1e-9)
+        assert sum(modalities["shares"].values()) + modalities["rest"] == pytest.approx(modalities["score"], abs=1e-12)
         assert modalities["score"] == pytest.approx(result["score"], abs=SCORE_BOUND)  # exact index: the same cosine
     plain = server.client.post("/search", json={"text": "small red star", "k": 4}).json()
     assert "query_words" not in plain and all("explanation" not in r for r in plain["results"])

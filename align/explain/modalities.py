@@ -1,15 +1,28 @@
 """Which modalities of an item carried its score: the score split into one share per modality.
 
-Search (``linear``, exact): the fused item vector is the normalised weighted mean of the item's
-normalised modality vectors (``align.index.vectors.fuse``),
+Search (``linear``, exact): the fused vector f that the index holds is, for every fusion ``align
+embed`` and ``align index`` make, a linear combination of the item's own modality vectors v_k
+(unit rows of the same folder, cut as the index cut it):
 
-    f = m / |m|,   m = sum_k w_k v_k / sum_k w_k   (over the modalities k the item has),
+    mean, weighted mean:  f = sum_k w_k v_k / (sum_j w_j * |m|)   (``align.index.vectors.fuse``);
+    model.fields:         f is the weighted mean of the field vectors, and each modality's v_k the
+                          normalised weighted mean of its own fields m_k, so
+                          f = sum_k W_k |m_k| v_k / (W * |m|)   (W_k: its fields' weight; W: all);
+    a Matryoshka cut:     f = prefix(F) with F = sum_k c_k V_k over the full-width vectors, and each
+                          v_k = prefix(V_k), so f = sum_k c_k |V_k[:D]| v_k / |F[:D]|
+                          (``--dim`` of ``align embed`` or ``align index``, ``align.model.prefix``).
 
-so the cosine with a query q is a sum of one term per modality,
+Only in the first do the stored vectors and the recorded weights give the coefficients; the others
+need norms the folder does not keep (|m_k|, |V_k[:D]|). So the coefficients a_k are found from
+the vectors themselves: f written in the item's modality vectors by least squares (unique where
+they are linearly independent; where two coincide, the minimum-norm solution gives them equal
+parts). The cosine with a query q is then a sum of one term per modality,
 
-    <q, f> = sum_k  w_k <q, v_k> / (sum_j w_j * |m|),
+    <q, f> = sum_k a_k <q, v_k> + <q, r>,   r = f - sum_k a_k v_k,
 
-and those terms are the shares: they sum to the fused score (to float64 rounding).
+those terms are the shares, and ``rest`` = <q, r> is the part of f outside the item's modality
+vectors: float32 rounding (~1e-7) for the folders ``align embed`` writes, so that the shares sum to
+the fused score; shares + rest equal it to float64 rounding whatever made f.
 
 Recommendation (``shapley``, exact): the head's item tower is non-linear, so its score has no
 such split. With M <= 3 modalities every coalition is cheap: the item is scored with only the
@@ -28,46 +41,39 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from align.errors import RunError
-from align.index.vectors import FUSED, ItemEmbeddings, fuse, parse_fusion_weights
+from align.index.vectors import FUSED, ItemEmbeddings, fuse, fusion_weights_of
 
 Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend / align search import this package
 
 
-def fusion_weights_of(embeddings: ItemEmbeddings) -> Optional[Dict[str, float]]:
-    """The weights ``align embed`` fused with (its metadata), None for the plain mean."""
-    if embeddings.metadata.get("fusion", "mean") != "weighted_mean":
-        return None
-    return parse_fusion_weights(embeddings.metadata["fusion_weights"])
-
-
-def linear_shares(query: torch.Tensor, vectors: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor],
-                  weights: Optional[Dict[str, float]] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Per item, each modality's share of the query's cosine with the fused vector (module docstring).
+def linear_shares(query: torch.Tensor, fused: torch.Tensor, vectors: Dict[str, torch.Tensor],
+                  masks: Dict[str, torch.Tensor]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per item, each modality's share of the query's cosine with its fused vector (module docstring).
 
     Args:
         query: (D,) a unit query vector.
-        vectors: modality -> (k, D) the items' modality vectors (normalised here).
+        fused: (k, D) the items' vectors as the index holds them.
+        vectors: modality -> (k, D) the items' modality vectors, of the same width.
         masks: modality -> (k,) bool, the item has that modality.
-        weights: the fusion weights, None for equal ones.
     Returns:
-        (shares (k, M) float64 in the order of ``vectors``, fused scores (k,) float64 = their sums).
+        (shares (k, M) float64 in the order of ``vectors``, rest (k,) float64, scores (k,) float64:
+        the cosines with ``fused``, = shares.sum(1) + rest).
     """
     names = list(vectors)
     q = query.double().reshape(-1)  # (D,)
-    weight = torch.stack([masks[m].double() * (1.0 if weights is None else float(weights[m])) for m in names], 1)
-    unit = torch.stack([F.normalize(vectors[m].double(), dim=-1) for m in names], 1)  # (k, M, D)
-    total = weight.sum(1, keepdim=True)  # (k, 1)
-    mean = (weight.unsqueeze(-1) * unit).sum(1) / total.clamp_min(1e-300)  # (k, D)
-    norm = mean.norm(dim=-1, keepdim=True)  # (k, 1); zero for an item with no modality
-    shares = weight * (unit @ q) / (total * norm).clamp_min(1e-300)  # (k, M)
-    return shares.numpy(), shares.sum(1).numpy()
+    parts = torch.stack([vectors[m].double() * masks[m].double()[:, None] for m in names], -1)  # (k, D, M)
+    target = fused.double()  # (k, D)
+    # gelsd (SVD): a missing modality's zero column, or two equal vectors, get the minimum-norm answer
+    coefficients = torch.linalg.lstsq(parts, target.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)  # (k, M)
+    shares = coefficients * torch.einsum("kdm,d->km", parts, q)  # (k, M)
+    scores = target @ q  # (k,)
+    return shares.numpy(), (scores - shares.sum(1)).numpy(), scores.numpy()
 
 
 def head_modalities(recommender: "Recommender", embeddings: ItemEmbeddings) -> List[str]:
@@ -95,7 +101,7 @@ def coalition_features(recommender: "Recommender", embeddings: ItemEmbeddings, r
     if recommender.config.head.modality != FUSED or len(chosen) == len(names):
         content = recommender.content[index] if chosen else torch.zeros(len(index), width)
     else:
-        weights = fusion_weights_of(embeddings)
+        weights = fusion_weights_of(embeddings.metadata)
         if chosen and (weights is None or any(weights[m] > 0 for m in chosen)):
             content, _ = fuse({m: embeddings.vectors[m][index] for m in chosen},
                               {m: embeddings.masks[m][index] for m in chosen},

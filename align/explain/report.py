@@ -14,8 +14,9 @@ then explain any number of requests. A recommendation's explanation::
                   "words": [{"word", "field", "score", "item", "user"}]}]}
 
 A search's has ``query_words`` instead of ``user_words``, no ``history``, and ``"method":
-"linear"`` modality shares without ``base``; both say how each part was computed (history.py,
-modalities.py, words.py).
+"linear"`` modality shares with ``rest`` (the part of the fused vector outside the item's modality
+vectors: float32 rounding for ``align embed``'s folders) instead of ``base``; both say how each
+part was computed (history.py, modalities.py, words.py).
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ import torch
 
 from align.errors import RunError
 from align.explain.history import LOO_MAX, Method, history_contributions
-from align.explain.modalities import fusion_weights_of, linear_shares, shapley_shares
+from align.explain.modalities import linear_shares, shapley_shares
 from align.explain.words import Terms, WordProbe, catalogue_terms, metadata_terms, user_preference
 from align.index.search import QueryEncoder
-from align.index.vectors import FUSED, ItemEmbeddings, load_item_embeddings
+from align.index.vectors import FUSED, ItemEmbeddings, load_item_embeddings, truncate_embeddings
 
 Recommender = Any  # an align.rec.recommend.Recommender: not imported, as align recommend imports this package
 
@@ -39,7 +40,8 @@ METHOD_TEXT = {  # how each part was computed, said once above the results
     "leave_one_out": "leave-one-out, the score minus the score without that entry",
     "gradient_x_input": "gradient x input, a first-order share of the score",
     "shapley": "Shapley shares; with base (ID, popularity) they sum to the score",
-    "linear": "an exact split of the fused cosine; they sum to it",
+    "linear": "an exact split of the fused cosine; they sum to it (with rest, where shown: the part of the "
+              "fused vector outside the item's modality vectors)",
 }
 
 
@@ -128,7 +130,8 @@ class SearchExplainer:
     """Explains search results over an index (module docstring).
 
     Args:
-        embeddings: the ``align embed`` folder the index was built from (``index.info["embeddings"]``).
+        embeddings: the ``align embed`` folder the index was built from (``index.info["embeddings"]``),
+            cut to the index's width (``search_explainer``).
         modality: the vectors the index holds ("fused", or one modality).
         probe: the word probe, measured on ``embeddings``.
         top_words: words per result and for the query.
@@ -137,7 +140,6 @@ class SearchExplainer:
     def __init__(self, embeddings: ItemEmbeddings, modality: str, probe: WordProbe, top_words: int = TOP_WORDS) -> None:
         self.embeddings, self.modality, self.probe, self.top_words = embeddings, modality, probe, top_words
         self.row_of = embeddings.row_of()
-        self.weights = fusion_weights_of(embeddings)
         self.names = list(embeddings.modalities) if modality == FUSED else [modality]
 
     @torch.no_grad()
@@ -147,15 +149,15 @@ class SearchExplainer:
         emb = self.embeddings
         rows = torch.tensor([self.row_of[i] for i in results], dtype=torch.long)
         query = torch.as_tensor(query).reshape(-1).float()  # (D,); a server's row comes as numpy
-        shares, fused = linear_shares(query, {m: emb.vectors[m][rows] for m in self.names},
-                                      {m: emb.masks[m][rows] for m in self.names},
-                                      None if self.modality != FUSED else self.weights)
+        shares, rest, scores = linear_shares(query, emb.vectors[self.modality][rows],
+                                             {m: emb.vectors[m][rows] for m in self.names},
+                                             {m: emb.masks[m][rows] for m in self.names})
         content = emb.vectors[self.modality]
         wanted = self.probe.preference((content[self.probe.sample] @ query)[None])[0]  # (V,)
         item_words = self.probe.item_scores(content[rows])  # (k, V)
         explained = [{"id": item,
                       "modalities": {"method": "linear", "shares": dict(zip(self.names, shares[n].tolist())),
-                                     "score": float(fused[n])},
+                                     "rest": float(rest[n]), "score": float(scores[n])},
                       "words": _match_words(self.probe, item_words[n], wanted, self.top_words, "query")}
                      for n, item in enumerate(results)]
         return {"query_words": _word_list(self.probe, wanted, self.top_words), "results": explained}
@@ -194,6 +196,13 @@ def search_explainer(index: Any, encoder: QueryEncoder, manifests: Optional[Sequ
         raise RunError(f"the index does not record the `align embed` folder it was built from ({folder!r}); "
                        f"explanations read its modality vectors: build the index again with `align index`")
     embeddings = load_item_embeddings(folder)
+    width = embeddings.vectors[FUSED].shape[-1]
+    dim = int(index.info.get("dim") or width)
+    if width < dim:
+        raise RunError(f"{folder}: its vectors have dim {width}, the index's {dim}: the folder was written again "
+                       f"after the index was built; build the index again with `align index`")
+    if width > dim:  # `align index --dim`: the index holds every vector cut and renormalised, so cut them alike
+        embeddings = truncate_embeddings(embeddings, dim)
     modality = index.info.get("modality") or FUSED
     terms = search_terms(index, encoder.checkpoint, manifests, recommender)
     probe = WordProbe.build(terms, lambda words: encoder.encode("text", words), embeddings.vectors[modality],
@@ -254,6 +263,8 @@ def _shares_text(modalities: Dict[str, Any]) -> str:
     parts = [f"{m} {v:+.4f}" for m, v in modalities["shares"].items()]
     if "base" in modalities:
         parts.append(f"base {modalities['base']:+.4f}")
+    if abs(modalities.get("rest", 0.0)) >= 0.00005:  # shown where it shows at 4 decimals
+        parts.append(f"rest {modalities['rest']:+.4f}")
     return "  ".join(parts) + f"  = {modalities['score']:.4f}"
 
 

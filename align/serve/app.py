@@ -34,7 +34,8 @@ request field>"}`` with a 4xx status, and the server goes on serving):
     forgotten first). Answer: ``{"user", "events": <held for the user>, "limits": {...}}``.
 ``"explain": true`` (a field of /search, JSON or form, and of /recommend)
     Each result also gets ``"explanation"``: ``{"modalities": {"method", "shares": {modality:
-    share}, "score"}, "words": [{"word", "field", "score", ...}]}``, on /recommend also
+    share}, "score"}, "words": [{"word", "field", "score", ...}]}`` (on /search the modalities
+    also give ``"rest"``: shares + rest = score), on /recommend also
     ``"history": {"method", "contributions": [{"id", "position", "contribution"}], "unread"}``;
     the answer gets ``query_words`` or ``user_words`` (align/explain/report.py). The first such
     request embeds the catalogue's words (seconds). 422 for an ``explain`` that is not true or
