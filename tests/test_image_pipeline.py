@@ -141,6 +141,27 @@ def test_full_range_noise_stays_close():
         assert_close_levels(worker, device, max_levels=32, mean_levels=0.6)
 
 
+def test_a_shrink_past_cudas_limit_is_averaged_down_first():
+    """CUDA's antialiased resize refuses a pass that shrinks past ~90x (its filter weights outgrow
+    shared memory): such an axis is first averaged over runs of whole pixels (``box_shrink``),
+    exactly a mean, to within the limit; below the limit nothing changes, bit for bit."""
+    from align.towers.image_ops import CUDA_MAX_SHRINK, box_shrink, pil_like_resize
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, 70, 6400), generator=generator).float()  # 6400 -> 64 wide: 100x
+    shrunk = box_shrink(image, -1, 64, CUDA_MAX_SHRINK)
+    k = 2  # the smallest whole run that leaves at most 64x: 6400 / 2 / 64 = 50
+    assert shrunk.shape == (1, 3, 70, 3200) and 6400 / k / 64 <= CUDA_MAX_SHRINK
+    expected = image.double().reshape(1, 3, 70, 3200, k).mean(-1)
+    assert (shrunk.double() - expected).abs().max() <= 255 * k * 2.0 ** -24  # a float32 sum of k levels, divided
+    tall = box_shrink(image.transpose(-1, -2), -2, 64, 10)  # 6400 / 64 / 10: runs of 10
+    assert tall.shape == (1, 3, 640, 70)
+    assert torch.equal(box_shrink(image, -1, 64, 101), image)  # 100x is within a limit of 101
+    assert torch.equal(pil_like_resize(image, (64, 64), 1, max_shrink=1000), pil_like_resize(image, (64, 64), 1))
+    limited = pil_like_resize(image, (64, 64), 1, max_shrink=CUDA_MAX_SHRINK)  # bicubic
+    assert limited.shape == (1, 3, 64, 64) and 0 <= limited.min() and limited.max() <= 255
+
+
 def test_normalised_batch_equals_open_clips_own_tensors():
     """What the trunk sees: open_clip's full transform (ToTensor + Normalize) per image vs the
     device path's batch normalised with the tower's (scale, shift)."""

@@ -40,7 +40,8 @@ as PIL clamps its uint8 intermediate. What remains is PIL's rounding to uint8 af
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -201,14 +202,38 @@ class ImageGeometry:
         }
 
 
-def pil_like_resize(image: torch.Tensor, size: Size, filter_: int) -> torch.Tensor:
+# CUDA's antialiased interpolate holds a pass's filter weights in shared memory, which runs out
+# past about a 90x shrink (bicubic; 184x bilinear): "Too much shared memory required". Further
+# than this, the axis is first averaged over runs of whole pixels (the CPU kernel has no limit).
+CUDA_MAX_SHRINK = 64
+
+
+def box_shrink(image: torch.Tensor, axis: int, target: int, max_shrink: float) -> torch.Tensor:
+    """(1, C, h, w) -> the same with ``axis`` (-1 or -2) averaged over runs of k pixels, k the
+    smallest integer that leaves a resize to ``target`` of at most ``max_shrink``; pixels past
+    the last whole run are left out. Unchanged where the shrink is already small enough."""
+    k = math.ceil(image.shape[axis] / (max_shrink * target))
+    if k <= 1:
+        return image
+    kernel = (1, k) if axis == -1 else (k, 1)
+    return F.avg_pool2d(image, kernel, stride=kernel)
+
+
+def pil_like_resize(image: torch.Tensor, size: Size, filter_: int, max_shrink: Optional[float] = None) -> torch.Tensor:
     """(1, C, h, w) float pixel levels -> (1, C, *size), as PIL resizes: width first, then height,
-    each pass clamped to [0, 255]; an axis whose length does not change is left alone."""
+    each pass clamped to [0, 255]; an axis whose length does not change is left alone.
+    ``max_shrink`` (default: ``CUDA_MAX_SHRINK`` on CUDA, none elsewhere): a pass that shrinks
+    more is averaged down first (``box_shrink``)."""
     mode = FILTERS[filter_]
+    max_shrink = (CUDA_MAX_SHRINK if image.is_cuda else None) if max_shrink is None else max_shrink
     if image.shape[-1] != size[1]:
+        if max_shrink is not None:
+            image = box_shrink(image, -1, size[1], max_shrink)
         image = F.interpolate(image, size=(image.shape[-2], size[1]), mode=mode, antialias=True,
                               align_corners=False).clamp_(0, 255)
     if image.shape[-2] != size[0]:
+        if max_shrink is not None:
+            image = box_shrink(image, -2, size[0], max_shrink)
         image = F.interpolate(image, size=size, mode=mode, antialias=True, align_corners=False).clamp_(0, 255)
     return image
 
