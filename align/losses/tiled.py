@@ -23,7 +23,8 @@ pairs (``PairTiles``, bucketed by tile once) are removed whatever their group.
 
 Gradients: dL/dz_ij = G_ij, dq = s G k, dk = G^T (s q), ds = sum_i <q_i, dq_i / s>, so the scale
 gradient costs no extra pass over the tile. Accumulation is fp32 whatever the input dtype
-(bf16 inputs on GPU: bf16 matmuls with fp32 accumulation, fp32 exp/log).
+(bf16 inputs on GPU: bf16 matmuls with fp32 accumulation, fp32 exp/log); fp16 inputs meet G
+in fp32 in the G k and G^T q products (in fp16 a large batch's small weights would flush to 0).
 
 Cost: one GEMM per tile forward, three backward (recompute, G k, G^T q), against open_clip's
 one + two on the full matrix; every other operation is a handful of in-place passes over a
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -65,16 +67,32 @@ def tiled_backend(queries: Tensor, backend: Optional[str] = None) -> str:
     ``DEFAULT_BACKEND``.
 
     auto picks the fused Triton kernels (``align.losses.tiled_triton``) for CUDA inputs when
-    Triton imports, and this module's torch kernels (the CPU path and the reference) otherwise.
-    "triton" on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter: the tests).
+    Triton imports and the kernels take them, and this module's torch kernels (the CPU path and
+    the reference) otherwise: float64 inputs, and rows too wide for the GPU's shared memory
+    (``tiled_triton.shared_memory_needed``: on an H100 fp32 D > 1024, 16-bit D > 2048), stay on
+    the torch kernels with one warning. "triton" refuses float64 and fails on such rows with an
+    error; on CPU tensors it needs TRITON_INTERPRET=1 (Triton's interpreter: the tests).
     """
     choice = backend or os.environ.get("ALIGN_TILED_BACKEND") or DEFAULT_BACKEND
     if choice not in BACKENDS:
         raise ValueError(f"tiled loss backend {choice!r} (argument or ALIGN_TILED_BACKEND): "
                          f"choose one of {', '.join(BACKENDS)}")
     if choice == "auto":
-        return "triton" if queries.is_cuda and _triton_importable() else "torch"
+        if not (queries.is_cuda and _triton_importable()):
+            return "torch"
+        from align.losses.tiled_triton import unsupported  # imports Triton only for CUDA inputs
+
+        reason = unsupported(queries)
+        if reason is not None:
+            _warn_once(f"the fused Triton loss kernels cannot take {reason}: the tiled loss runs the torch kernels")
+            return "torch"
+        return "triton"
     return choice
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def check_tile_size(tile_size: int) -> int:
@@ -317,7 +335,14 @@ def _lse_exact(queries, keys, scale, row_index, row_groups, col_groups, tile, bo
 
 
 def _accumulate(grad_q: Tensor, grad_k: Tensor, g: Tensor, keys: Tensor, queries: Tensor, scale: float) -> None:
-    """grad_q += G @ k (scaled by s once at the end), grad_k += s G^T @ q; fp32 accumulation."""
+    """grad_q += G @ k (scaled by s once at the end), grad_k += s G^T @ q; fp32 accumulation.
+
+    G (fp32) meets bf16 and float64 rows in their dtype (bf16 has fp32's exponent range) and
+    fp16 rows as fp32: in fp16 the weights of a large batch (~ 1 / (2 N^2), 7e-9 at N = 8192)
+    would flush to zero.
+    """
+    if keys.dtype == torch.float16:
+        keys, queries = keys.float(), queries.float()  # (tile, D) copies: O(1 / tile) of the GEMMs' work
     if keys.dtype == torch.float32:
         grad_q.addmm_(g, keys)
         grad_k.addmm_(g.T, queries, alpha=scale)

@@ -20,15 +20,21 @@ atomics, deterministic). Forward: an online max/sum per line (one GEMM per tile;
 with the roles swapped gives the column log-sum-exp). Backward: one pass over rows writes
 sum_j G_ij k_j, one over columns writes sum_i G_ij q_i; both recompute each tile (2 GEMMs a
 tile each). Each tile holds the whole embedding (D padded to a power of two) so the gradient
-accumulator (BLOCK_OUT, D) stays in registers.
+accumulator (BLOCK_OUT, D) stays in registers; so even the smallest blocks need shared memory
+in proportion to D, and an H100 takes fp32 rows up to D = 1024 and 16-bit rows up to 2048
+(``shared_memory_needed``; the auto backend keeps wider rows on the torch kernels).
 
 Precision: inputs keep their dtype (fp32, or bf16/fp16 on GPU) into ``tl.dot`` with fp32
 accumulation; fp32 inputs use ``input_precision="ieee"`` (no TF32) so the results stay within
 fp32 rounding of the exact ones; exp/log and every sum are fp32, the final sums over rows fp64.
+The backward's second product G @ rows takes G in bf16 for bf16 inputs (fp32's exponent range)
+and in fp32 otherwise: the weights G ~ 1 / (2 N^2) of a batch of N would flush to zero in fp16.
+float64 inputs are refused (the auto backend keeps them on the torch kernels).
 
 Triton reads ``TRITON_INTERPRET`` when this module is imported (at ``@triton.jit``): with
 ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slowly), which is how the tests check
-them without a GPU.
+them without a GPU. The interpreter keeps bf16 as raw 16-bit integers and gets its dots wrong,
+so bf16 inputs are refused there.
 """
 from __future__ import annotations
 
@@ -213,7 +219,10 @@ def _grad_kernel(out_ptr, bias_grad_ptr, a_ptr, b_ptr, row_index_ptr, row_groups
                 h_j = tl.load(grad_cols_ptr + j, mask=j < m, other=0.0)
                 g += h_j * tl.exp(z - lse_j)
             g = tl.where(allowed, g, 0.0)  # also drops inf * 0 of masked and fully empty lines
-        acc += tl.dot(g.to(b.dtype), b, input_precision=PRECISION)  # (BO, BD)
+        if b.dtype == tl.float16:  # G ~ 1 / (2 N^2): below fp16's smallest subnormal (6e-8) from N ~ 3000
+            acc += tl.dot(g, b.to(tl.float32), input_precision="ieee")  # (BO, BD)
+        else:  # fp32, or bf16 (fp32's exponent range)
+            acc += tl.dot(g.to(b.dtype), b, input_precision=PRECISION)
     d = tl.arange(0, BLOCK_D)
     rows = offs_out.to(tl.int64)
     mask = (offs_out[:, None] < n_out) & (d[None, :] < dim)
@@ -224,11 +233,60 @@ def _grad_kernel(out_ptr, bias_grad_ptr, a_ptr, b_ptr, row_index_ptr, row_groups
 
 # ------------------------------------------------------------------------------ launching
 
-def _check_device(queries: Tensor) -> None:
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SMALLEST_BLOCK = 16  # tl.dot's minimum: _launch shrinks BLOCK_OUT and BLOCK_IN down to it, never BLOCK_D
+HOPPER_SHARED_MEMORY = 227 * 1024  # H100 / H200 opt-in shared memory a block, when torch does not say
+
+
+def _check_inputs(queries: Tensor) -> None:
+    """Refuse, with what to do instead, what the kernels would not compile or would get wrong."""
+    if queries.dtype not in KERNEL_DTYPES:  # float64 makes the fp32 loop-carried sums fp64: no compile
+        raise TypeError(f"the Triton tiled loss takes float32, bfloat16 or float16 embeddings, not {queries.dtype}: "
+                        "cast them, or set ALIGN_TILED_BACKEND=torch (or auto, which keeps them on the torch kernels)")
+    if INTERPRETED and queries.dtype == torch.bfloat16:  # the interpreter keeps bf16 as uint16 and multiplies the bits
+        raise TypeError("Triton's interpreter (TRITON_INTERPRET=1) gets torch.bfloat16 dots wrong: check bfloat16 "
+                        "embeddings on a GPU, or cast them to float32 for the interpreter")
     if not queries.is_cuda and not INTERPRETED:
         raise RuntimeError(
             "the Triton tiled loss needs CUDA tensors; on CPU set TRITON_INTERPRET=1 before "
             "align.losses.tiled_triton is imported (tests) or ALIGN_TILED_BACKEND=torch")
+
+
+def _block_d(dim: int) -> int:
+    return max(SMALLEST_BLOCK, triton.next_power_of_2(max(dim, 1)))
+
+
+def shared_memory_needed(dim: int, dtype: torch.dtype) -> int:
+    """Bytes of shared memory the neediest kernel takes at the smallest blocks (16 x 16) for rows
+    of size ``dim``: what no block size brings down, since every tile holds whole rows.
+
+    That is two 16-row tiles padded to BLOCK_D in the input dtype (for fp16 the gradient
+    kernel's inner tile as the fp32 copy its second product takes) and at most 8 KiB of scratch,
+    as Triton 3.8 compiles them for sm_90 (fp32 D = 1024: 129 KiB, D = 1280: 257 KiB; bf16
+    D = 2048: 136 KiB; fp16 D = 2048: 193 KiB). An H100's 227 KiB a block thus takes fp32 rows
+    up to 1024 and 16-bit rows up to 2048.
+    """
+    per_column = {torch.float32: 4 + 4, torch.float16: 2 + 4}.get(dtype, 2 + 2)
+    return SMALLEST_BLOCK * _block_d(dim) * per_column + 8 * 1024
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    """Shared memory one block may use on ``device`` (bytes, the opt-in limit Triton checks)."""
+    properties = torch.cuda.get_device_properties(device)
+    return int(getattr(properties, "shared_memory_per_block_optin", HOPPER_SHARED_MEMORY))
+
+
+def unsupported(queries: Tensor) -> Optional[str]:
+    """Why the kernels cannot take these CUDA embeddings (None when they can): the auto backend
+    keeps the torch kernels for them."""
+    if queries.dtype not in KERNEL_DTYPES:
+        return f"{queries.dtype} embeddings (the kernels take {', '.join(map(str, KERNEL_DTYPES))})"
+    dim = queries.shape[-1]
+    need, limit = shared_memory_needed(dim, queries.dtype), _shared_memory_limit(queries.device)
+    if need > limit:
+        return (f"D={dim} {queries.dtype} embeddings (whole rows padded to {_block_d(dim)} need about {need} bytes "
+                f"of shared memory a block, this GPU has {limit})")
+    return None
 
 
 def _blocks(dim: int, dtype: torch.dtype, tile: int) -> Tuple[int, int, int, int, int]:
@@ -238,9 +296,12 @@ def _blocks(dim: int, dtype: torch.dtype, tile: int) -> Tuple[int, int, int, int
     thread with 8 warps) and the outer and inner tiles in shared memory, so wide embeddings get
     fewer lines per program; fp32 inputs halve BLOCK_OUT (twice the bytes). ``tile`` caps both
     block sizes (a power of two >= 16, tl.dot's minimum). Untuned guesses for H100-class GPUs;
-    ``_launch`` shrinks them if a GPU runs out of shared memory or registers.
+    ``_launch`` halves BLOCK_OUT and BLOCK_IN, down to 16 x 16 with one stage, while the GPU
+    lacks shared memory for them. BLOCK_D stays (every tile holds whole rows), so rows too wide
+    for 16 x 16 blocks (``shared_memory_needed``) cannot run: auto keeps the torch kernels for
+    them, and ``_launch`` turns the GPU's refusal into an error that says so.
     """
-    block_d = max(16, triton.next_power_of_2(max(dim, 1)))
+    block_d = _block_d(dim)
     size = 4 if dtype == torch.float32 else 2
     if block_d <= 256:
         out, inner, warps = 128, 64, 4 if block_d <= 64 else 8
@@ -250,14 +311,17 @@ def _blocks(dim: int, dtype: torch.dtype, tile: int) -> Tuple[int, int, int, int
         out, inner, warps = 32, 32, 8
     if size == 4:
         out //= 2
-    cap = max(16, 1 << (max(int(tile), 1).bit_length() - 1))
+    cap = max(SMALLEST_BLOCK, 1 << (max(int(tile), 1).bit_length() - 1))
     out, inner = min(out, cap), min(inner, cap)
     stages = 2 if (out + 2 * inner) * block_d * size <= 160 * 1024 else 1
     return out, inner, block_d, warps, stages
 
 
-def _launch(kernel, lines: int, dim: int, dtype: torch.dtype, tile: int, *args, **constants) -> None:
-    """Run ``kernel`` over ``lines`` outer lines, halving the blocks while the GPU lacks room."""
+def _launch(kernel, lines: int, queries: Tensor, tile: int, *args, **constants) -> None:
+    """Run ``kernel`` over ``lines`` outer lines of embeddings like ``queries``, halving the
+    blocks while the GPU lacks room; an error naming D and the dtype when even 16 x 16 lacks it."""
+    _check_inputs(queries)
+    dim, dtype = queries.shape[1], queries.dtype
     block_out, block_in, block_d, warps, stages = _blocks(dim, dtype, tile)
     while True:
         try:
@@ -265,10 +329,14 @@ def _launch(kernel, lines: int, dim: int, dtype: torch.dtype, tile: int, *args, 
                 *args, BLOCK_OUT=block_out, BLOCK_IN=block_in, BLOCK_D=block_d, PRECISION=_precision(dtype),
                 num_warps=warps, num_stages=stages, **constants)
             return
-        except OutOfResources:  # raised when compiling, before anything is written
-            if block_out == 16 and block_in == 16 and stages == 1:
-                raise
-            block_out, block_in, stages = max(16, block_out // 2), max(16, block_in // 2), 1
+        except OutOfResources as error:  # raised when compiling, before anything is written
+            if block_out == block_in == SMALLEST_BLOCK and stages == 1:
+                raise RuntimeError(
+                    f"the fused Triton loss kernels do not fit this GPU for D={dim} {dtype} embeddings: every "
+                    f"tile holds whole rows (padded to {block_d}) and even {SMALLEST_BLOCK} x {SMALLEST_BLOCK} "
+                    f"blocks ran out ({error}); set ALIGN_TILED_BACKEND=torch") from error
+            block_out, block_in = max(SMALLEST_BLOCK, block_out // 2), max(SMALLEST_BLOCK, block_in // 2)
+            stages = 1
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -290,7 +358,7 @@ def _lse(queries: Tensor, keys: Tensor, scale: float, row_index: Tensor, row_gro
         return out
     a, b = (keys, queries) if transposed else (queries, keys)
     rows_g, cols_g, has_groups = _group_pointers(row_index, row_groups, col_groups)
-    _launch(_lse_kernel, lines, dim, queries.dtype, tile,
+    _launch(_lse_kernel, lines, queries, tile,
             out, a, b, row_index, rows_g, cols_g, n, m, dim, a.stride(0), b.stride(0), scale,
             TRANSPOSED=transposed, HAS_GROUPS=has_groups)
     return out
@@ -314,7 +382,7 @@ def _grads(queries: Tensor, keys: Tensor, scale: float, row_index: Tensor, row_g
     rows_g, cols_g, has_groups = _group_pointers(row_index, row_groups, col_groups)
     has_cols = lse_cols is not None and lse_cols.numel() > 0
     dummy = out  # stands in for pointers a variant never reads
-    _launch(_grad_kernel, lines, dim, queries.dtype, tile,
+    _launch(_grad_kernel, lines, queries, tile,
             out, bias_rows if sigmoid else dummy, a, b, row_index, rows_g, cols_g,
             lse_rows if lse_rows is not None else dummy, grad_rows if grad_rows is not None else dummy,
             lse_cols if has_cols else dummy, grad_cols if has_cols else dummy,
@@ -326,7 +394,7 @@ def _grads(queries: Tensor, keys: Tensor, scale: float, row_index: Tensor, row_g
 
 
 def _prepare(queries: Tensor, keys: Tensor, row_index: Tensor, row_groups, col_groups):
-    _check_device(queries)
+    _check_inputs(queries)
     if queries.dtype != keys.dtype:
         raise TypeError(f"queries are {queries.dtype} but keys {keys.dtype}: cast one of them")
     groups = (None, None) if row_groups is None else (row_groups.long().contiguous(), col_groups.long().contiguous())
@@ -398,7 +466,7 @@ def _sigmoid_sums(q: Tensor, k: Tensor, scale: float, logit_bias: Tensor, index:
     if n > 0 and m > 0:
         bias = logit_bias.detach().float().reshape(1)
         rows_g, cols_g, has_groups = _group_pointers(index, row_g, col_g)
-        _launch(_sigmoid_kernel, n, dim, q.dtype, tile,
+        _launch(_sigmoid_kernel, n, q, tile,
                 positive, negative, q, k, bias, index, rows_g, cols_g, n, m, dim, q.stride(0), k.stride(0),
                 scale, HAS_GROUPS=has_groups, GROUPS_POSITIVE=groups_positive)
     return positive.sum(dtype=torch.float64), negative.sum(dtype=torch.float64)
