@@ -397,6 +397,36 @@ def test_rec_eval_with_events_reads_the_head_s_own_cut_off(windows, shop, tmp_pa
     assert code == 2 and "--events" in err
 
 
+def test_an_update_s_own_rate_and_batch_are_not_saved_for_the_next(windows, tmp_path):  # noqa: F811
+    """rec-update trains at a third of the head's rate, and a small update in one batch of its
+    events; the folder it writes keeps the head's settings, so the next update starts from them
+    (it saved its own: each update then ran at a third of the one before, and kept a small batch)."""
+    from pathlib import Path
+
+    import yaml
+
+    from align.cli import main as cli
+
+    log, w0, w1 = windows["log"], windows["w0"], windows["w1"]
+    few = log.subset(np.flatnonzero((log.times >= w0) & (log.times < w1))[:12])
+    write_interactions(few, str(tmp_path / "few.csv"))
+
+    def settings(folder):
+        train = yaml.safe_load((folder / "rec_config.yaml").read_text())["train"]
+        return {key: train[key] for key in ("lr", "epochs", "batch_size")}
+
+    head = windows["head"]
+    before = settings(Path(head))
+    assert cli(["rec-update", "--checkpoint", head, "--events", str(tmp_path / "few.csv"),
+                "--out", str(tmp_path / "first"), "--steps", "1"]) == 0
+    summary = json.loads((tmp_path / "first" / "summary.json").read_text())
+    assert settings(tmp_path / "first") == before and before["batch_size"] > len(few)
+    assert cli(["rec-update", "--checkpoint", str(tmp_path / "first"), "--events", windows["events"],
+                "--out", str(tmp_path / "second"), "--steps", "1"]) == 0
+    assert settings(tmp_path / "second") == before
+    assert summary["new_events"] == len(few)
+
+
 def test_realign_rows_keeps_known_ids_and_starts_new_ones_at_zero():
     from align.rec.update import realign_rows
 

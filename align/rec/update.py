@@ -215,18 +215,21 @@ def update_head(checkpoint: str, events: str, out: Optional[str] = None, epochs:
     started = time.perf_counter()
     saved = Checkpoint.read(checkpoint, overrides)
     config, meta = saved.config, saved.meta
-    config.train.epochs = epochs if epochs is not None else UPDATE_EPOCHS
-    config.train.lr = lr if lr is not None else config.train.lr * UPDATE_LR_RATIO
+    # this update's own settings train it and are not saved: the next update starts again from
+    # the head's (its rate a third of training's, not of this one's, its batch not this one's)
+    run = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, epochs=epochs if epochs is not None else UPDATE_EPOCHS,
+        lr=lr if lr is not None else config.train.lr * UPDATE_LR_RATIO))
     out = os.path.abspath(out or checkpoint)
-    accelerator = make_accelerator(config)
-    set_seed(config.train.seed)
+    accelerator = make_accelerator(run)
+    set_seed(run.train.seed)
     item_ids = read_catalogue_ids(config.data.catalogue, config.data.id_column)
     window = read_window(config, meta, item_ids, events)
     most = len(window.targets) // accelerator.num_processes
-    if most < config.train.batch_size:
+    if most < run.train.batch_size:
         log.warning("%s: %d new events, fewer than a global batch of %d: one batch of them all", events,
-                    len(window.targets), config.train.batch_size * accelerator.num_processes)
-        config.train.batch_size = most
+                    len(window.targets), run.train.batch_size * accelerator.num_processes)
+        run.train.batch_size = most
 
     content, present, modalities, vectors, masks = item_side(config, meta, checkpoint, item_ids, items)
     data = RecData(item_ids=item_ids, content=content, has_content=present, split=window.split, bad=window.bad,
@@ -235,14 +238,14 @@ def update_head(checkpoint: str, events: str, out: Optional[str] = None, epochs:
     old_counts = np.array([dict(zip(meta["ids"], meta["train_counts"])).get(i, 0) for i in item_ids], dtype=np.int64)
     before = item_features(content, old_counts, scale, config.head.popularity_feature, vectors, masks)
     features = item_features(content, data.train_counts, scale, config.head.popularity_feature, vectors, masks)
-    head, optimizer, restored = warm_start(saved, config, item_ids, features.shape[1], modalities)
+    head, optimizer, restored = warm_start(saved, run, item_ids, features.shape[1], modalities)
     examples = (window.histories, window.targets)
     loss_before = softmax_loss(head, *examples, before, id_rows_of(old_counts), config.train.temperature)
     log.info("%s: %d new events (%d new users), %d rows of context; AdamW moments %s", events, len(window.targets),
              len(set(window.new.user_ids) - set(window.old.user_ids)), len(window.old),
              f"restored for {restored} tensors" if restored else "start at zero (no optimizer.safetensors)")
 
-    summary = fit_head(accelerator, head, optimizer, *examples, features, data.id_rows, config, steps, where=events)
+    summary = fit_head(accelerator, head, optimizer, *examples, features, data.id_rows, run, steps, where=events)
     summary.update(loss_before=loss_before, checkpoint=os.path.abspath(checkpoint), events=os.path.abspath(events),
                    loss_after=softmax_loss(head, *examples, features, data.id_rows, config.train.temperature),
                    new_events=int(len(window.targets)), context_rows=int(len(window.old)),
