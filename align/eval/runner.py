@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from align.config import Config, EvalConfig
+from align.data.bad_samples import BadSampleTally
 from align.data.loader import loader_from_config
 from align.data.manifest import is_manifest
 from align.data.transforms import SampleProcessor
@@ -67,8 +68,9 @@ def _gather_split(embedded: Dict[str, Any], bad: Dict[str, Any],
     for _, _, share in lists:
         for reason, n in share["counts"].items():
             counts[reason] = counts.get(reason, 0) + n
+    examples = [e for _, _, share in lists for e in share.get("examples", [])]
     return joined, {"total": sum(s["total"] for _, _, s in lists), "seen": sum(s["seen"] for _, _, s in lists),
-                    "counts": counts, "source": bad["source"]}
+                    "counts": counts, "source": bad["source"], "examples": examples}
 
 
 def embed_for_eval(model, config: Config, split: str,
@@ -84,6 +86,8 @@ def embed_for_eval(model, config: Config, split: str,
                                     spec=split, pin_memory=pin)
     else:
         loader = loader_from_config(config, processor, train=False, spec=split, pin_memory=pin)
+    if several:  # data.max_bad_fraction holds for the whole split, checked once the shares are joined
+        loader.bad.max_bad_fraction = 1.0
     if several and is_manifest(split):
         rows, size = loader.dataset.rows, config.eval.batch_size
         batches = math.ceil(len(rows) / size)
@@ -94,7 +98,12 @@ def embed_for_eval(model, config: Config, split: str,
            "source": loader.bad.source}
     if not several:
         return embedded, bad
+    bad["examples"] = loader.bad.examples[:5]
     embedded, bad = _gather_split(embedded, bad, processes)
+    whole = BadSampleTally(config.data.max_bad_fraction, source=bad["source"])
+    whole.restore(bad)
+    whole.examples = bad.pop("examples")[:whole.max_examples]
+    whole.check()  # the same figures on every rank: all stop together
     if not processes.main:
         return None, bad
     if not any(bool(m.any()) for m in embedded["masks"].values()):
