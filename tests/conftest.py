@@ -1,4 +1,5 @@
 import math
+import csv
 import os
 import socket
 import subprocess
@@ -31,6 +32,21 @@ def pytest_sessionstart(session) -> None:
 
 def pytest_sessionfinish(session) -> None:
     shutil.rmtree(getattr(session.config, "launch_tmp", ""), ignore_errors=True)
+
+
+def read_rows(manifest) -> list:
+    """A CSV manifest's rows as dicts."""
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_rows(rows, manifest) -> str:
+    """``rows`` (dicts with the same keys) as a CSV manifest; its path."""
+    with open(manifest, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(manifest)
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from align.eval import retrieval
 from align.eval.classify import accuracy
 from align.eval.retrieval import RetrievalEvaluator, positive_pairs, text_keys
 from align.eval.runner import evaluate_checkpoint
-from tests.conftest import REPO, launch_two_processes, one_step_checkpoint
+from tests.conftest import REPO, launch_two_processes, one_step_checkpoint, read_rows, write_rows
 from tests.test_train_e2e import tiny_overrides
 
 CLI = os.path.join(REPO, "align", "cli.py")
@@ -141,14 +141,10 @@ def test_classify_keys_are_checked(checkpoint, small_demo, tmp_path):
 def test_two_processes_evaluate_as_one(checkpoint, small_demo, tmp_path):
     """Metrics, and data.max_bad_fraction: held for the whole split, not each rank's share (the last
     rows' 6 missing photos are 3.75% of 160 samples, under 5%, but 7.5% of the second rank's 80)."""
-    rows = list(csv.DictReader(open(os.path.join(small_demo, "train.csv"), newline="", encoding="utf-8")))
+    rows = read_rows(os.path.join(small_demo, "train.csv"))
     for row in rows[-6:]:
         row["image"] = "images/missing.png"
-    split = os.path.join(small_demo, "late_gaps.csv")  # beside the images its paths name
-    with open(split, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    split = write_rows(rows, os.path.join(small_demo, "late_gaps.csv"))  # beside the images its paths name
     overrides = ["eval.batch_size=8", "eval.plots=false", "eval.classify.column=kind"]
     launched = launch_two_processes(CLI, "eval", "--checkpoint", checkpoint, "--split", split, "--device", "cpu",
                                     "--output", tmp_path / "two.json", *overrides, timeout=240)

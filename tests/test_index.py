@@ -4,7 +4,6 @@ an item lacks or could not be read, a fused vector), reads back what it wrote, a
 masked rows, through FAISS and through torch alike. The folder records how and when its rows were
 embedded, and keeps saying so truthfully after appends (fields checkpoints included); a bad manifest
 is an error naming its rows, not a traceback."""
-import csv
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from align.index.embed import embed_manifests, main
 from align.index.index import ExactIndex
 from align.index.vectors import (EMBEDDED_AT, FORMAT, ItemEmbeddings, append_item_embeddings, embedded_times, fuse,
                                  load_item_embeddings, save_item_embeddings)
-from tests.conftest import EPS32, logit_error, one_step_checkpoint
+from tests.conftest import EPS32, logit_error, one_step_checkpoint, read_rows, write_rows  # noqa: F401
 
 DIM = 32  # model.embed_dim in tiny_overrides
 UNIT = 1e-5  # |norm - 1| of a float32 unit vector of DIM entries, with room to spare
@@ -39,19 +38,6 @@ BACKENDS = ["faiss", "torch"]
 def checkpoint(small_demo, tmp_path_factory):
     """A text-image-audio model trained for one step on the demo catalogue, saved as training saves it."""
     return one_step_checkpoint(small_demo, tmp_path_factory.mktemp("run"))
-
-
-def read_rows(manifest):
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
-def write_rows(rows, manifest):
-    with open(manifest, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return str(manifest)
 
 
 def embed(checkpoint, out, *manifests, extra=()):

@@ -3,7 +3,6 @@ schedule's position come from the checkpoint, the learning rate and weight decay
 config (they were silently the saved run's); the count of skipped samples goes on; a resume from
 a checkpoint older than others in the output folder is refused (pruning by step deleted the new
 run's checkpoints, and 'latest' then picked the abandoned ones)."""
-import csv
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import pytest
 from align.config import load_config
 from align.errors import ConfigError, RunError
 from align.train.recipe import train
+from tests.conftest import read_rows, write_rows
 from tests.test_train_e2e import tiny_overrides
 
 # Settings, folders and counts: nothing here depends on which float kernels run.
@@ -58,17 +58,12 @@ def test_a_resume_from_a_checkpoint_older_than_others_in_the_folder_is_refused(s
 
 def odd_manifest(small_demo):
     """The demo's training rows with ten bad images (missing or broken), spread over the epoch."""
-    rows = list(csv.DictReader(open(os.path.join(small_demo, "train.csv"), encoding="utf-8")))
+    rows = read_rows(os.path.join(small_demo, "train.csv"))
     with open(os.path.join(small_demo, "images", "broken.png"), "wb") as handle:
         handle.write(b"\x89PNG\r\n\x1a\nnot an image")
     for row in rows[::16]:  # ten rows, spread over the epoch: some read before the checkpoint, some after
         row["image"] = "images/missing.png" if int(row["id"]) % 2 else "images/broken.png"
-    manifest = os.path.join(small_demo, "odd.csv")  # beside the images its paths name
-    with open(manifest, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_rows(rows, os.path.join(small_demo, "odd.csv"))  # beside the images its paths name
 
 
 def bad_samples_at(checkpoint):
