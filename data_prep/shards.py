@@ -34,6 +34,7 @@ import os
 import tarfile
 import time
 from collections import Counter
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -325,10 +326,36 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="processes, one shard per task")
     parser.add_argument("--seed", type=int, default=0, help="fixes the row -> shard assignment")
     parser.add_argument("--root", help="base of relative media paths (default: the manifest's folder)")
-    for field, default in (("id", "id"), ("text", "title,description"), ("image", "image"), ("audio", "audio"),
-                           ("group", "group"), ("category", "category"), ("negatives", "negatives")):
+    for field, default in COLUMN_DEFAULTS.items():
         parser.add_argument(f"--col-{field}", default=default, help=f"manifest column of {field} (default {default})")
     return parser
+
+
+COLUMN_DEFAULTS = {"id": "id", "text": "title,description", "image": "image", "audio": "audio", "group": "group",
+                   "category": "category", "negatives": "negatives"}
+
+
+def _check_named_columns(args: argparse.Namespace) -> None:
+    """A ``--col-*`` given on the command line names a column the manifest must have (a ``ConfigError``
+    naming the flag): absent, it was left out of every sample without a word (a default name that
+    is absent only means the catalogue lacks that field)."""
+    from align.data.manifest import read_table_rows
+
+    if not os.path.isfile(args.manifest):
+        return  # write_shards says so, naming the manifest
+    try:
+        header = read_table_rows(Path(args.manifest))[0]
+    except ValueError:
+        return  # not readable (encoding, a broken line): write_shards names the file and row
+    for field, default in COLUMN_DEFAULTS.items():
+        value = getattr(args, f"col_{field}")
+        if value == default or field == "id":  # the reader refuses a missing id column itself
+            continue
+        missing = [c for c in value.split(",") if c and c not in header] if field == "text" else \
+            ([value] if value and value not in header else [])
+        if missing:
+            raise ConfigError(f"--col-{field} {value}: {args.manifest} has no column {missing[0]!r}; its columns "
+                              f"are {header}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -338,6 +365,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from align.config import ColumnsConfig
 
     args = _parser().parse_args(argv)
+    _check_named_columns(args)
     columns = ColumnsConfig(id=args.col_id, text=list(c for c in args.col_text.split(",") if c), image=args.col_image,
                         audio=args.col_audio, group=args.col_group, category=args.col_category,
                         negatives=args.col_negatives)

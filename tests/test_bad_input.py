@@ -91,11 +91,17 @@ def cut_short_settings(capsys, manifest, out):
     ("nope.csv", [], None, 2, "config error: manifest {dir}/nope.csv does not exist"),
     ("repeated.csv", [], None, 1, "duplicate id 'item000' at {dir}/repeated.csv:2 and {dir}/repeated.csv:6"),
     ("unique.csv", ["--col-id", "sku"], None, 2, "config error: {dir}/unique.csv: required id column 'sku' is missing"),
+    # a column asked for by name and absent: every sample lost it without a word (exit 0)
+    ("unique.csv", ["--col-image", "img"], None, 2, "config error: --col-image img: {dir}/unique.csv has no column 'img'"),
+    ("unique.csv", ["--col-text", "title,blurb"], None, 2,
+     "config error: --col-text title,blurb: {dir}/unique.csv has no column 'blurb'"),
+    ("unique.csv", ["--col-group", "family"], None, 2, "config error: --col-group family: {dir}/unique.csv has no column"),
     ("unique.csv", ["--samples-per-shard", "0"], None, 2, "config error: --samples-per-shard must be positive, got 0"),
     ("unique.csv", ["--samples-per-shard", "2"], earlier_job, 2,
      "config error: --out {dir}/out holds shards of a different job (changed: ['samples_per_shard'])"),
     ("unique.csv", ["--samples-per-shard", "3"], cut_short_settings, 1, "{dir}/out/.prep/settings.json: not valid JSON"),
-], ids=["missing manifest", "repeated id", "wrong --col-id", "no samples per shard", "another job's --out",
+], ids=["missing manifest", "repeated id", "wrong --col-id", "absent --col-image", "absent --col-text",
+        "absent --col-group", "no samples per shard", "another job's --out",
         "cut-short settings.json"])
 def test_prep_shards_refuses_bad_input_with_a_message_and_exit_code(catalogue, tmp_path, capsys, manifest, extra,
                                                                     before, code, expected):

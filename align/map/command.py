@@ -3,7 +3,7 @@ it opens offline) and map.json (the coordinates and how they were made)::
 
     align map --embeddings runs/demo/items --manifest data/demo/train.csv data/demo/test.csv \
               --category-column kind --out runs/demo [--flags runs/demo/audit/audit.csv]
-    align map --checkpoint runs/demo --manifest data/demo/test.csv --out /tmp/map   # embeds first
+    align map --checkpoint runs/demo --manifest data/demo/test.csv --category-column kind --out /tmp/map  # embeds first
 
 One projection is fitted on every vector of every item: its fused vector and each of its modality
 vectors (text, image, audio), so an item's points share one plane and the map can link them; the

@@ -1,7 +1,7 @@
 """``align search``: a catalogue's best items for a text, a photo or a sound::
 
     align search --index runs/demo/index --text "small green dotted star" -k 5
-    align search --index runs/demo/items --image data/demo/images/000466.png --where kind=star --json
+    align search --index runs/demo/index --image data/demo/images/000466.png --where kind=star --json
 
 ``--index`` is an ``align index`` folder or an ``align embed`` items folder (exact search over its
 fused vectors). The model defaults to the checkpoint recorded with the vectors; another one must
