@@ -53,6 +53,20 @@ def build_pair_losses(modalities: List[str], config: LossConfig) -> Dict[Pair, T
     return losses
 
 
+def zero_rows(objective: nn.Module, like: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """(size, dim) zeros of ``like``'s dtype and device on the graph of a parameter of
+    ``objective`` that trains (with a zero gradient): what stands in for a modality a batch lacks,
+    or for a whole empty batch. A backward through them then runs on every rank, and under DDP
+    reaches the reducer's hooks, whatever the batch held. Not the temperature's graph: it has none
+    under ``model.learn_temperature=false`` (the backward failed, and a rank skipping it would
+    leave the others waiting in DDP's all-reduce). Plain zeros where nothing trains (evaluation)."""
+    zeros = like.new_zeros(size, dim)
+    trainable = next((p for p in objective.parameters() if p.requires_grad), None)
+    if trainable is None or not torch.is_grad_enabled():
+        return zeros
+    return zeros + 0 * trainable.reshape(-1)[0].to(like.dtype)  # (size, dim)
+
+
 @torch.no_grad()
 def batch_top1(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Share of this rank's valid rows whose own pair is the best-scoring of the rank's valid B
@@ -124,14 +138,13 @@ class ContrastiveObjective(nn.Module):
         # A modality absent from this batch (or an empty batch, which an exactly-once epoch can
         # hand a rank) still gets zero rows: every rank must call every pair's loss, which
         # gathers across ranks, whatever its own batch holds.
-        # The zeros hang on the temperature's graph (with a zero gradient): a backward through a
+        # The zeros hang on a trained parameter's graph (``zero_rows``): a backward through a
         # batch with nothing to encode still runs, and under DDP reaches the reducer's hooks.
         size = len(batch["ids"])
         for modality in self.model.towers:
             if modality not in out:
                 dim = self.model.embed_dim or next((e.shape[-1] for e in out.values()), 1)
-                scale = self.model.logit_scale()
-                out[modality] = scale.new_zeros(size, dim) * scale  # (B, D)
+                out[modality] = zero_rows(self, self.model.log_logit_scale, size, dim)  # (B, D)
         negatives = batch.get("negatives")
         if negatives is not None and "text" in self.model.towers:
             mask = negatives["mask"]  # (B, K)
@@ -257,8 +270,7 @@ class QueryProductObjective(nn.Module):
         self.alignment_loss = build_loss("infonce", {"same_group": "ignore"}) if self.aligned else None
 
     def _zeros(self, size: int) -> torch.Tensor:
-        scale = self.model.logit_scale()
-        return scale.new_zeros(size, self.model.embed_dim) * scale  # on the graph, as ContrastiveObjective's
+        return zero_rows(self, self.model.log_logit_scale, size, self.model.embed_dim)  # (B, D), on the graph
 
     def weights(self) -> Dict[str, Any]:
         """Each field's weight in the item vector: the config's, or the learned ones (0-dim tensors

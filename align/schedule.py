@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0, decay: bool = True) -> float:
+def warmup_cosine(step: int, total_steps: int, warmup_steps: float, min_ratio: float = 0.0,
+                  decay: bool = True) -> float:
     """Linear warm-up to 1 over ``warmup_steps``, then cosine to ``min_ratio`` at ``total_steps``
-    (``decay=False``: stay at 1)."""
+    (``decay=False``: stay at 1). ``warmup_steps`` may be fractional (a warm-up counted in another
+    launch's steps, align/train/optim.py): the ramp then stops at 1."""
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return min(1.0, (step + 1) / warmup_steps)
     if not decay:
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))

@@ -13,7 +13,7 @@ group, DDP and mixed precision; the state is written and read here. The layout::
         config.yaml             the config, towers pointing at the files beside it
         <modality>/, open_clip/ tower sources: HF config + tokenizer, open_clip model JSON
       optimizer.safetensors     optimiser state tensors, "<param index>.<name>" (exp_avg, step, ...)
-      optimizer.json            param_groups (hyperparameters) and non-tensor state entries
+      optimizer.json            param_groups (hyperparameters, param_names) and non-tensor state entries
       scheduler.json            the LR scheduler's state (a LambdaLR: its lambdas are code, not state)
       grad_scaler.json          the fp16 GradScaler's state (mixed_precision fp16 only)
       rng-<rank>.safetensors    each process's RNG: torch CPU and CUDA generators, numpy and
@@ -41,10 +41,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from align.config import Config, save_config
+from align.config import Config, load_config, save_config
 from align.data.bad_samples import BadSampleTally
 from align.errors import ConfigError, RunError, replace_folder, write_json_atomic
 from align.loading import read_json, read_tensors, write_tensors
+from align.train.optim import groups_by_value
 
 log = logging.getLogger("align.train")
 
@@ -273,11 +274,12 @@ def _raise_if_any_failed(accelerator, failure: Optional[OSError], doing: str) ->
 
 
 def load_checkpoint(path: str, accelerator, objective, optimizer, scheduler,
-                    bad: Optional[BadSampleTally] = None) -> TrainState:
+                    bad: Optional[BadSampleTally] = None, schedule_step: Optional[int] = None) -> TrainState:
     """Restore a checkpoint written by ``save_checkpoint`` into the prepared training objects (and
     this process's count of skipped samples into ``bad``); returns the trainer state. Only
     safetensors and JSON are read; ``*.pkl``/``*.bin`` files that Accelerate would have written are
-    never opened."""
+    never opened. ``schedule_step``: the schedule's place in this launch's steps
+    (``align.train.optim.plan_schedule``), in place of the saved one."""
     state = read_train_state(path)
     weights, _ = read_tensors(os.path.join(path, "model.safetensors"))
     try:
@@ -286,13 +288,17 @@ def load_checkpoint(path: str, accelerator, objective, optimizer, scheduler,
         raise RunError(f"{path}: the checkpoint's weights do not fit this run's model: {error}") from None
     configured = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     tensors, _ = read_tensors(os.path.join(path, "optimizer.safetensors"))
+    saved = optimizer_state(tensors, read_json(os.path.join(path, "optimizer.json")))
     try:
-        optimizer.load_state_dict(optimizer_state(tensors, read_json(os.path.join(path, "optimizer.json"))))
-    except ValueError as error:  # other parameter groups: a tower frozen or thawed since
+        unwrapped = accelerator.unwrap_model(objective)
+        optimizer.load_state_dict(state_by_name(saved, optimizer.state_dict(), path, unwrapped))
+    except ValueError as error:  # other parameters train: a tower frozen or thawed since
         raise RunError(f"{path}: the checkpoint's optimizer state does not fit this run's parameter groups ({error}); "
                        "resume with the model.towers.<m>.freeze settings it was saved with, or start a new run "
                        "from its weights (model.init_from)") from None
     scheduler.load_state_dict(read_json(os.path.join(path, "scheduler.json")))
+    if schedule_step is not None:
+        scheduler.last_epoch = schedule_step
     use_configured_hyperparameters(optimizer, scheduler, configured)
     scaler_file = os.path.join(path, "grad_scaler.json")
     if getattr(accelerator, "scaler", None) is not None and os.path.isfile(scaler_file):
@@ -309,17 +315,55 @@ def load_checkpoint(path: str, accelerator, objective, optimizer, scheduler,
     return state
 
 
+def state_by_name(saved: Dict[str, Any], current: Dict[str, Any], path: str, objective) -> Dict[str, Any]:
+    """The saved optimiser state (``optimizer_state``) laid out on this run's parameter groups
+    (``current``: the optimiser's own ``state_dict``), each parameter's moments found by its name:
+    a resume whose groups are made otherwise (another grouping, a tower's changed ``lr_scale``)
+    still gives every parameter its own moments. ``ValueError`` when other parameters train.
+
+    Checkpoints record the names (``param_names``); for one from before, they are rebuilt as its
+    groups were then made (``groups_by_value``, from the config it saved)."""
+    names = [name for group in current["param_groups"] for name in group["param_names"]]
+    saved_names = [name for group in saved["param_groups"] for name in group.get("param_names", [])]
+    if not saved_names:
+        saved_names = _names_by_value(saved, path, objective)
+    saved_index = dict(zip(saved_names, (i for group in saved["param_groups"] for i in group["params"])))
+    if sorted(saved_names) != sorted(names) or len(saved_index) != len(names):
+        missing, extra = sorted(set(names) - set(saved_index)), sorted(set(saved_index) - set(names))
+        raise ValueError(f"trained here, not saved: {missing[:3] or 'none'}; saved, not trained here: "
+                         f"{extra[:3] or 'none'}")
+    indices = [i for group in current["param_groups"] for i in group["params"]]
+    state = {i: saved["state"][saved_index[name]] for i, name in zip(indices, names)
+             if saved_index[name] in saved["state"]}
+    return {"state": state, "param_groups": current["param_groups"]}
+
+
+def _names_by_value(saved: Dict[str, Any], path: str, objective) -> List[str]:
+    """The parameter names of an optimiser state saved before checkpoints recorded them, in its
+    order: its groups were keyed by (decay, lr scale) values of the config it was saved with."""
+    try:
+        config = load_config(os.path.join(path, "config.yaml"))  # a ConfigError is a ValueError: refused as ever
+    except OSError as error:
+        raise ValueError(f"it records no parameter names, and its config.yaml cannot be read ({error})") from None
+    tower_scale = {m: t.lr_scale for m, t in config.model.towers.items()}
+    groups = groups_by_value(objective, config.optim, tower_scale, objective.own_lr())
+    if [len(g) for g in groups] != [len(g["params"]) for g in saved["param_groups"]]:
+        raise ValueError("its parameter groups hold other parameters than this run trains")
+    return [name for group in groups for name in group]
+
+
 def use_configured_hyperparameters(optimizer, scheduler, configured: List[Dict[str, Any]]) -> None:
     """Each parameter group's settings from this run's config (``configured``: the groups as built
-    before the checkpoint was loaded) instead of the saved run's, which ``load_state_dict`` put
-    back: a resume with another ``optim.lr``, ``optim.weight_decay`` or tower ``lr_scale`` trains
-    with it (it silently kept the old ones). The moments and the schedule's position stay the
-    checkpoint's, and a resume with an unchanged config computes the very same values."""
+    before the checkpoint was loaded), not the saved run's: a resume with another ``optim.lr``,
+    ``optim.weight_decay`` or tower ``lr_scale`` trains with it (it silently kept the old ones).
+    The moments and the schedule's position stay the checkpoint's, and a resume with an unchanged
+    config computes the very same values."""
     for group, values in zip(optimizer.param_groups, configured):
         group.update(values)
     scheduler.base_lrs = [values["initial_lr"] for values in configured]
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)  # what the scheduler's last step set, at the new base
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 def save_model(model: torch.nn.Module, config: Config, folder: str) -> None:

@@ -23,7 +23,7 @@ from align.config import Config, product_fields, save_config, to_dict
 from align.data.bad_samples import take_bad_report
 from align.data.loader import loader_from_config
 from align.data.transforms import SampleProcessor
-from align.errors import remove_staged_leftovers, write_json_atomic
+from align.errors import RunError, remove_staged_leftovers, write_json_atomic
 from align.fields import field_weights, towers_without_fields
 from align.model import build_model
 from align.objective import ContrastiveObjective, QueryProductObjective, build_pair_losses
@@ -32,7 +32,7 @@ from align.train.best import best_folder, track_best
 from align.train.checkpoint import TrainState
 from align.train.cached_step import cached_step
 from align.train.health import SampleClock, gradient_norms, mean_over_processes
-from align.train.optim import build_optimizer, build_scheduler
+from align.train.optim import build_optimizer, build_scheduler, plan_schedule
 from align.train.preempt import StopAgreement, Stopped, StopSignals, requeue, slurm_job
 from align.train.prefetch import prefetch_to_device
 from align.train.resume import begin_segment, reading_of, resume_position
@@ -127,19 +127,25 @@ def _train(config: Config, signals: StopSignals) -> Dict[str, Any]:
         if config.data.search_log.log:
             warn_of_towers_without_fields(config)
     steps_per_epoch = len(loader) // config.train.accum_steps
-    total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
-    objective, optimizer, scheduler = prepare_training(accelerator, objective, config, total_steps)
+    global_batch = config.data.batch_size * config.train.accum_steps * accelerator.num_processes
+    # The schedule in steps of this launch's size, from where the run stands: a resume at another
+    # batch size or number of processes still trains each epoch once, on a smooth schedule.
+    plan = plan_schedule(config.optim, config.train, len(loader), global_batch, saved, position)
+    objective, optimizer, scheduler = prepare_training(accelerator, objective, config, plan.total, plan.warmup)
 
     state = TrainState()
     if resume_from:  # safetensors + JSON only (align/train/checkpoint.py): resuming unpickles nothing
-        state = checkpoint.load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler, loader.bad)
+        state = checkpoint.load_checkpoint(resume_from, accelerator, objective, optimizer, scheduler, loader.bad,
+                                           schedule_step=plan.start)
         state.batch_in_epoch = position
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     begin_segment(state, reading)
+    state.segments[-1]["global_batch"] = global_batch  # the first launch's counts the warm-up (plan_schedule)
+    total_steps = state.step + plan.remaining  # the run's last step: steps taken so far count as they were
 
     start_trackers(accelerator, config, state)
-    global_batch = config.data.batch_size * config.train.accum_steps * accelerator.num_processes
-    accelerator.print(f"{total_steps} steps of {global_batch} samples (the number of negatives); "
+    steps = f"{plan.remaining} more steps (to step {total_steps})" if resume_from else f"{total_steps} steps"
+    accelerator.print(f"{steps} of {global_batch} samples (the number of negatives); "
                       f"{steps_per_epoch} steps per epoch on each of {accelerator.num_processes} processes")
 
     started = time.time()
@@ -236,12 +242,14 @@ def start_trackers(accelerator, config: Config, state: TrainState) -> None:
                                                      "id": state.run_id, "resume": "allow"}})
 
 
-def prepare_training(accelerator, objective: ContrastiveObjective, config: Config, total_steps: int):
-    """Optimiser and schedule over ``objective``, prepared by Accelerate -> (objective, optimizer, scheduler)."""
+def prepare_training(accelerator, objective: ContrastiveObjective, config: Config, total_steps: int,
+                     warmup_steps: Optional[float] = None):
+    """Optimiser and schedule (``total_steps`` long, ``warmup_steps`` as ``SchedulePlan.warmup``:
+    the config's by default) over ``objective``, prepared by Accelerate -> (objective, optimizer, scheduler)."""
     tower_scale = {m: t.lr_scale for m, t in config.model.towers.items()}
     objective.to(accelerator.device)  # before the optimiser, whose kernel choice follows the device
     optimizer = build_optimizer(objective, config.optim, tower_scale, objective.own_lr())
-    scheduler = build_scheduler(optimizer, total_steps, config.optim)
+    scheduler = build_scheduler(optimizer, total_steps, config.optim, warmup_steps)
     # The scheduler is not prepared: Accelerate would step it once per process per call.
     objective, optimizer = accelerator.prepare(objective, optimizer)
     return objective, optimizer, scheduler
@@ -260,7 +268,11 @@ def train_epoch(run: Run, state: TrainState) -> bool:
         micro.append(batch)
         if len(micro) < accum:
             continue
-        terms = optimizer_step(run.accelerator, run.objective, run.optimizer, micro, run.config)
+        lr = run.scheduler.get_last_lr()[0]  # what this step trains with (the first group's)
+        try:
+            terms = optimizer_step(run.accelerator, run.objective, run.optimizer, micro, run.config)
+        except NonFiniteStep as error:
+            raise diverged(run, state.step + 1, error) from None
         run.scheduler.step()
         n = sum(len(b["ids"]) for b in micro) * run.accelerator.num_processes
         micro_ids, micro = [b["ids"] for b in micro], []
@@ -268,7 +280,7 @@ def train_epoch(run: Run, state: TrainState) -> bool:
         state.samples += n
         run.clock.samples += n
         if state.step % run.config.train.log_every == 0 or state.step == run.total_steps:
-            log_step(run, state, terms)
+            log_step(run, state, terms, lr)
         if run.progress is not None:
             run.progress.update(1)
         if run.seen is not None:
@@ -337,12 +349,13 @@ def _due(every: int, step: int, epoch_ended: bool) -> bool:
     return epoch_ended if every == 0 else not epoch_ended and step % every == 0
 
 
-def log_step(run: Run, state: TrainState, terms: Dict[str, torch.Tensor]) -> None:
-    """The step's global loss terms, lr, samples/s and bad samples to the trackers and the bar."""
+def log_step(run: Run, state: TrainState, terms: Dict[str, torch.Tensor], lr: float) -> None:
+    """The step's global loss terms, the lr it trained with, samples/s and bad samples to the
+    trackers and the bar."""
     sps = run.clock.rate()
     bad = run.loader.bad.total
     record = mean_over_processes(run.accelerator, terms)
-    record.update(lr=run.scheduler.get_last_lr()[0], samples_per_s=sps, bad_samples=bad)
+    record.update(lr=lr, samples_per_s=sps, bad_samples=bad)
     run.history.append({"step": state.step, **record})
     run.accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
     if run.progress is not None:
@@ -401,6 +414,7 @@ def optimizer_step(accelerator, objective, optimizer, micro: List[dict], config:
     model = accelerator.unwrap_model(objective).model
     terms = {k: v.detach() for k, v in terms.items()}
     terms.update(gradient_norms(accelerator.unwrap_model(objective)))
+    check_finite(accelerator, terms)  # before the update: a diverged step must not reach the weights
     if config.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(objective.parameters(), config.optim.grad_clip)
     optimizer.step()
@@ -408,6 +422,37 @@ def optimizer_step(accelerator, objective, optimizer, micro: List[dict], config:
     if config.model.logit_scale_clamp == "parameter":
         model.clamp_logit_scale_()
     return terms
+
+
+class NonFiniteStep(RunError):
+    """The loss or the gradient norm of a step is NaN or infinite (on some process)."""
+
+
+def check_finite(accelerator, terms: Dict[str, torch.Tensor]) -> None:
+    """Raise ``NonFiniteStep`` on every process when the loss or the gradient norm is NaN or
+    infinite on any of them: one all-reduce, so all stop at the same step and none is left
+    waiting in the next collective. It costs one device sync a step (the fp16 GradScaler's step
+    makes one too). Under fp16 the GradScaler skips a step whose gradients overflowed and lowers
+    its scale, which is how fp16 training goes on: only a non-finite loss stops the run then."""
+    flags = torch.stack([~torch.isfinite(terms["loss"]), ~torch.isfinite(terms["grad_norm"])]).float()  # (2,)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    loss_bad, grad_bad = (flags > 0).tolist()
+    scaler_skips = getattr(accelerator, "scaler", None) is not None
+    if loss_bad or (grad_bad and not scaler_skips):
+        what = "the loss" if loss_bad else "the gradient norm"
+        raise NonFiniteStep(f"{what} is not finite on {'some' if accelerator.num_processes > 1 else 'the'} "
+                            f"process (this one's loss {terms['loss'].item()}, gradient norm "
+                            f"{terms['grad_norm'].item()})")
+
+
+def diverged(run: Run, step: int, error: NonFiniteStep) -> RunError:
+    """The error a diverged step ends the run with: the step, and the checkpoint to go back to."""
+    saved = checkpoint.list_checkpoints(run.config.train.output_dir)
+    where = (f"the last checkpoint is {saved[-1]}: resume from it (train.resume=latest)" if saved
+             else "no checkpoint was saved before it: start again")
+    return RunError(f"step {step}: {error}: training diverged. The step was not applied, and nothing of it saved; "
+                    f"{where} with a lower optim.lr, a longer optim.warmup_steps or optim.grad_clip")
 
 
 def _evaluate(accelerator, model, config: Config, step: int, final: bool = False) -> Optional[Dict[str, Any]]:
