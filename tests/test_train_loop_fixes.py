@@ -245,3 +245,26 @@ def test_a_checkpoint_from_before_the_names_resumes_with_a_changed_lr_scale(smal
     assert all(torch.equal(moments_by_name(saved)[key], value) for key, value in expected.items())
     groups = json.loads((saved / "optimizer.json").read_text())["param_groups"]
     assert {g["lr"] for g in groups if g["param_names"][0].startswith("model.towers.text.")} == {LR * 0.5}
+
+
+def test_the_other_processes_wait_for_the_main_ones_evaluation_on_a_long_gloo_barrier(monkeypatch):
+    """Training evaluates on the main process while the others wait. Accelerate's barrier is, on
+    NCCL, a collective its watchdog ends after 10 minutes (an evaluation over a large catalogue
+    outlasts that); the wait is a barrier of a gloo group with BARRIER_TIMEOUT, made once."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from align.encoding import BARRIER_TIMEOUT
+    from align.train import recipe
+
+    made, waited = [], []
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: made.append(kwargs) or "gloo-group")
+    monkeypatch.setattr(dist, "barrier", lambda group=None: waited.append(group))
+    monkeypatch.setattr(recipe, "_LONG_WAITS", {})
+    accelerator = SimpleNamespace(num_processes=2, wait_for_everyone=lambda: waited.append("accelerate"))
+    recipe.wait_for_main_process(accelerator)
+    recipe.wait_for_main_process(accelerator)
+    assert made == [{"backend": "gloo", "timeout": BARRIER_TIMEOUT}] and waited == ["gloo-group", "gloo-group"]
+    recipe.wait_for_main_process(SimpleNamespace(num_processes=1))  # one process: nothing to wait for
+    assert len(waited) == 2

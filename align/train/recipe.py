@@ -472,8 +472,29 @@ def _evaluate(accelerator, model, config: Config, step: int, final: bool = False
         name = config.eval.output or os.path.join(config.train.output_dir, "eval.json")
         write_json_atomic(results, name if final else os.path.join(config.train.output_dir, f"eval-step-{step:08d}.json"))
         accelerator.log({f"eval/{pair}/{k}": v for pair, m in results.items() for k, v in m.items()}, step=step)
-    accelerator.wait_for_everyone()
+    wait_for_main_process(accelerator)
     return results
+
+
+_LONG_WAITS: Dict[Any, Any] = {}  # the launch's process group -> its gloo group for long waits
+
+
+def wait_for_main_process(accelerator) -> None:
+    """The other processes wait for the main one's evaluation however long it takes: on a gloo
+    group with ``BARRIER_TIMEOUT``. On NCCL, Accelerate's barrier is a collective that the
+    watchdog ends after 10 minutes, which an evaluation over a large catalogue or search log can
+    outlast: the launch died, that step's checkpoint unsaved. Every process calls this at the same
+    points, so the group (made by all of them) is made the first time."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    from align.encoding import BARRIER_TIMEOUT
+
+    world = dist.group.WORLD
+    if world not in _LONG_WAITS:
+        _LONG_WAITS[world] = dist.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
+    dist.barrier(group=_LONG_WAITS[world])
 
 
 def _validate_on_log(model, config: Config, device) -> Dict[str, Any]:
