@@ -17,8 +17,9 @@
     after ``skip_steps``.
 (c) **Loss** forward + backward on unit (B, D) inputs: ours (``infonce_tiled``; on CUDA with
     ALIGN_TILED_BACKEND=auto unless set, i.e. the fused Triton kernels), open_clip's ``ClipLoss``,
-    and the plain matmuls of the same FLOPs (logits a b^T, then G b and G^T a: the three GEMMs of
-    ClipLoss, 6 B^2 D FLOPs). Each measurement runs in its own child process (inputs from
+    and plain matmuls of the least FLOPs an InfoNCE forward + backward needs (logits a b^T, then
+    G b and G^T a: three GEMMs, 6 B^2 D FLOPs; ClipLoss computes the logits twice, a b^T and
+    b a^T, so it does 12 B^2 D, and ours, which recomputes tiles in the backward, 8 B^2 D). Each measurement runs in its own child process (inputs from
     benchmarks/loss_scaling.py): a warm-up at a small B with the same D (Triton compiles), then
     one call at B whose extra peak memory is reported (CUDA: ``torch.cuda.max_memory_allocated``
     minus the allocated bytes before it; CPU: the growth of the child's resident high-water mark
@@ -44,12 +45,14 @@ The last line is JSON with exactly the keys of ``JSON_KEYS``; at tiny size they 
 names the sizes). ``loss_mb_65536`` is megabytes (null on a CPU machine where
 /proc/self/clear_refs cannot be written, see ``ResidentPeak``); ``ours_e2e_sps`` is ours from the
 CSV (the data open_clip reads; the shards figure is printed above it) and ``e2e_over_step`` that
-over our model step.
+over our model step on the same titles (``step_on_e2e_texts``: our text tower skips padding, so
+(a)'s full-context step would be more work a sample than the end-to-end run's).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import gc
 import json
@@ -70,6 +73,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import loss_scaling  # noqa: E402  (benchmarks/: inputs and the two losses' steps)
 import peer_openclip  # noqa: E402  (benchmarks/: both trainers run on one CSV, their samples/s)
+from resident import ResidentPeak  # noqa: E402  (benchmarks/: a block's own peak of resident memory)
 
 TINY_CLIP = os.path.join(REPO, "configs", "models", "tiny-clip.json")
 JSON_KEYS = ("ours_step_sps", "openclip_step_sps", "ours_mfu", "ours_e2e_sps", "openclip_e2e_sps",
@@ -273,6 +277,26 @@ def model_step(size: Size, device: torch.device, work: str) -> dict:
             "ours_gib": memory_ours, "openclip_gib": memory_openclip}
 
 
+def step_on_e2e_texts(size: Size, device: torch.device, work: str, manifest: str) -> float:
+    """Our model step's samples/s on synthetic images and the end-to-end run's own texts (the
+    demo titles of ``manifest``, tokenized): the denominator of ``e2e_over_step``. Our text tower
+    skips the padding after a batch's longest text, so on short titles a sample costs it less
+    than on (a)'s full-context texts (open_clip's tower encodes every position either way); the
+    ratio must compare the same work."""
+    import open_clip
+
+    name = peer_openclip.register_model(size.model)
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        titles = [row["title"] for row in csv.DictReader(handle)]
+    titles = (titles * -(-size.batch // len(titles)))[:size.batch]
+    inputs = synthetic_inputs(name, size.batch, device)
+    inputs["text"] = open_clip.get_tokenizer(name)(titles).to(device)  # (B, context), zero-padded
+    torch.manual_seed(0)
+    sps = samples_per_second(our_step(size, inputs, os.path.join(work, "step-run-titles")), size, device)
+    free_memory(device)
+    return sps
+
+
 # ---------------------------------------------------------------- (b) end to end
 def prepare_data(size: Size, work: str) -> dict:
     """The demo catalogue at the model's image size -> open_clip's TSV, our manifest, JPEG shards."""
@@ -316,45 +340,11 @@ def end_to_end(size: Size, device: torch.device, work: str) -> dict:
         results[label] = run()
         print(f"end to end {label:<25} {results[label]['sps']:10.1f} samples/s ({results[label]['steps']} steps, "
               f"{results[label]['wall_s']:.0f} s wall)", flush=True)
-    results["side"] = data["side"]
+    results["side"], results["manifest"] = data["side"], data["manifest"]
     return results
 
 
 # ---------------------------------------------------------------- (c) the loss
-def _status_kb(key: str) -> int:
-    """A figure of /proc/self/status, in kB (VmRSS: resident now; VmHWM: its high-water mark)."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(f"/proc/self/status has no {key}")
-
-
-class ResidentPeak:
-    """Growth of this process's resident memory over a block, in MB.
-
-    ``ru_maxrss`` cannot be used: it keeps the high-water mark of the image this child was
-    exec'd from (the parent's, through vfork), often above anything the loss touches. Writing
-    5 to /proc/self/clear_refs resets VmHWM to VmRSS (Linux >= 4.0), so VmHWM after the block
-    minus VmRSS before it is the block's own peak. Where that file cannot be written (not
-    Linux, some sandboxes) ``mb`` is None: no figure rather than a wrong one.
-    """
-
-    def __enter__(self) -> "ResidentPeak":
-        self.mb: Optional[float] = None
-        try:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
-                clear.write("5")
-            self.base_kb: Optional[int] = _status_kb("VmRSS")
-        except OSError:
-            self.base_kb = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.base_kb is not None:
-            self.mb = (_status_kb("VmHWM") - self.base_kb) / 1024
-
-
 def loss_child(impl: str, batch: int, dim: int, dtype_name: str, reps: int, tile: int) -> dict:
     """One measurement (this process's own): see the module docstring, part (c)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -433,7 +423,7 @@ def print_loss_row(row: dict) -> None:
     for impl in ("ours", "openclip", "matmul"):
         result = row.get(impl)
         cells.append(f"{'-':>22}" if result is None else f"{result['s']:9.4f} s {_mb(result['mb'])}")
-    gemm_tflops = 6 * row["B"] ** 2 * row["D"] / row["ours"]["s"] / 1e12  # what ClipLoss's GEMMs need
+    gemm_tflops = 6 * row["B"] ** 2 * row["D"] / row["ours"]["s"] / 1e12  # the least InfoNCE's GEMMs need
     print(f"loss B={row['B']:>8} D={row['D']:>4} | " + " | ".join(cells)
           + f" | ours {gemm_tflops:.3g} TFLOP/s of 6 B^2 D ({row['ours']['backend']} kernels)", flush=True)
 
@@ -450,7 +440,7 @@ def summarise(step: dict, e2e: dict, loss: dict, peak: Optional[float]) -> dict:
         "ours_step_sps": round(step["ours_sps"], 2), "openclip_step_sps": round(step["openclip_sps"], 2),
         "ours_mfu": _rounded(ours_mfu, 5),
         "ours_e2e_sps": round(e2e["ours_csv"]["sps"], 2), "openclip_e2e_sps": round(e2e["openclip"]["sps"], 2),
-        "e2e_over_step": round(e2e["ours_csv"]["sps"] / step["ours_sps"], 4),
+        "e2e_over_step": round(e2e["ours_csv"]["sps"] / step["ours_sps_e2e_texts"], 4),  # the same texts
         "loss_s_65536": round(compare["ours"]["s"], 5), "openclip_loss_s_65536": round(compare["openclip"]["s"], 5),
         "matmul_s_65536": round(compare["matmul"]["s"], 5), "loss_mb_65536": _rounded(compare["ours"]["mb"], 1),
         "loss_s_1m": round(loss["large"]["ours"]["s"], 5),
@@ -473,13 +463,14 @@ def print_table(size: Size, size_name: str, step: dict, e2e: dict, loss: dict, p
     print(f"{'(b) end to end (CSV), samples/s':34} {e2e['ours_csv']['sps']:14.1f} {e2e['openclip']['sps']:14.1f}")
     print(f"{'    ours from JPEG shards':34} {e2e['ours_shards']['sps']:14.1f}")
     print(f"{'      JPEGs decoded on the device':34} {e2e['ours_shards_device_decode']['sps']:14.1f}")
-    print(f"{'    end to end / model step':34} {e2e['ours_csv']['sps'] / step['ours_sps']:14.3f} "
+    print(f"{'    model step on those titles':34} {step['ours_sps_e2e_texts']:14.1f} {'(= (a))':>14}")
+    print(f"{'    end to end / model step':34} {e2e['ours_csv']['sps'] / step['ours_sps_e2e_texts']:14.3f} "
           f"{e2e['openclip']['sps'] / step['openclip_sps']:14.3f}")
     print(f"    ({size.items} demo items at {e2e['side']} px, {size.epochs} epoch(s), {size.workers} loader workers, "
           f"first {size.skip_steps} steps left out)")
     b, d = compare["B"], compare["D"]
     print(f"(c) loss fwd+bwd B={b} D={d}, s      {compare['ours']['s']:14.4f} {compare['openclip']['s']:14.4f}"
-          f"   plain matmuls {compare['matmul']['s']:.4f} s")
+          f"   plain matmuls (6 B^2 D) {compare['matmul']['s']:.4f} s")
     print(f"    extra peak memory               {_mb(compare['ours']['mb']):>14} {_mb(compare['openclip']['mb']):>14}")
     large = loss["large"]
     print(f"    B={large['B']} D={large['D']}, ours {large['ours']['s']:.4f} s, {_mb(large['ours']['mb']).strip()}")
@@ -526,6 +517,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     loss = loss_part(size, device)
     print(f"loss done ({time.perf_counter() - started:.0f} s so far)", flush=True)
     e2e = end_to_end(size, device, work)
+    step["ours_sps_e2e_texts"] = step_on_e2e_texts(size, device, work, e2e["manifest"])
     print_table(size, size_name, step, e2e, loss, peak, peak_note)
     print(f"total {time.perf_counter() - started:.0f} s")
     print(json.dumps(summarise(step, e2e, loss, peak)))

@@ -8,8 +8,9 @@ Rows: D=512 at every ``--sizes`` B (open_clip and ours), then ours alone at ``--
 D=``--large-dim`` (128). Every measurement runs in a fresh child process, so its peak memory is
 its own. Peak memory is the *extra* memory of one forward + backward on unit-norm (B, D) inputs:
 
-  * CPU: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the child's resident high-water mark)
-    after the step, minus its value just before the step, once the inputs exist and a tiny
+  * CPU: the child's resident high-water mark after the step minus its resident memory just
+    before it (``resident.ResidentPeak``: /proc/self/clear_refs resets the mark; ``ru_maxrss``
+    would start from the parent's peak, which a child inherits), once the inputs exist and a tiny
     warm-up step (B=64) has loaded every library. The inputs are generated in row chunks so
     that making them leaves no high-water mark above the resident inputs (which would hide
     part of the step's memory). It counts everything the step touches: logits, softmax
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,6 +37,10 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from resident import ResidentPeak  # noqa: E402  (benchmarks/: a block's own peak of resident memory)
 
 LOGIT_SCALE = 1 / 0.07  # CLIP's initial temperature
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # SigLIP's initialisation
@@ -71,20 +75,24 @@ def child(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        start = time.perf_counter()
-        loss, bias_grad = step(a, b, scale)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        with ResidentPeak() as resident:
+            start = time.perf_counter()
+            loss, bias_grad = step(a, b, scale)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    if args.save:
-        torch.save({"loss": loss.detach().float().cpu(), "a": a.grad.float().cpu(), "b": b.grad.float().cpu(),
-                    "scale": scale.grad.float().cpu(), "bias": bias_grad}, args.save)
-    print(json.dumps({"mb": round(peak_mb, 1), "s": round(seconds, 2), "loss": float(loss)}))
+        peak_mb = resident.mb  # None where /proc/self/clear_refs cannot be written: no figure
+    if args.save:  # safetensors: the parent reads tensors, never a pickle
+        tensors = {"loss": loss.detach().float().cpu().reshape(1), "a": a.grad.float().cpu(),
+                   "b": b.grad.float().cpu(), "scale": scale.grad.float().cpu().reshape(1)}
+        if bias_grad is not None:
+            tensors["bias"] = torch.as_tensor(bias_grad, dtype=torch.float32).reshape(1)
+        save_file(tensors, args.save)
+    print(json.dumps({"mb": None if peak_mb is None else round(peak_mb, 1), "s": round(seconds, 2),
+                      "loss": float(loss)}))
 
 
 def _step_with_bias(impl: str, loss: str, tile: int):
@@ -148,7 +156,7 @@ def _repo_root() -> str:
 
 
 def max_rel_diff(ours_file: str, ref_file: str) -> float:
-    ours, ref = torch.load(ours_file), torch.load(ref_file)
+    ours, ref = load_file(ours_file), load_file(ref_file)
     diffs = [float((ours["loss"] - ref["loss"]).abs() / ref["loss"].abs())]
     for key in ("a", "b", "scale", "bias"):
         if ref.get(key) is not None:
@@ -168,7 +176,7 @@ def openclip_fits(loss: str, batch: int, args) -> bool:
 def run_loss(loss: str, args, rows: List[Dict], tmp: str) -> Dict:
     summary: Dict = {}
     for batch in args.sizes:
-        ref_file, ours_file = os.path.join(tmp, f"ref-{loss}-{batch}.pt"), os.path.join(tmp, f"ours-{loss}-{batch}.pt")
+        ref_file, ours_file = (os.path.join(tmp, f"{who}-{loss}-{batch}.safetensors") for who in ("ref", "ours"))
         if openclip_fits(loss, batch, args):
             ref = measure("openclip", loss, batch, args.dim, args, ref_file)
         else:

@@ -53,14 +53,25 @@ DIMS = [16, 32, 64]
 JUDGED_BY = ("truth", "log")  # the simulator's complete judgements (the targets), and the log's own
 
 
+SIMULATED = "benchmark_simulation.json"  # the settings the folder's log was simulated with
+
+
 def simulate(data: str, out: str, seed: int, val_fraction: float = 0.0) -> None:
+    """The simulated log in ``out``, made again unless the one there has this seed and val fraction
+    (a log of another seed, or with other val queries held out, was reused)."""
     wanted = ("stats.json", f"{SPLITS[-1]}.truth.csv") + (("val.csv",) if val_fraction else ())
-    if all(os.path.isfile(os.path.join(out, name)) for name in wanted):
-        return  # simulated before (a folder from before the complete judgements is written again)
+    settings = {"seed": seed, "val_fraction": val_fraction, "data": os.path.abspath(data)}
+    record = os.path.join(out, SIMULATED)
+    if all(os.path.isfile(os.path.join(out, name)) for name in wanted + (SIMULATED,)):
+        with open(record, encoding="utf-8") as handle:
+            if json.load(handle) == settings:
+                return
     manifests = [os.path.join(data, "train.csv"), os.path.join(data, "test.csv")]
     subprocess.run([sys.executable, "-m", "align.cli", "prep", "search-log", "simulate", "--catalogue", *manifests,
                     "--new", manifests[1], "--out", out, "--seed", str(seed), "--val-fraction", str(val_fraction)],
                    check=True, cwd=REPO)
+    with open(record, "w", encoding="utf-8") as handle:  # last: a simulation cut short is made again
+        json.dump(settings, handle)
 
 
 def fine_tune(name: str, overrides: List[str], args: argparse.Namespace, work: str) -> str:
@@ -208,7 +219,8 @@ def main() -> int:
         summary.update(figures if how == JUDGED_BY[0] else {f"{how}_judged": figures})
     if args.val_fraction:
         summary.update(judge_best({"plain": plain_dir, "ours": ours_dir}, {"plain": plain, "ours": ours}, args))
-    summary.update({"judged_by": JUDGED_BY[0], "steps": args.steps, "batch_size": args.batch_size,
+    summary.update({"judged_by": JUDGED_BY[0], "seed": args.seed, "val_fraction": args.val_fraction,
+                    "steps": args.steps, "batch_size": args.batch_size,
                     "overrides": args.override, "ours_overrides": args.ours_override,
                     "seconds": round(time.time() - started, 1)})
     print(json.dumps(summary))

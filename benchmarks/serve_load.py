@@ -117,8 +117,9 @@ async def load(url: str, kind: str, payloads: List[Any], seconds: float, clients
                 else:
                     answer = await http.post("/search", files={"image": payload}, data={"k": "10"})
                 ok = answer.status_code == 200 and len(answer.json()["results"]) == 10
-                if not ok:
+                if not ok:  # a failed answer is no served query: counted once, no latency
                     errors.append(f"{answer.status_code} {answer.text[:200]}")
+                    continue
             except httpx.HTTPError as error:
                 errors.append(repr(error))
                 continue

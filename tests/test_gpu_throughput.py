@@ -33,7 +33,11 @@ def test_cpu_mode_ends_with_every_figure_positive_and_finite(tmp_path):
         assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
         assert math.isfinite(value) and value > 0, (key, value)
     assert figures["ours_mfu"] < 1, "a utilisation above 100% means a wrong FLOP count or peak"
-    ratio = figures["ours_e2e_sps"] / figures["ours_step_sps"]
-    assert math.isclose(figures["e2e_over_step"], ratio, rel_tol=1e-3)
+    # over our step on the end-to-end run's own titles (our text tower skips padding: (a)'s
+    # full-context texts are more work a sample), which the table prints
+    titles_step = next(float(line.split()[5]) for line in lines if line.strip().startswith("model step on those titles"))
+    # the printed figure has one decimal: its rounding, relatively, plus the JSON's own
+    assert math.isclose(figures["e2e_over_step"], figures["ours_e2e_sps"] / titles_step,
+                        rel_tol=0.05 / titles_step + 1e-3)
     # The sizes behind the keys are printed (at tiny size *_65536 is not B = 65536).
     assert any("the JSON's *_65536 is B=1024, *_1m is B=2048" in line for line in lines)
