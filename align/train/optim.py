@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -10,8 +10,6 @@ from torch import nn
 from align.config import OptimConfig, TrainConfig
 from align.schedule import warmup_cosine
 
-if TYPE_CHECKING:  # checkpoint.py imports this module
-    from align.train.checkpoint import TrainState
 
 # What is not decayed is decided by what a parameter is, not by its name (a name is whatever a
 # tower's author chose: our audio tower's positional embedding is ``position``). Decaying these
@@ -135,10 +133,11 @@ class SchedulePlan:
 
 
 def plan_schedule(optim: OptimConfig, train: TrainConfig, batches_per_epoch: int, global_batch: int,
-                  saved: Optional[TrainState] = None, position: int = 0) -> SchedulePlan:
+                  saved: Optional[Any] = None, position: int = 0) -> SchedulePlan:
     """The schedule as this launch sees it: ``batches_per_epoch`` loader batches an epoch (steps of
-    ``train.accum_steps`` of them, ``global_batch`` samples each); ``saved`` the resumed checkpoint's
-    state, ``position`` the loader batches of ``saved.epoch`` already read, counted at this
+    ``train.accum_steps`` of them, ``global_batch`` samples each); ``saved`` the resumed
+    checkpoint's ``align.train.checkpoint.TrainState`` (not imported: checkpoint.py imports this
+    module), ``position`` the loader batches of ``saved.epoch`` already read, counted at this
     launch's batch size (``align.train.resume.resume_position``).
 
     ``train.max_steps`` counts optimiser steps whatever their size: the run ends after that many,
@@ -163,7 +162,7 @@ def plan_schedule(optim: OptimConfig, train: TrainConfig, batches_per_epoch: int
     return SchedulePlan(total, start, optim.warmup_steps * first / global_batch)
 
 
-def first_global_batch(state: TrainState) -> int:
+def first_global_batch(state: Any) -> int:
     """The global batch of the run's first launch (0 for a checkpoint from before it was recorded)."""
     return int(state.segments[0].get("global_batch", 0)) if state.segments else 0
 
